@@ -1,0 +1,207 @@
+//! The validated configuration model. The proxy never sees raw TOML: it gets these
+//! types, built and checked by [`crate::load`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::hosts::{HostIndex, HostPattern};
+use crate::units::Rate;
+use crate::Pos;
+
+/// A whole, validated configuration file.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from (as given).
+    pub path: PathBuf,
+    /// Hex SHA-256 of the file's bytes: the "version" of `/status`.
+    pub version: String,
+    pub listen: Listen,
+    pub log: LogSettings,
+    pub tls: Option<Tls>,
+    pub pools: Vec<Pool>,
+    pub tenants: Vec<Tenant>,
+    pub hosts: HostIndex,
+}
+
+impl Config {
+    pub fn pool_by_name(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub drain: Duration,
+    /// Worker threads for the listeners; 0 = one per CPU.
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSettings {
+    pub access: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// Directory of `NAME.crt` + `NAME.key` pairs (resolved against the config's directory).
+    pub certs: PathBuf,
+    /// Where `certs` is written in the file, for certificate diagnostics.
+    pub certs_pos: Pos,
+    pub default: Option<String>,
+    pub default_pos: Option<Pos>,
+    pub redirect_http: bool,
+    pub hsts: Option<String>,
+}
+
+/// Per-tenant settings: `[defaults]`, overridden key by key in a tenant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub longpolling_timeout: Duration,
+    pub websocket_idle: Duration,
+    pub max_body: u64,
+    pub buffer_body: u64,
+    pub block_database_manager: bool,
+    pub admin_cidrs: Vec<IpNet>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub integration: Option<Limit>,
+    pub interactive: Option<Limit>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(120),
+            longpolling_timeout: Duration::from_secs(75),
+            websocket_idle: Duration::from_secs(3600),
+            max_body: 128 << 20,
+            buffer_body: 1 << 20,
+            block_database_manager: true,
+            admin_cidrs: vec![
+                IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+                IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
+            ],
+            trusted_proxies: Vec::new(),
+            integration: None,
+            interactive: None,
+        }
+    }
+}
+
+impl Settings {
+    pub fn is_admin(&self, ip: IpAddr) -> bool {
+        contains(&self.admin_cidrs, ip)
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        contains(&self.trusted_proxies, ip)
+    }
+}
+
+fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// A rate and/or concurrency limit for one traffic class of a tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub rate: Option<Rate>,
+    /// Requests allowed at once above the rate; defaults to one second's worth (at least 1).
+    pub burst: u32,
+    pub concurrency: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub http: Vec<SocketAddr>,
+    pub longpolling: Vec<SocketAddr>,
+    pub discover: Option<Discover>,
+    /// HTTP backends each tenant is pinned to; 0 = all.
+    pub spread: usize,
+    pub health: Option<Health>,
+    pub breaker: Breaker,
+    pub retries: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discover {
+    pub dns: String,
+    pub http_port: u16,
+    pub longpolling_port: Option<u16>,
+    pub every: Duration,
+    pub resolver: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    pub path: String,
+    pub every: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            path: "/web/health".into(),
+            every: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Breaker {
+    pub failures: u32,
+    pub open_for: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            failures: 5,
+            open_for: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tenant {
+    /// The key of `[tenants.NAME]`.
+    pub name: String,
+    pub hosts: Vec<HostPattern>,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    /// The database; may contain `{tenant}`, replaced by the tenant's effective name.
+    pub database: Option<String>,
+    pub settings: Arc<Settings>,
+}
+
+impl Tenant {
+    /// The database for a request whose effective tenant name is `name`.
+    pub fn database_for<'a>(&'a self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+        let db = self.database.as_deref()?;
+        if db.contains("{tenant}") {
+            Some(std::borrow::Cow::Owned(db.replace("{tenant}", name)))
+        } else {
+            Some(std::borrow::Cow::Borrowed(db))
+        }
+    }
+}
