@@ -1,1 +1,98 @@
-fn main() {}
+//! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
+
+mod balance;
+mod check;
+mod control;
+mod demo;
+mod forward;
+mod reload;
+mod server;
+mod service;
+mod state;
+mod telemetry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "portier", version, about = "Edge proxy and load balancer for multi-tenant Odoo hosting")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run in the foreground (logs on stderr).
+    Run {
+        /// Configuration file [default: $PORTIER_CONFIG, then /etc/portier/portier.toml]
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and everything it names; print a summary.
+    Check {
+        /// Configuration file [default: $PORTIER_CONFIG, then /etc/portier/portier.toml]
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Run on 127.0.0.1 with an embedded config and two simulated Odoo workers.
+    Demo {
+        /// Port of the demo's HTTP listener.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Port of the demo's admin listener.
+        #[arg(long, default_value_t = 9900)]
+        admin_port: u16,
+    },
+}
+
+fn config_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("PORTIER_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/etc/portier/portier.toml"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTIER_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,pingora_core=warn,pingora_proxy=warn,pingora=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_target(true)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check::run(&config_path(config)),
+        Command::Run { config } => {
+            init_logging();
+            let path = config_path(config);
+            let (config, warnings) = match portier_config::load_file(&path) {
+                Ok(c) => c,
+                Err(diags) => {
+                    for d in &diags {
+                        eprintln!("{d}");
+                    }
+                    eprintln!("portier: {} error(s) in {}; not starting", diags.iter().filter(|d| d.is_error()).count(), path.display());
+                    return ExitCode::from(1);
+                }
+            };
+            for w in &warnings {
+                tracing::warn!("{w}");
+            }
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            ExitCode::from(server::serve(config, Some(path), None) as u8)
+        }
+        Command::Demo { port, admin_port } => {
+            init_logging();
+            ExitCode::from(demo::run(port, admin_port) as u8)
+        }
+    }
+}

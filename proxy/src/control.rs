@@ -1,0 +1,239 @@
+//! The control plane: one thread with its own runtime, apart from the data plane. It
+//! serves the admin API, performs reloads (SIGHUP, `POST /reload`), and tells systemd
+//! and `/readyz` when the listeners are up.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::reload::{reload, ReloadResult};
+use crate::server::ReadyHook;
+use crate::state::Shared;
+
+pub enum ControlMsg {
+    /// Reload now; the result goes to the sender if there is one.
+    Reload(Option<oneshot::Sender<ReloadResult>>),
+    /// SIGTERM/SIGINT arrived.
+    Draining,
+}
+
+pub async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<ControlMsg>,
+    admin: Option<std::net::TcpListener>,
+    probe: Vec<SocketAddr>,
+    on_ready: Option<ReadyHook>,
+) {
+    // Installed first: SIGHUP's default action would kill the process.
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGHUP; reload with POST /reload");
+            None
+        }
+    };
+    // The admin API sends its reload requests here.
+    let (self_tx, mut self_rx) = mpsc::unbounded_channel::<ControlMsg>();
+
+    if let Some(listener) = admin {
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::TcpListener::from_std(listener));
+        match listener {
+            Ok(l) => {
+                tokio::spawn(serve_admin(l, shared.clone(), self_tx.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serve the admin listener"),
+        }
+    }
+
+    tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
+
+    loop {
+        let msg = tokio::select! {
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading");
+                ControlMsg::Reload(None)
+            }
+            Some(m) = rx.recv() => m,
+            Some(m) = self_rx.recv() => m,
+            else => return,
+        };
+        match msg {
+            ControlMsg::Reload(reply) => {
+                let result = reload(&shared);
+                if let Some(r) = reply {
+                    let _ = r.send(result);
+                }
+            }
+            ControlMsg::Draining => {
+                shared.ready.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Waits until every proxy listener accepts connections, then reports ready.
+async fn wait_ready(shared: Arc<Shared>, probe: Vec<SocketAddr>, on_ready: Option<ReadyHook>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    for addr in probe {
+        let target = match addr {
+            SocketAddr::V4(a) if a.ip().is_unspecified() => {
+                SocketAddr::from(([127, 0, 0, 1], a.port()))
+            }
+            SocketAddr::V6(a) if a.ip().is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+            }
+            a => a,
+        };
+        loop {
+            if tokio::net::TcpStream::connect(target).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                tracing::error!(%addr, "listener did not come up; exiting");
+                std::process::exit(1);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    shared.ready.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!("ready");
+    if let Some(hook) = on_ready {
+        hook(shared);
+    }
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    ctl: mpsc::UnboundedSender<ControlMsg>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| admin(req, shared.clone(), ctl.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+async fn admin(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    ctl: mpsc::UnboundedSender<ControlMsg>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    const JSON: &str = "application/json";
+    let resp = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => reply(StatusCode::OK, TEXT, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            if shared.ready.load(Ordering::SeqCst) && !shared.draining.load(Ordering::SeqCst) {
+                reply(StatusCode::OK, TEXT, "ready\n")
+            } else if shared.draining.load(Ordering::SeqCst) {
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n")
+            }
+        }
+        (&Method::GET, "/status") => reply(StatusCode::OK, JSON, status_json(&shared).to_string()),
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(),
+        ),
+        (&Method::POST, "/reload") => {
+            let (tx, rx) = oneshot::channel();
+            if ctl.send(ControlMsg::Reload(Some(tx))).is_err() {
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "control plane stopped\n")
+            } else {
+                match rx.await {
+                    Ok(Ok(version)) => reply(
+                        StatusCode::OK,
+                        JSON,
+                        serde_json::json!({"version": version}).to_string(),
+                    ),
+                    Ok(Err(errors)) => reply(
+                        StatusCode::BAD_REQUEST,
+                        JSON,
+                        serde_json::json!({"errors": errors.lines().collect::<Vec<_>>()}).to_string(),
+                    ),
+                    Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "reload aborted\n"),
+                }
+            }
+        }
+        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload") => {
+            reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
+        }
+        _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+    };
+    Ok(resp)
+}
+
+/// The `/status` document of the contract.
+pub fn status_json(shared: &Shared) -> serde_json::Value {
+    let snap = shared.snapshot.load();
+    let last_error = shared
+        .reload_status
+        .lock()
+        .ok()
+        .and_then(|s| s.last_error.clone());
+    let mut pools = serde_json::Map::new();
+    for p in &snap.pools {
+        let m = p.members.load();
+        let mut backends = Vec::new();
+        for (role, list) in [("http", &m.http), ("longpolling", &m.longpolling)] {
+            for b in list.iter() {
+                backends.push(serde_json::json!({
+                    "address": &*b.addr_str,
+                    "role": role,
+                    "up": true,
+                    "breaker": "closed",
+                    "inflight": b.inflight.load(Ordering::Relaxed),
+                }));
+            }
+        }
+        pools.insert(p.name.to_string(), serde_json::json!({ "backends": backends }));
+    }
+    serde_json::json!({
+        "version": snap.config.version,
+        "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
+        "last_error": last_error,
+        "tenants": snap.config.tenants.len(),
+        "certificates": 0,
+        "pools": pools,
+    })
+}

@@ -1,0 +1,148 @@
+//! Pure helpers for "What goes upstream": forwarding headers, request ids and the
+//! request-smuggling checks that need the raw header block. Unit-tested here; wired
+//! into pingora in `service.rs`.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use portier_config::Settings;
+
+/// Request header blocks above this size get `431` (pingora's own hard limit is 1 MiB).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Request ids a client may send are kept when they look like ids.
+pub fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= 200
+        && v
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'='))
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// A new request id: 32 hex digits, unique per process run (random prefix + counter).
+pub fn new_request_id() -> String {
+    let prefix = *PREFIX.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        fastrand::u64(..) ^ t.rotate_left(17) ^ u64::from(std::process::id())
+    });
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix:016x}{n:016x}")
+}
+
+/// True when the raw HTTP/1 header block has a `Content-Length` field (pingora drops
+/// it from the parsed header when `Transfer-Encoding` is present, per RFC 9112; a
+/// request carrying both is a smuggling attempt and gets 400).
+pub fn raw_has_content_length(raw: &[u8]) -> bool {
+    raw.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:")
+    })
+}
+
+/// The values for `X-Forwarded-For` and `X-Real-IP`.
+///
+/// A client-sent `X-Forwarded-For` is kept (and the peer appended) only when the peer
+/// is a trusted proxy; then the real client is the right-most address that is not a
+/// trusted proxy. Otherwise both are the peer.
+pub fn forwarded_for(peer: IpAddr, sent: Option<&str>, settings: &Settings) -> (String, IpAddr) {
+    let peer = canonical(peer);
+    if settings.is_trusted_proxy(peer) {
+        if let Some(sent) = sent.map(str::trim).filter(|s| !s.is_empty()) {
+            let mut real = peer;
+            for part in sent.rsplit(',') {
+                match part.trim().parse::<IpAddr>() {
+                    Ok(ip) => {
+                        real = canonical(ip);
+                        if !settings.is_trusted_proxy(real) {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            return (format!("{sent}, {peer}"), real);
+        }
+    }
+    (peer.to_string(), peer)
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) as plain IPv4.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// True when the `Expect` header asks for `100-continue`.
+pub fn expects_continue(v: Option<&[u8]>) -> bool {
+    v.is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(trusted: &[&str]) -> Settings {
+        Settings {
+            trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn xff_from_untrusted_peer_is_replaced() {
+        let s = settings(&[]);
+        let (xff, real) = forwarded_for("203.0.113.9".parse().unwrap(), Some("1.2.3.4"), &s);
+        assert_eq!(xff, "203.0.113.9");
+        assert_eq!(real.to_string(), "203.0.113.9");
+    }
+
+    #[test]
+    fn xff_from_trusted_proxy_is_kept_and_appended() {
+        let s = settings(&["10.0.0.0/8"]);
+        let (xff, real) =
+            forwarded_for("10.1.1.1".parse().unwrap(), Some("198.51.100.7, 10.2.2.2"), &s);
+        assert_eq!(xff, "198.51.100.7, 10.2.2.2, 10.1.1.1");
+        assert_eq!(real.to_string(), "198.51.100.7");
+        let (xff, real) = forwarded_for("10.1.1.1".parse().unwrap(), None, &s);
+        assert_eq!(xff, "10.1.1.1");
+        assert_eq!(real.to_string(), "10.1.1.1");
+    }
+
+    #[test]
+    fn mapped_addresses_are_canonical() {
+        let s = settings(&["127.0.0.0/8"]);
+        let (xff, _) = forwarded_for("::ffff:127.0.0.1".parse().unwrap(), Some("9.9.9.9"), &s);
+        assert_eq!(xff, "9.9.9.9, 127.0.0.1");
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123_X"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id(b"quote\""));
+        assert!(!valid_request_id(&[b'a'; 201]));
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn raw_content_length() {
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(raw_has_content_length(b"POST / HTTP/1.1\r\ncontent-LENGTH:3\r\n\r\n"));
+        assert!(!raw_has_content_length(
+            b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 3\r\n\r\n"
+        ));
+    }
+}

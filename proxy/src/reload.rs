@@ -1,0 +1,84 @@
+//! Configuration reload: parse and validate the whole file off the request path, then
+//! swap the snapshot atomically. An invalid file leaves the running config in force.
+
+use std::sync::Arc;
+
+use portier_config::{load_file, render};
+
+use crate::state::{Shared, Snapshot};
+
+/// The outcome of a reload attempt.
+pub type ReloadResult = Result<String, String>;
+
+/// Reloads the configuration file; returns the new version or the errors.
+pub fn reload(shared: &Arc<Shared>) -> ReloadResult {
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Reloading,
+        monotonic_now(),
+    ]);
+    let result = do_reload(shared);
+    match &result {
+        Ok(version) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            if let Ok(mut st) = shared.reload_status.lock() {
+                st.last_error = None;
+            }
+            tracing::info!(version = %version, "configuration reloaded");
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            if let Ok(mut st) = shared.reload_status.lock() {
+                st.last_error = Some(e.clone());
+            }
+            tracing::error!(errors = %e, "configuration reload failed; the previous configuration stays in force");
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    result
+}
+
+fn monotonic_now() -> sd_notify::NotifyState<'static> {
+    sd_notify::NotifyState::monotonic_usec_now()
+        .unwrap_or(sd_notify::NotifyState::Status("reloading"))
+}
+
+fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
+    let Some(path) = shared.config_path.clone() else {
+        return Err("this instance runs an embedded configuration (demo): nothing to reload".into());
+    };
+    let (config, warnings) = load_file(&path).map_err(|diags| render(&diags))?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let old = shared.snapshot.load_full();
+    if old.config.listen != config.listen {
+        tracing::warn!("[listen] changed: new addresses, threads and drain apply after a restart");
+    }
+    let version = config.version.clone();
+    let access = config.log.access;
+    let snapshot = Snapshot::build(config, &shared.registry, &shared.metrics);
+    shared.snapshot.store(Arc::new(snapshot));
+    shared.access_log.set_enabled(access);
+    // Forget backends that no pool names any more (once their requests are done).
+    let snap = shared.snapshot.load();
+    shared.registry.retain(
+        |k| {
+            snap.pools.iter().any(|p| {
+                *p.name == *k.pool && {
+                    let m = p.members.load();
+                    m.http.iter().chain(m.longpolling.iter()).any(|b| b.key == *k)
+                }
+            })
+        },
+        &shared.metrics,
+    );
+    Ok(version)
+}

@@ -1,0 +1,184 @@
+//! Process wiring: the pingora server with the proxy service on the data plane, and a
+//! separate control-plane thread (admin API, reload, readiness, background tasks).
+//! Signals: SIGHUP reloads; SIGTERM/SIGINT drain (readyz 503, stop accepting, let
+//! in-flight requests finish within `drain`, exit 0); SIGQUIT is pingora's graceful
+//! upgrade.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use portier_config::Config;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::control::{self, ControlMsg};
+use crate::service::Proxy;
+use crate::state::Shared;
+
+/// Something to run on the control plane once the listeners are ready (the demo's
+/// self-test uses it).
+pub type ReadyHook = Box<dyn FnOnce(Arc<Shared>) + Send + 'static>;
+
+/// Runs portier until it is told to stop. Returns the process exit code.
+pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<ReadyHook>) -> i32 {
+    // Listen addresses that cannot be bound are reported before anything starts.
+    for (what, addr) in [("http", config.listen.http), ("https", config.listen.https)] {
+        if let Some(addr) = addr {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                eprintln!("portier: cannot listen on {what} address {addr}: {e}");
+                return 1;
+            }
+        }
+    }
+    let admin_listener = match config.listen.admin {
+        Some(addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("portier: cannot listen on admin address {addr}: {e}");
+                return 1;
+            }
+        },
+        None => None,
+    };
+
+    let listen = config.listen.clone();
+    let shared = Shared::new(config, config_path);
+
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<ControlMsg>();
+    let ctl_shared = shared.clone();
+    let probe: Vec<SocketAddr> = [listen.http, listen.https].into_iter().flatten().collect();
+    let control_thread = std::thread::Builder::new()
+        .name("portier-control".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the control-plane runtime");
+                    std::process::exit(1);
+                }
+            };
+            rt.block_on(control::run(ctl_shared, ctl_rx, admin_listener, probe, on_ready));
+        });
+    if let Err(e) = control_thread {
+        eprintln!("portier: cannot start the control thread: {e}");
+        return 1;
+    }
+
+    let threads = if listen.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        listen.threads
+    };
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(listen.drain.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: 1024,
+        max_retries: 16,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Proxy {
+            shared: shared.clone(),
+        },
+        "portier",
+    );
+    if let Some(addr) = listen.http {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    let watch = SignalWatch {
+        shared: shared.clone(),
+        control: ctl_tx,
+        drain: listen.drain,
+    };
+    server.run(RunArgs {
+        shutdown_signal: Box::new(watch),
+    });
+    shared.access_log.flush(Duration::from_secs(2));
+    0
+}
+
+struct SignalWatch {
+    shared: Arc<Shared>,
+    control: tokio::sync::mpsc::UnboundedSender<ControlMsg>,
+    drain: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for SignalWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        let (mut term, mut int, mut quit) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) {
+            (Ok(t), Ok(i), Ok(q)) => (t, i, q),
+            _ => {
+                tracing::error!("cannot install signal handlers; stopping");
+                return ShutdownSignal::FastShutdown;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: graceful upgrade, handing listeners over");
+                begin_drain(&self.shared, self.drain);
+                return ShutdownSignal::GracefulUpgrade;
+            }
+        }
+        let _ = self.control.send(ControlMsg::Draining);
+        begin_drain(&self.shared, self.drain);
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Marks the process as draining and exits as soon as no request is in flight (or
+/// when `drain` has passed). pingora meanwhile stops accepting and closes idle
+/// keep-alive connections.
+pub fn begin_drain(shared: &Arc<Shared>, drain: Duration) {
+    shared.draining.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("portier-drain".into())
+        .spawn(move || {
+            let start = Instant::now();
+            let mut idle_polls = 0;
+            loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let inflight = shared.inflight.load(Ordering::SeqCst);
+                idle_polls = if inflight == 0 { idle_polls + 1 } else { 0 };
+                // Two idle polls in a row: nothing is in flight and nothing was between
+                // pingora's accept and our first hook.
+                if idle_polls >= 2 {
+                    tracing::info!("drained; exiting");
+                    break;
+                }
+                if start.elapsed() >= drain {
+                    tracing::warn!(inflight, "drain time over; exiting with requests in flight");
+                    break;
+                }
+            }
+            shared.access_log.flush(Duration::from_secs(2));
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the drain watcher");
+    }
+}

@@ -1,0 +1,273 @@
+//! The two kinds of state (DESIGN.md): the immutable config [`Snapshot`], swapped
+//! atomically on reload, and long-lived runtime state keyed by stable identity
+//! ([`Backend`]s in the [`Registry`]), which a reload reconciles instead of rebuilding.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use portier_config::{Config, Pool};
+
+use crate::telemetry::{Metrics, TenantStats};
+
+/// Which list of a pool a backend is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Http,
+    Longpolling,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Http => "http",
+            Role::Longpolling => "longpolling",
+        }
+    }
+}
+
+/// Stable identity of a backend across reloads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub pool: Arc<str>,
+    pub role: Role,
+    pub addr: SocketAddr,
+}
+
+/// One Odoo worker port and what portier knows about it.
+pub struct Backend {
+    pub key: BackendKey,
+    /// `addr` as text, for logs and labels (formatted once).
+    pub addr_str: Arc<str>,
+    pub inflight: AtomicU64,
+    pub stats: crate::telemetry::BackendStats,
+}
+
+impl Backend {
+    pub fn addr(&self) -> SocketAddr {
+        self.key.addr
+    }
+}
+
+/// Decrements a backend's in-flight counter when dropped.
+pub struct InflightGuard(pub Arc<Backend>);
+
+impl InflightGuard {
+    pub fn new(b: Arc<Backend>) -> Self {
+        b.inflight.fetch_add(1, Ordering::Relaxed);
+        b.stats.inflight.inc();
+        InflightGuard(b)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.inflight.dec();
+    }
+}
+
+/// Every backend portier has seen, by identity; survives reloads.
+#[derive(Default)]
+pub struct Registry {
+    backends: DashMap<BackendKey, Arc<Backend>>,
+}
+
+impl Registry {
+    pub fn get_or_create(&self, key: BackendKey, metrics: &Metrics) -> Arc<Backend> {
+        if let Some(b) = self.backends.get(&key) {
+            return b.clone();
+        }
+        self.backends
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let addr_str: Arc<str> = Arc::from(key.addr.to_string());
+                Arc::new(Backend {
+                    stats: metrics.backend_stats(&key.pool, &addr_str),
+                    key,
+                    addr_str,
+                    inflight: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets backends no longer referenced by any pool (their metrics series go too).
+    pub fn retain(&self, keep: impl Fn(&BackendKey) -> bool, metrics: &Metrics) {
+        self.backends.retain(|k, b| {
+            let kept = keep(k) || b.inflight.load(Ordering::Relaxed) > 0;
+            if !kept {
+                metrics.remove_backend(&k.pool, &b.addr_str);
+            }
+            kept
+        });
+    }
+}
+
+/// The current members of a pool (replaced as a whole when membership changes).
+#[derive(Default)]
+pub struct Members {
+    pub http: Vec<Arc<Backend>>,
+    pub longpolling: Vec<Arc<Backend>>,
+}
+
+impl Members {
+    pub fn list(&self, role: Role) -> &[Arc<Backend>] {
+        match role {
+            Role::Http => &self.http,
+            // A pool without a gevent port serves longpolling from its http workers.
+            Role::Longpolling if self.longpolling.is_empty() => &self.http,
+            Role::Longpolling => &self.longpolling,
+        }
+    }
+}
+
+/// A pool in a snapshot.
+pub struct PoolRt {
+    pub name: Arc<str>,
+    pub cfg: Pool,
+    pub members: ArcSwap<Members>,
+    /// Round-robin cursor for breaking least-in-flight ties.
+    pub rr: AtomicUsize,
+}
+
+/// A tenant in a snapshot.
+pub struct TenantRt {
+    pub name: Arc<str>,
+    /// Metric handles for exact-host tenants, resolved on the tenant's first request
+    /// (template tenants resolve theirs per captured name).
+    pub stats: OnceLock<Arc<TenantStats>>,
+}
+
+/// Everything a request needs from the configuration, swapped as one.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub pools: Vec<Arc<PoolRt>>,
+    pub tenants: Vec<TenantRt>,
+    pub loaded_at: SystemTime,
+}
+
+impl Snapshot {
+    /// Compiles a validated config against the long-lived runtime state.
+    pub fn build(config: Config, registry: &Registry, metrics: &Metrics) -> Snapshot {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| {
+                let name: Arc<str> = Arc::from(p.name.as_str());
+                let members = Members {
+                    http: p
+                        .http
+                        .iter()
+                        .map(|a| {
+                            registry.get_or_create(
+                                BackendKey {
+                                    pool: name.clone(),
+                                    role: Role::Http,
+                                    addr: *a,
+                                },
+                                metrics,
+                            )
+                        })
+                        .collect(),
+                    longpolling: p
+                        .longpolling
+                        .iter()
+                        .map(|a| {
+                            registry.get_or_create(
+                                BackendKey {
+                                    pool: name.clone(),
+                                    role: Role::Longpolling,
+                                    addr: *a,
+                                },
+                                metrics,
+                            )
+                        })
+                        .collect(),
+                };
+                Arc::new(PoolRt {
+                    name,
+                    cfg: p.clone(),
+                    members: ArcSwap::from_pointee(members),
+                    rr: AtomicUsize::new(0),
+                })
+            })
+            .collect();
+        let tenants = config
+            .tenants
+            .iter()
+            .map(|t| TenantRt {
+                name: Arc::from(t.name.as_str()),
+                stats: OnceLock::new(),
+            })
+            .collect();
+        Snapshot {
+            config: Arc::new(config),
+            pools,
+            tenants,
+            loaded_at: SystemTime::now(),
+        }
+    }
+}
+
+/// Outcome of the last reload, for `/status`.
+#[derive(Clone, Debug, Default)]
+pub struct ReloadStatus {
+    pub last_error: Option<String>,
+}
+
+/// Process-wide state shared by the data plane and the control plane.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub access_log: crate::telemetry::AccessLog,
+    /// Listeners are bound and the config is loaded.
+    pub ready: AtomicBool,
+    /// SIGTERM/SIGINT received.
+    pub draining: AtomicBool,
+    /// Requests between `request_filter` and `logging`.
+    pub inflight: AtomicU64,
+    pub reload_status: Mutex<ReloadStatus>,
+    /// The file reloads read; `None` for the demo's embedded config.
+    pub config_path: Option<std::path::PathBuf>,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
+        let metrics = Metrics::new();
+        let registry = Registry::default();
+        let access = config.log.access;
+        let snapshot = Snapshot::build(config, &registry, &metrics);
+        Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            registry,
+            metrics,
+            access_log: crate::telemetry::AccessLog::new(access),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
+            reload_status: Mutex::new(ReloadStatus::default()),
+            config_path,
+        })
+    }
+}
+
+/// Counts a request as in flight for the drain; decrements when dropped.
+pub struct RequestGuard(Arc<Shared>);
+
+impl RequestGuard {
+    pub fn new(shared: &Arc<Shared>) -> Self {
+        shared.inflight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(shared.clone())
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,489 @@
+//! Prometheus metrics (the contract's names) and the JSON access log.
+//!
+//! The hot path touches only pre-resolved handles: a tenant's per-class histogram and
+//! per-status counters are looked up once (first request of that tenant) and then
+//! updated with atomic operations. Access-log lines go through a bounded channel to a
+//! writer thread, so a slow stderr never blocks a request (lines are dropped and
+//! counted instead).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use dashmap::DashMap;
+use portier_config::Class;
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+
+/// Tenants beyond this many distinct names are reported as `_other`.
+pub const TENANT_LABEL_LIMIT: usize = 1000;
+
+/// Status codes with a pre-resolved counter per tenant and class.
+const COMMON_CODES: [u16; 28] = [
+    101, 200, 201, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409,
+    413, 414, 429, 431, 499, 500, 501, 502, 503, 504,
+];
+
+fn code_index(code: u16) -> Option<usize> {
+    COMMON_CODES.iter().position(|&c| c == code)
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    rate_limited: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub breaker_open: IntGaugeVec,
+    pub upstream_inflight: IntGaugeVec,
+    pub connections_open: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+    pub cert_expiry: GaugeVec,
+    pub access_log_dropped: IntCounter,
+    tenants: DashMap<String, Arc<TenantStats>>,
+    other: OnceLock<Arc<TenantStats>>,
+}
+
+/// Metric handles of one tenant label.
+pub struct TenantStats {
+    pub label: String,
+    classes: [OnceLock<ClassStats>; 4],
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    rate_limited: IntCounterVec,
+}
+
+struct ClassStats {
+    duration: Histogram,
+    rate_limited: IntCounter,
+    codes: [OnceLock<IntCounter>; COMMON_CODES.len()],
+}
+
+impl TenantStats {
+    fn class(&self, class: Class) -> &ClassStats {
+        self.classes[class.index()].get_or_init(|| {
+            let labels = [self.label.as_str(), class.as_str()];
+            ClassStats {
+                duration: self.duration.with_label_values(&labels),
+                rate_limited: self.rate_limited.with_label_values(&labels),
+                codes: Default::default(),
+            }
+        })
+    }
+
+    /// Records one finished request.
+    pub fn observe(&self, class: Class, code: u16, seconds: f64) {
+        let cs = self.class(class);
+        cs.duration.observe(seconds);
+        match code_index(code) {
+            Some(i) => cs.codes[i]
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        self.label.as_str(),
+                        class.as_str(),
+                        &code.to_string(),
+                    ])
+                })
+                .inc(),
+            None => self
+                .requests
+                .with_label_values(&[self.label.as_str(), class.as_str(), &code.to_string()])
+                .inc(),
+        }
+    }
+
+    pub fn rate_limited(&self, class: Class) {
+        self.class(class).rate_limited.inc();
+    }
+}
+
+/// Metric handles of one backend.
+pub struct BackendStats {
+    pub up: IntGauge,
+    pub breaker_open: IntGauge,
+    pub inflight: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // Metric construction only fails on invalid names/labels, which are constants here.
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("valid metric definition");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
+                m
+            }};
+        }
+        let buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+        ];
+        let requests = reg!(IntCounterVec::new(
+            Opts::new("portier_requests_total", "Requests answered, by tenant, class and status code"),
+            &["tenant", "class", "code"]
+        ));
+        let duration = reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "portier_request_duration_seconds",
+                "Time from request start to the end of the response"
+            )
+            .buckets(buckets),
+            &["tenant", "class"]
+        ));
+        let rate_limited = reg!(IntCounterVec::new(
+            Opts::new("portier_rate_limited_total", "Requests refused by a tenant limit (429)"),
+            &["tenant", "class"]
+        ));
+        let backend_up = reg!(IntGaugeVec::new(
+            Opts::new("portier_backend_up", "1 if the backend is up (health checks), else 0"),
+            &["pool", "backend"]
+        ));
+        let breaker_open = reg!(IntGaugeVec::new(
+            Opts::new("portier_breaker_open", "1 if the backend's circuit breaker is open or half-open"),
+            &["pool", "backend"]
+        ));
+        let upstream_inflight = reg!(IntGaugeVec::new(
+            Opts::new("portier_upstream_inflight", "Requests in flight at the backend"),
+            &["pool", "backend"]
+        ));
+        let connections_open = reg!(IntGaugeVec::new(
+            Opts::new("portier_connections_open", "Client connections open, by listener"),
+            &["listener"]
+        ));
+        let config_reloads = reg!(IntCounterVec::new(
+            Opts::new("portier_config_reloads_total", "Configuration reloads, by result"),
+            &["result"]
+        ));
+        let cert_expiry = reg!(GaugeVec::new(
+            Opts::new("portier_cert_expiry_seconds", "Seconds until the certificate expires"),
+            &["name"]
+        ));
+        let access_log_dropped = reg!(IntCounter::new(
+            "portier_access_log_dropped_total",
+            "Access-log lines dropped because stderr could not keep up"
+        ));
+        for r in ["ok", "error"] {
+            config_reloads.with_label_values(&[r]);
+        }
+        for l in ["http", "https"] {
+            connections_open.with_label_values(&[l]);
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            rate_limited,
+            backend_up,
+            breaker_open,
+            upstream_inflight,
+            connections_open,
+            config_reloads,
+            cert_expiry,
+            access_log_dropped,
+            tenants: DashMap::new(),
+            other: OnceLock::new(),
+        }
+    }
+
+    fn new_tenant_stats(&self, label: &str) -> Arc<TenantStats> {
+        Arc::new(TenantStats {
+            label: label.to_string(),
+            classes: Default::default(),
+            requests: self.requests.clone(),
+            duration: self.duration.clone(),
+            rate_limited: self.rate_limited.clone(),
+        })
+    }
+
+    /// The handles for a tenant name; the first 1000 names get their own label.
+    pub fn tenant_stats(&self, name: &str) -> Arc<TenantStats> {
+        if let Some(s) = self.tenants.get(name) {
+            return s.clone();
+        }
+        if self.tenants.len() >= TENANT_LABEL_LIMIT {
+            return self
+                .other
+                .get_or_init(|| self.new_tenant_stats("_other"))
+                .clone();
+        }
+        self.tenants
+            .entry(name.to_string())
+            .or_insert_with(|| self.new_tenant_stats(name))
+            .clone()
+    }
+
+    pub fn backend_stats(&self, pool: &str, backend: &str) -> BackendStats {
+        let labels = [pool, backend];
+        let up = self.backend_up.with_label_values(&labels);
+        up.set(1);
+        let breaker_open = self.breaker_open.with_label_values(&labels);
+        breaker_open.set(0);
+        BackendStats {
+            up,
+            breaker_open,
+            inflight: self.upstream_inflight.with_label_values(&labels),
+        }
+    }
+
+    pub fn remove_backend(&self, pool: &str, backend: &str) {
+        let labels = [pool, backend];
+        let _ = self.backend_up.remove_label_values(&labels);
+        let _ = self.breaker_open.remove_label_values(&labels);
+        let _ = self.upstream_inflight.remove_label_values(&labels);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        let mut out = String::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Why portier answered a request itself (the access log's `refused`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownHost,
+    RateLimited,
+    ConcurrencyLimited,
+    BodyTooLarge,
+    DatabaseManager,
+    NoBackend,
+    BadRequest,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::UnknownHost => "unknown_host",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::ConcurrencyLimited => "concurrency_limited",
+            Refusal::BodyTooLarge => "body_too_large",
+            Refusal::DatabaseManager => "database_manager",
+            Refusal::NoBackend => "no_backend",
+            Refusal::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// One access-log record.
+pub struct AccessRecord<'a> {
+    pub request_id: &'a str,
+    pub tenant: Option<&'a str>,
+    pub class: Option<Class>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub bytes: u64,
+    pub duration_ms: f64,
+    pub backend: Option<&'a str>,
+    pub refused: Option<Refusal>,
+}
+
+const LOG_QUEUE: usize = 65_536;
+
+/// The JSON access log on stderr, written by a dedicated thread.
+pub struct AccessLog {
+    enabled: AtomicBool,
+    tx: SyncSender<String>,
+}
+
+impl AccessLog {
+    pub fn new(enabled: bool) -> AccessLog {
+        let (tx, rx) = sync_channel::<String>(LOG_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("portier-access-log".into())
+            .spawn(move || writer(rx));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the access-log writer");
+        }
+        AccessLog {
+            enabled: AtomicBool::new(enabled),
+            tx,
+        }
+    }
+
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Queues one line; returns false if it had to be dropped.
+    pub fn log(&self, r: &AccessRecord<'_>) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let line = format_record(r, SystemTime::now());
+        match self.tx.try_send(line) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Waits (up to `max`) until queued lines are written; used before exiting.
+    pub fn flush(&self, max: std::time::Duration) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        if let Ok(mut slot) = FLUSH_WAITER.lock() {
+            *slot = Some(done_tx);
+        }
+        // An empty line is the flush marker: the writer answers when it reaches it.
+        if self.tx.try_send(String::new()).is_ok() {
+            let _ = done_rx.recv_timeout(max);
+        }
+    }
+}
+
+static FLUSH_WAITER: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>> =
+    std::sync::Mutex::new(None);
+
+fn writer(rx: Receiver<String>) {
+    let stderr = std::io::stderr();
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    while let Ok(first) = rx.recv() {
+        let mut flush_requested = first.is_empty();
+        if !first.is_empty() {
+            buf.extend_from_slice(first.as_bytes());
+        }
+        // Batch whatever else is queued into one write.
+        while buf.len() < 60 * 1024 {
+            match rx.try_recv() {
+                Ok(l) if l.is_empty() => flush_requested = true,
+                Ok(l) => buf.extend_from_slice(l.as_bytes()),
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            let mut lock = stderr.lock();
+            let _ = lock.write_all(&buf);
+            let _ = lock.flush();
+            buf.clear();
+        }
+        if flush_requested {
+            if let Ok(mut slot) = FLUSH_WAITER.lock() {
+                if let Some(tx) = slot.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn push_opt(out: &mut String, v: Option<&str>) {
+    match v {
+        Some(s) => push_json_str(out, s),
+        None => out.push_str("null"),
+    }
+}
+
+/// Formats one record as a JSON line with the contract's fields, in its order.
+pub fn format_record(r: &AccessRecord<'_>, now: SystemTime) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(256 + r.path.len());
+    out.push_str("{\"ts\":\"");
+    let _ = write!(out, "{}", humantime::format_rfc3339_millis(now));
+    out.push_str("\",\"request_id\":");
+    push_json_str(&mut out, r.request_id);
+    out.push_str(",\"tenant\":");
+    push_opt(&mut out, r.tenant);
+    out.push_str(",\"class\":");
+    push_opt(&mut out, r.class.map(Class::as_str));
+    out.push_str(",\"method\":");
+    push_json_str(&mut out, r.method);
+    out.push_str(",\"path\":");
+    push_json_str(&mut out, r.path);
+    let _ = write!(
+        out,
+        ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"backend\":",
+        r.status, r.bytes, r.duration_ms
+    );
+    push_opt(&mut out, r.backend);
+    out.push_str(",\"refused\":");
+    push_opt(&mut out, r.refused.map(Refusal::as_str));
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_line_is_json_with_contract_fields() {
+        let line = format_record(
+            &AccessRecord {
+                request_id: "abc",
+                tenant: Some("acme"),
+                class: Some(Class::Integration),
+                method: "POST",
+                path: "/jsonrpc\"\n",
+                status: 200,
+                bytes: 1234,
+                duration_ms: 12.5,
+                backend: Some("10.0.1.11:8069"),
+                refused: None,
+            },
+            SystemTime::UNIX_EPOCH,
+        );
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["tenant"], "acme");
+        assert_eq!(v["class"], "integration");
+        assert_eq!(v["path"], "/jsonrpc\"\n");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["bytes"], 1234);
+        assert_eq!(v["duration_ms"], 12.5);
+        assert_eq!(v["refused"], serde_json::Value::Null);
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys.len(), 11);
+    }
+
+    #[test]
+    fn tenant_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..TENANT_LABEL_LIMIT + 5 {
+            m.tenant_stats(&format!("t{i}")).observe(Class::Interactive, 200, 0.01);
+        }
+        let text = m.render();
+        assert!(text.contains("tenant=\"t0\""));
+        assert!(text.contains("tenant=\"_other\""));
+        assert!(!text.contains(&format!("tenant=\"t{}\"", TENANT_LABEL_LIMIT + 1)));
+    }
+}
