@@ -89,10 +89,8 @@ pub fn path_of(target: &str) -> &str {
 /// unreserved characters and of `/` are decoded, `.` and `..` segments are resolved,
 /// runs of `/` are collapsed. Allocation-free when the path needs none of that.
 pub fn normalize_path(path: &str) -> Cow<'_, str> {
-    let needs_work = path.contains('%')
-        || path.contains("//")
-        || path.contains("/.")
-        || !path.starts_with('/');
+    let needs_work =
+        path.contains('%') || path.contains("//") || path.contains("/.") || !path.starts_with('/');
     if !needs_work {
         return Cow::Borrowed(path);
     }
@@ -165,12 +163,18 @@ mod tests {
         assert_eq!(Class::of("/json/2/res.partner/search"), Class::Integration);
         assert_eq!(Class::of("/api/v1/orders"), Class::Integration);
         assert_eq!(Class::of("/web/static/src/img/logo.png"), Class::Static);
-        assert_eq!(Class::of("/web/assets/1/web.assets_web.min.js"), Class::Static);
+        assert_eq!(
+            Class::of("/web/assets/1/web.assets_web.min.js"),
+            Class::Static
+        );
         assert_eq!(Class::of("/website/static/src/x.css"), Class::Static);
         assert_eq!(Class::of("/static/x.css"), Class::Interactive);
         assert_eq!(Class::of("/web"), Class::Interactive);
         assert_eq!(Class::of("/web/login"), Class::Interactive);
-        assert_eq!(Class::of("/web/dataset/call_kw/res.partner/read"), Class::Interactive);
+        assert_eq!(
+            Class::of("/web/dataset/call_kw/res.partner/read"),
+            Class::Interactive
+        );
         assert_eq!(Class::of("/"), Class::Interactive);
     }
 
@@ -186,10 +190,22 @@ mod tests {
     #[test]
     fn normalisation() {
         assert!(matches!(normalize_path("/web/login"), Cow::Borrowed(_)));
-        assert_eq!(normalize_path("/web/%64atabase/manager"), "/web/database/manager");
-        assert_eq!(normalize_path("/web/static/../database/drop"), "/web/database/drop");
-        assert_eq!(normalize_path("//web//database/./manager"), "/web/database/manager");
-        assert_eq!(normalize_path("/web%2fdatabase%2Fmanager"), "/web/database/manager");
+        assert_eq!(
+            normalize_path("/web/%64atabase/manager"),
+            "/web/database/manager"
+        );
+        assert_eq!(
+            normalize_path("/web/static/../database/drop"),
+            "/web/database/drop"
+        );
+        assert_eq!(
+            normalize_path("//web//database/./manager"),
+            "/web/database/manager"
+        );
+        assert_eq!(
+            normalize_path("/web%2fdatabase%2Fmanager"),
+            "/web/database/manager"
+        );
         assert_eq!(normalize_path("/%6asonrpc"), "/jsonrpc");
         assert_eq!(normalize_path("/../../etc"), "/etc");
         assert_eq!(normalize_path("/a/b/"), "/a/b/");

@@ -255,25 +255,43 @@ colour = "blue"
 "#;
         let errs = load(text).unwrap_err();
         let all = render(&errs);
-        assert!(all.contains(":3:2: unknown key `bogus` in the top level"), "{all}");
-        assert!(all.contains(":7:34: unknown key `evry` in `health` (did you mean `every`?)"), "{all}");
+        assert!(
+            all.contains(":3:2: unknown key `bogus` in the top level"),
+            "{all}"
+        );
+        assert!(
+            all.contains(":7:34: unknown key `evry` in `health` (did you mean `every`?)"),
+            "{all}"
+        );
         assert!(all.contains(":11:31: unknown key `concurency`"), "{all}");
-        assert!(all.contains(":12:1: unknown key `colour` in [tenants.t]"), "{all}");
+        assert!(
+            all.contains(":12:1: unknown key `colour` in [tenants.t]"),
+            "{all}"
+        );
         assert_eq!(errs.len(), 4, "{all}");
     }
 
     #[test]
     fn cross_section_rules() {
         let errs = load("[listen]\nhttps = \"127.0.0.1:443\"\n").unwrap_err();
-        assert!(render(&errs).contains("no [tls] section"), "{}", render(&errs));
+        assert!(
+            render(&errs).contains("no [tls] section"),
+            "{}",
+            render(&errs)
+        );
         let errs = load("[listen]\nadmin = \"127.0.0.1:9900\"\n").unwrap_err();
         assert!(render(&errs).contains("at least one of `http` or `https`"));
         let errs = load(
             "[listen]\nhttp = \"127.0.0.1:80\"\n[pools.p]\nhttp=[\"127.0.0.1:1\"]\ndiscover = { dns = \"x.local\" }\n",
         )
         .unwrap_err();
-        assert!(render(&errs).contains("either `discover` or static"), "{}", render(&errs));
-        let errs = load("[listen]\nhttp = \"127.0.0.1:80\"\nadmin = \"127.0.0.1:80\"\n").unwrap_err();
+        assert!(
+            render(&errs).contains("either `discover` or static"),
+            "{}",
+            render(&errs)
+        );
+        let errs =
+            load("[listen]\nhttp = \"127.0.0.1:80\"\nadmin = \"127.0.0.1:80\"\n").unwrap_err();
         assert!(render(&errs).contains("same address"), "{}", render(&errs));
     }
 

@@ -64,7 +64,11 @@ struct Tbl<'t, 'i> {
 }
 
 impl<'t, 'i> Tbl<'t, 'i> {
-    fn new(table: &'t DeTable<'i>, what: impl Into<String>, known: &'static [&'static str]) -> Self {
+    fn new(
+        table: &'t DeTable<'i>,
+        what: impl Into<String>,
+        known: &'static [&'static str],
+    ) -> Self {
         Tbl {
             entries: table.iter().map(|(k, v)| (k, v, false)).collect(),
             what: what.into(),
@@ -245,7 +249,9 @@ fn want_size(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<u64> {
 
 fn want_addr(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<SocketAddr> {
     let s = want_str(cx, key, v)?;
-    parse_addr(s).map_err(|e| cx.error(&v.span(), format!("`{key}`: {e}"))).ok()
+    parse_addr(s)
+        .map_err(|e| cx.error(&v.span(), format!("`{key}`: {e}")))
+        .ok()
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -317,7 +323,9 @@ fn want_cidrs(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Vec<IpNet>> {
             Err(_) => {
                 cx.error(
                     &item.span(),
-                    format!("`{key}`: \"{s}\" is not a CIDR such as \"10.0.0.0/8\" or an IP address"),
+                    format!(
+                        "`{key}`: \"{s}\" is not a CIDR such as \"10.0.0.0/8\" or an IP address"
+                    ),
                 );
                 ok = false;
             }
@@ -428,7 +436,10 @@ fn read_document(
     let listen = match root.get("listen") {
         Some(v) => want_table(cx, "listen", v).and_then(|t| read_listen(cx, t)),
         None => {
-            cx.error(&(0..0), "missing [listen] section: at least `http` or `https` is needed");
+            cx.error(
+                &(0..0),
+                "missing [listen] section: at least `http` or `https` is needed",
+            );
             None
         }
     };
@@ -437,7 +448,8 @@ fn read_document(
         None => Some(LogSettings { access: true }),
     };
     let tls_val = root.get("tls");
-    let tls = tls_val.and_then(|v| want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, base_dir)));
+    let tls =
+        tls_val.and_then(|v| want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, base_dir)));
     let defaults = match root.get("defaults") {
         Some(v) => want_table(cx, "defaults", v)
             .map(|t| {
@@ -507,13 +519,19 @@ fn read_document(
     root.finish(cx);
 
     if tenants.is_empty() && tenants_val.is_none() {
-        cx.warn(&(0..0), "no [tenants.*] configured: every request will get 404");
+        cx.warn(
+            &(0..0),
+            "no [tenants.*] configured: every request will get 404",
+        );
     }
 
     // Cross-section checks.
     if let Some(l) = &listen {
         if l.https.is_some() && tls.is_none() && tls_val.is_none() {
-            cx.error(&(0..0), "`listen.https` is set but there is no [tls] section");
+            cx.error(
+                &(0..0),
+                "`listen.https` is set but there is no [tls] section",
+            );
         }
         if l.http.is_none() && l.https.is_none() {
             cx.error(&(0..0), "[listen] needs at least one of `http` or `https`");
@@ -548,11 +566,7 @@ fn placeholder_pool(name: &str) -> Pool {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_listen(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Listen> {
@@ -588,8 +602,11 @@ fn read_listen(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Listen> {
             None => ok = false,
         }
     }
-    let addrs: Vec<(&str, Option<SocketAddr>)> =
-        vec![("http", listen.http), ("https", listen.https), ("admin", listen.admin)];
+    let addrs: Vec<(&str, Option<SocketAddr>)> = vec![
+        ("http", listen.http),
+        ("https", listen.https),
+        ("admin", listen.admin),
+    ];
     for (i, (a_name, a)) in addrs.iter().enumerate() {
         for (b_name, b) in addrs.iter().skip(i + 1) {
             if let (Some(a), Some(b)) = (a, b) {
@@ -630,7 +647,10 @@ fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
             (p, cx.pos(v.span().start))
         }),
         None => {
-            cx.error(&(0..0), "[tls] needs `certs`, the directory of NAME.crt + NAME.key pairs");
+            cx.error(
+                &(0..0),
+                "[tls] needs `certs`, the directory of NAME.crt + NAME.key pairs",
+            );
             None
         }
     };
@@ -639,7 +659,10 @@ fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
     if let Some(v) = tbl.get("default") {
         if let Some(s) = want_str(cx, "default", v) {
             if s.is_empty() || s.contains('/') {
-                cx.error(&v.span(), "`default` must be the NAME of a NAME.crt/NAME.key pair");
+                cx.error(
+                    &v.span(),
+                    "`default` must be the NAME of a NAME.crt/NAME.key pair",
+                );
             } else {
                 default = Some(s.to_string());
                 default_pos = Some(cx.pos(v.span().start));
@@ -654,7 +677,10 @@ fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
     if let Some(v) = tbl.get("hsts") {
         if let Some(s) = want_str(cx, "hsts", v) {
             if s.is_empty() || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                cx.error(&v.span(), "`hsts` must be a non-empty header value such as \"max-age=31536000\"");
+                cx.error(
+                    &v.span(),
+                    "`hsts` must be a non-empty header value such as \"max-age=31536000\"",
+                );
             } else if !s.to_ascii_lowercase().contains("max-age=") {
                 cx.error(&v.span(), "`hsts` must contain max-age=SECONDS");
             } else {
@@ -754,7 +780,10 @@ fn read_limit(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Limit> {
             .iter()
             .any(|e| matches!(e.0.get_ref().as_ref(), "rate" | "concurrency"))
     {
-        cx.error(&v.span(), format!("`{key}` needs a `rate`, a `concurrency` or both"));
+        cx.error(
+            &v.span(),
+            format!("`{key}` needs a `rate`, a `concurrency` or both"),
+        );
     }
     tbl.finish(cx);
     let burst = match (burst, rate) {
@@ -769,12 +798,20 @@ fn read_limit(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Limit> {
     })
 }
 
-fn read_pool(cx: &mut Cx<'_>, name: &str, name_span: &Range<usize>, t: &DeTable<'_>) -> Option<Pool> {
+fn read_pool(
+    cx: &mut Cx<'_>,
+    name: &str,
+    name_span: &Range<usize>,
+    t: &DeTable<'_>,
+) -> Option<Pool> {
     let mut tbl = Tbl::new(t, format!("[pools.{name}]"), POOL_KEYS);
     let errors_before = cx.diags.iter().filter(|d| d.is_error()).count();
     let mut pool = placeholder_pool(name);
     if !valid_name(name) {
-        cx.error(name_span, format!("pool name \"{name}\" may only use letters, digits, '-', '_' and '.'"));
+        cx.error(
+            name_span,
+            format!("pool name \"{name}\" may only use letters, digits, '-', '_' and '.'"),
+        );
     }
     let http_v = tbl.get("http");
     if let Some(v) = http_v {
@@ -830,15 +867,16 @@ fn read_pool(cx: &mut Cx<'_>, name: &str, name_span: &Range<usize>, t: &DeTable<
             );
         }
         (None, true) if http_v.is_none() => {
-            cx.error(
-                name_span,
-                format!("pool \"{name}\" has no `http` backends"),
-            );
+            cx.error(name_span, format!("pool \"{name}\" has no `http` backends"));
         }
         _ => {}
     }
     if pool.spread > 0 && !pool.http.is_empty() && pool.spread > pool.http.len() {
-        if let Some(v) = tbl.entries.iter().find(|e| e.0.get_ref().as_ref() == "spread") {
+        if let Some(v) = tbl
+            .entries
+            .iter()
+            .find(|e| e.0.get_ref().as_ref() == "spread")
+        {
             cx.warn(
                 &v.1.span(),
                 format!(
@@ -900,7 +938,10 @@ fn read_discover(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<Discover> {
             Some(s) => {
                 let s = s.trim().trim_end_matches('.');
                 if s.is_empty() || s.contains(['/', ':', ' ']) {
-                    cx.error(&dv.span(), format!("`discover.dns`: \"{s}\" is not a DNS name"));
+                    cx.error(
+                        &dv.span(),
+                        format!("`discover.dns`: \"{s}\" is not a DNS name"),
+                    );
                     ok = false;
                 }
                 s.to_string()
@@ -999,7 +1040,10 @@ fn read_tenant(
         Some(v) => {
             if let Some(items) = want_array(cx, "hosts", v) {
                 if items.is_empty() {
-                    cx.error(&v.span(), format!("tenant \"{name}\" has an empty `hosts` list"));
+                    cx.error(
+                        &v.span(),
+                        format!("tenant \"{name}\" has an empty `hosts` list"),
+                    );
                 }
                 for item in items {
                     let Some(s) = want_str(cx, "hosts", item) else {
@@ -1039,7 +1083,10 @@ fn read_tenant(
                 } else {
                     format!("known pools: {}", pool_names.join(", "))
                 };
-                cx.error(&v.span(), format!("tenant \"{name}\" names unknown pool \"{p}\" ({known})"));
+                cx.error(
+                    &v.span(),
+                    format!("tenant \"{name}\" names unknown pool \"{p}\" ({known})"),
+                );
             }
             idx
         }),

@@ -75,9 +75,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses a size such as `512KiB`, `128MiB`, `1GiB`, `10MB`, `100B` or a bare byte count.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(format!(
@@ -97,8 +95,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         other => {
             return Err(format!(
-                "invalid size \"{s}\": unknown unit \"{other}\" (use B, KiB, MiB, GiB, KB, MB or GB)"
-            ))
+            "invalid size \"{s}\": unknown unit \"{other}\" (use B, KiB, MiB, GiB, KB, MB or GB)"
+        ))
         }
     };
     n.checked_mul(mult)
@@ -111,12 +109,16 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let (num, unit) = t.split_once('/').ok_or_else(|| {
         format!("invalid rate \"{s}\": expected COUNT/UNIT, e.g. \"20/s\" or \"600/min\"")
     })?;
-    let count: u32 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("invalid rate \"{s}\": \"{}\" is not a whole number", num.trim()))?;
+    let count: u32 = num.trim().parse().map_err(|_| {
+        format!(
+            "invalid rate \"{s}\": \"{}\" is not a whole number",
+            num.trim()
+        )
+    })?;
     if count == 0 {
-        return Err(format!("invalid rate \"{s}\": the count must be at least 1"));
+        return Err(format!(
+            "invalid rate \"{s}\": the count must be at least 1"
+        ));
     }
     let per = match unit.trim() {
         "s" | "sec" | "second" => Duration::from_secs(1),
@@ -143,7 +145,10 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("1m500ms").unwrap(), Duration::from_millis(60_500));
+        assert_eq!(
+            parse_duration("1m500ms").unwrap(),
+            Duration::from_millis(60_500)
+        );
         assert_eq!(parse_duration(" 3s ").unwrap(), Duration::from_secs(3));
         assert!(parse_duration("5").unwrap_err().contains("missing unit"));
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
@@ -163,7 +168,9 @@ mod tests {
         assert_eq!(parse_size("100B").unwrap(), 100);
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("99999999999999GiB").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

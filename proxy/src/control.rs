@@ -137,7 +137,11 @@ async fn serve_admin(
     }
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -178,7 +182,11 @@ async fn admin(
         (&Method::POST, "/reload") => {
             let (tx, rx) = oneshot::channel();
             if ctl.send(ControlMsg::Reload(Some(tx))).is_err() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "control plane stopped\n")
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    TEXT,
+                    "control plane stopped\n",
+                )
             } else {
                 match rx.await {
                     Ok(Ok(version)) => reply(
@@ -189,7 +197,8 @@ async fn admin(
                     Ok(Err(errors)) => reply(
                         StatusCode::BAD_REQUEST,
                         JSON,
-                        serde_json::json!({"errors": errors.lines().collect::<Vec<_>>()}).to_string(),
+                        serde_json::json!({"errors": errors.lines().collect::<Vec<_>>()})
+                            .to_string(),
                     ),
                     Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, TEXT, "reload aborted\n"),
                 }
@@ -215,18 +224,21 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     for p in &snap.pools {
         let m = p.members.load();
         let mut backends = Vec::new();
-        for (role, list) in [("http", &m.http), ("longpolling", &m.longpolling)] {
+        for list in [&m.http, &m.longpolling] {
             for b in list.iter() {
                 backends.push(serde_json::json!({
                     "address": &*b.addr_str,
-                    "role": role,
+                    "role": b.key.role.as_str(),
                     "up": true,
                     "breaker": "closed",
                     "inflight": b.inflight.load(Ordering::Relaxed),
                 }));
             }
         }
-        pools.insert(p.name.to_string(), serde_json::json!({ "backends": backends }));
+        pools.insert(
+            p.name.to_string(),
+            serde_json::json!({ "backends": backends }),
+        );
     }
     serde_json::json!({
         "version": snap.config.version,

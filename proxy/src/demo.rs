@@ -71,7 +71,12 @@ fn list(addrs: &[SocketAddr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-pub fn config_text(port: u16, admin_port: u16, http: &[SocketAddr], gevent: &[SocketAddr]) -> String {
+pub fn config_text(
+    port: u16,
+    admin_port: u16,
+    http: &[SocketAddr],
+    gevent: &[SocketAddr],
+) -> String {
     format!(
         r#"# portier demo configuration (embedded)
 [listen]
@@ -187,7 +192,9 @@ async fn websocket(port: u16, host: &str) -> Result<(String, String), String> {
         Some(Ok(Message::Text(t))) => t.to_string(),
         other => return Err(format!("unexpected {other:?}")),
     };
-    ws.send(Message::text("whoami")).await.map_err(|e| e.to_string())?;
+    ws.send(Message::text("whoami"))
+        .await
+        .map_err(|e| e.to_string())?;
     let who = match ws.next().await {
         Some(Ok(Message::Text(t))) => t.to_string(),
         other => return Err(format!("unexpected {other:?}")),
@@ -200,7 +207,11 @@ fn field(body: &str, pointer: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer(pointer).cloned())
-        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+        })
         .unwrap_or_else(|| "?".into())
 }
 
@@ -248,7 +259,10 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
         Err(e) => line(false, format!("unknown host: {e}")),
     }
     match get(port, "beta.saas.localhost", "/web/database/manager").await {
-        Ok((s, _, _)) => line(s == 403, format!("beta.saas.localhost /web/database/manager -> {s} (database manager blocked)")),
+        Ok((s, _, _)) => line(
+            s == 403,
+            format!("beta.saas.localhost /web/database/manager -> {s} (database manager blocked)"),
+        ),
         Err(e) => line(false, format!("database manager: {e}")),
     }
     let http: Vec<String> = workers.http.iter().map(|a| a.to_string()).collect();

@@ -14,9 +14,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= 200
-        && v
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'='))
+        && v.iter().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'=')
+        })
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -39,9 +39,9 @@ pub fn new_request_id() -> String {
 /// it from the parsed header when `Transfer-Encoding` is present, per RFC 9112; a
 /// request carrying both is a smuggling attempt and gets 400).
 pub fn raw_has_content_length(raw: &[u8]) -> bool {
-    raw.split(|&b| b == b'\n').skip(1).any(|line| {
-        line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:")
-    })
+    raw.split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
 }
 
 /// The values for `X-Forwarded-For` and `X-Real-IP`.
@@ -106,8 +106,11 @@ mod tests {
     #[test]
     fn xff_from_trusted_proxy_is_kept_and_appended() {
         let s = settings(&["10.0.0.0/8"]);
-        let (xff, real) =
-            forwarded_for("10.1.1.1".parse().unwrap(), Some("198.51.100.7, 10.2.2.2"), &s);
+        let (xff, real) = forwarded_for(
+            "10.1.1.1".parse().unwrap(),
+            Some("198.51.100.7, 10.2.2.2"),
+            &s,
+        );
         assert_eq!(xff, "198.51.100.7, 10.2.2.2, 10.1.1.1");
         assert_eq!(real.to_string(), "198.51.100.7");
         let (xff, real) = forwarded_for("10.1.1.1".parse().unwrap(), None, &s);
@@ -140,7 +143,9 @@ mod tests {
         assert!(raw_has_content_length(
             b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
         ));
-        assert!(raw_has_content_length(b"POST / HTTP/1.1\r\ncontent-LENGTH:3\r\n\r\n"));
+        assert!(raw_has_content_length(
+            b"POST / HTTP/1.1\r\ncontent-LENGTH:3\r\n\r\n"
+        ));
         assert!(!raw_has_content_length(
             b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 3\r\n\r\n"
         ));

@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "portier", version, about = "Edge proxy and load balancer for multi-tenant Odoo hosting")]
+#[command(
+    name = "portier",
+    version,
+    about = "Edge proxy and load balancer for multi-tenant Odoo hosting"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,7 +84,11 @@ fn main() -> ExitCode {
                     for d in &diags {
                         eprintln!("{d}");
                     }
-                    eprintln!("portier: {} error(s) in {}; not starting", diags.iter().filter(|d| d.is_error()).count(), path.display());
+                    eprintln!(
+                        "portier: {} error(s) in {}; not starting",
+                        diags.iter().filter(|d| d.is_error()).count(),
+                        path.display()
+                    );
                     return ExitCode::from(1);
                 }
             };

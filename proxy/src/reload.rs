@@ -12,10 +12,7 @@ pub type ReloadResult = Result<String, String>;
 
 /// Reloads the configuration file; returns the new version or the errors.
 pub fn reload(shared: &Arc<Shared>) -> ReloadResult {
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Reloading,
-        monotonic_now(),
-    ]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, monotonic_now()]);
     let result = do_reload(shared);
     match &result {
         Ok(version) => {
@@ -52,7 +49,9 @@ fn monotonic_now() -> sd_notify::NotifyState<'static> {
 
 fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     let Some(path) = shared.config_path.clone() else {
-        return Err("this instance runs an embedded configuration (demo): nothing to reload".into());
+        return Err(
+            "this instance runs an embedded configuration (demo): nothing to reload".into(),
+        );
     };
     let (config, warnings) = load_file(&path).map_err(|diags| render(&diags))?;
     for w in &warnings {
@@ -74,7 +73,10 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
             snap.pools.iter().any(|p| {
                 *p.name == *k.pool && {
                     let m = p.members.load();
-                    m.http.iter().chain(m.longpolling.iter()).any(|b| b.key == *k)
+                    m.http
+                        .iter()
+                        .chain(m.longpolling.iter())
+                        .any(|b| b.key == *k)
                 }
             })
         },

@@ -65,7 +65,13 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
                     std::process::exit(1);
                 }
             };
-            rt.block_on(control::run(ctl_shared, ctl_rx, admin_listener, probe, on_ready));
+            rt.block_on(control::run(
+                ctl_shared,
+                ctl_rx,
+                admin_listener,
+                probe,
+                on_ready,
+            ));
         });
     if let Err(e) = control_thread {
         eprintln!("portier: cannot start the control thread: {e}");

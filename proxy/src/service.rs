@@ -37,6 +37,27 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
 }
 
+/// A response portier writes itself.
+struct Reply<'a> {
+    status: u16,
+    content_type: &'static str,
+    body: Bytes,
+    extra: &'a [(&'static str, String)],
+    close: bool,
+}
+
+impl Reply<'static> {
+    fn text(status: u16, text: &str, close: bool) -> Self {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: Bytes::from(format!("{text}\n")),
+            extra: &[],
+            close,
+        }
+    }
+}
+
 /// Per-request state.
 pub struct Ctx {
     start: Instant,
@@ -69,9 +90,7 @@ impl Ctx {
 }
 
 fn is_tls(session: &Session) -> bool {
-    session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some())
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// The request's host as sent: the authority of an absolute URI or `:authority`
@@ -103,16 +122,14 @@ fn is_websocket(req: &RequestHeader) -> bool {
 
 impl Proxy {
     /// Writes a complete response of portier's own.
-    async fn respond(
-        &self,
-        session: &mut Session,
-        ctx: &Ctx,
-        status: u16,
-        content_type: &str,
-        body: Bytes,
-        extra: &[(&'static str, String)],
-        close: bool,
-    ) -> Result<()> {
+    async fn respond(&self, session: &mut Session, ctx: &Ctx, reply: Reply<'_>) -> Result<()> {
+        let Reply {
+            status,
+            content_type,
+            body,
+            extra,
+            close,
+        } = reply;
         if close {
             session.set_keepalive(None);
         }
@@ -128,7 +145,9 @@ impl Proxy {
             h.insert_header(header::CONNECTION, "close")?;
         }
         let head_only = session.req_header().method == http::Method::HEAD;
-        session.write_response_header(Box::new(h), head_only).await?;
+        session
+            .write_response_header(Box::new(h), head_only)
+            .await?;
         if !head_only {
             session.write_response_body(Some(body), true).await?;
         }
@@ -146,8 +165,7 @@ impl Proxy {
         close: bool,
     ) -> Result<bool> {
         ctx.refused = Some(why);
-        let body = Bytes::from(format!("{text}\n"));
-        self.respond(session, ctx, status, "text/plain; charset=utf-8", body, &[], close)
+        self.respond(session, ctx, Reply::text(status, text, close))
             .await?;
         Ok(true)
     }
@@ -191,11 +209,7 @@ impl Proxy {
                 Ok(Some(chunk)) => {
                     ctx.body_seen += chunk.len() as u64;
                     if ctx.body_seen > max_body {
-                        return Ok(Some((
-                            413,
-                            Refusal::BodyTooLarge,
-                            "request body too large",
-                        )));
+                        return Ok(Some((413, Refusal::BodyTooLarge, "request body too large")));
                     }
                 }
                 Ok(None) => {
@@ -204,9 +218,11 @@ impl Proxy {
                 }
                 Err(e) => {
                     return Ok(Some(match e.etype() {
-                        ErrorType::ReadTimedout => {
-                            (408, Refusal::BadRequest, "timed out reading the request body")
-                        }
+                        ErrorType::ReadTimedout => (
+                            408,
+                            Refusal::BadRequest,
+                            "timed out reading the request body",
+                        ),
                         _ => (400, Refusal::BadRequest, "malformed request body"),
                     }));
                 }
@@ -267,7 +283,14 @@ impl ProxyHttp for Proxy {
             let raw = h1.get_headers_raw_bytes();
             if raw.len() > MAX_HEADER_BYTES {
                 return self
-                    .refuse(session, ctx, 431, Refusal::BadRequest, "request header fields too large", true)
+                    .refuse(
+                        session,
+                        ctx,
+                        431,
+                        Refusal::BadRequest,
+                        "request header fields too large",
+                        true,
+                    )
                     .await;
             }
             if session
@@ -298,7 +321,14 @@ impl ProxyHttp for Proxy {
         let host = normalize_host(raw_host);
         let Some(m) = snap.config.hosts.lookup(&host) else {
             return self
-                .refuse(session, ctx, 404, Refusal::UnknownHost, "unknown host", false)
+                .refuse(
+                    session,
+                    ctx,
+                    404,
+                    Refusal::UnknownHost,
+                    "unknown host",
+                    false,
+                )
                 .await;
         };
         let tenant_id = m.tenant;
@@ -345,7 +375,14 @@ impl ProxyHttp for Proxy {
         let declared = content_length(session.req_header());
         if declared.is_some_and(|n| n > settings.max_body) {
             return self
-                .refuse(session, ctx, 413, Refusal::BodyTooLarge, "request body too large", true)
+                .refuse(
+                    session,
+                    ctx,
+                    413,
+                    Refusal::BodyTooLarge,
+                    "request body too large",
+                    true,
+                )
                 .await;
         }
         session.set_read_timeout(Some(CLIENT_IO_TIMEOUT));
@@ -418,7 +455,10 @@ impl ProxyHttp for Proxy {
         let Some(backend) = picked else {
             if ctx.attempts == 0 {
                 ctx.refused = Some(Refusal::NoBackend);
-                return Err(Error::explain(ErrorType::HTTPStatus(503), "no backend available"));
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no backend available",
+                ));
             }
             return Err(Error::explain(
                 ErrorType::HTTPStatus(502),
@@ -572,9 +612,7 @@ impl ProxyHttp for Proxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(c) => *c,
-            ErrorType::ConnectTimedout
-            | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
                 if *e.esource() == ErrorSource::Upstream =>
             {
                 504
@@ -594,16 +632,14 @@ impl ProxyHttp for Proxy {
         };
         if code > 0 && session.response_written().is_none() {
             let res = if code == 503 && ctx.refused == Some(Refusal::NoBackend) {
-                self.respond(
-                    session,
-                    ctx,
-                    503,
-                    "text/html; charset=utf-8",
-                    Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
-                    &[("retry-after", "5".to_string())],
-                    false,
-                )
-                .await
+                let reply = Reply {
+                    status: 503,
+                    content_type: "text/html; charset=utf-8",
+                    body: Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
+                    extra: &[("retry-after", "5".to_string())],
+                    close: false,
+                };
+                self.respond(session, ctx, reply).await
             } else {
                 let text = match code {
                     400 => "bad request",
@@ -613,16 +649,8 @@ impl ProxyHttp for Proxy {
                     504 => "gateway timeout",
                     _ => "error",
                 };
-                self.respond(
-                    session,
-                    ctx,
-                    code,
-                    "text/plain; charset=utf-8",
-                    Bytes::from(format!("{text}\n")),
-                    &[],
-                    true,
-                )
-                .await
+                self.respond(session, ctx, Reply::text(code, text, true))
+                    .await
             };
             if let Err(err) = res {
                 tracing::debug!(error = %err, "cannot send error response");

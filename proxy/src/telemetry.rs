@@ -24,8 +24,8 @@ pub const TENANT_LABEL_LIMIT: usize = 1000;
 
 /// Status codes with a pre-resolved counter per tenant and class.
 const COMMON_CODES: [u16; 28] = [
-    101, 200, 201, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409,
-    413, 414, 429, 431, 499, 500, 501, 502, 503, 504,
+    101, 200, 201, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408, 409, 413,
+    414, 429, 431, 499, 500, 501, 502, 503, 504,
 ];
 
 fn code_index(code: u16) -> Option<usize> {
@@ -40,8 +40,10 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     pub breaker_open: IntGaugeVec,
     pub upstream_inflight: IntGaugeVec,
+    #[allow(dead_code)] // set by the live-operations work (connection tracking)
     pub connections_open: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    #[allow(dead_code)] // set by the TLS work (certificate store)
     pub cert_expiry: GaugeVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
@@ -59,6 +61,7 @@ pub struct TenantStats {
 
 struct ClassStats {
     duration: Histogram,
+    #[allow(dead_code)] // counted by the tenant-limits work
     rate_limited: IntCounter,
     codes: [OnceLock<IntCounter>; COMMON_CODES.len()],
 }
@@ -96,12 +99,14 @@ impl TenantStats {
         }
     }
 
+    #[allow(dead_code)] // called by the tenant-limits work
     pub fn rate_limited(&self, class: Class) {
         self.class(class).rate_limited.inc();
     }
 }
 
 /// Metric handles of one backend.
+#[allow(dead_code)] // `up` and `breaker_open` are set by the health/breaker work
 pub struct BackendStats {
     pub up: IntGauge,
     pub breaker_open: IntGauge,
@@ -131,7 +136,10 @@ impl Metrics {
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
         ];
         let requests = reg!(IntCounterVec::new(
-            Opts::new("portier_requests_total", "Requests answered, by tenant, class and status code"),
+            Opts::new(
+                "portier_requests_total",
+                "Requests answered, by tenant, class and status code"
+            ),
             &["tenant", "class", "code"]
         ));
         let duration = reg!(HistogramVec::new(
@@ -143,31 +151,52 @@ impl Metrics {
             &["tenant", "class"]
         ));
         let rate_limited = reg!(IntCounterVec::new(
-            Opts::new("portier_rate_limited_total", "Requests refused by a tenant limit (429)"),
+            Opts::new(
+                "portier_rate_limited_total",
+                "Requests refused by a tenant limit (429)"
+            ),
             &["tenant", "class"]
         ));
         let backend_up = reg!(IntGaugeVec::new(
-            Opts::new("portier_backend_up", "1 if the backend is up (health checks), else 0"),
+            Opts::new(
+                "portier_backend_up",
+                "1 if the backend is up (health checks), else 0"
+            ),
             &["pool", "backend"]
         ));
         let breaker_open = reg!(IntGaugeVec::new(
-            Opts::new("portier_breaker_open", "1 if the backend's circuit breaker is open or half-open"),
+            Opts::new(
+                "portier_breaker_open",
+                "1 if the backend's circuit breaker is open or half-open"
+            ),
             &["pool", "backend"]
         ));
         let upstream_inflight = reg!(IntGaugeVec::new(
-            Opts::new("portier_upstream_inflight", "Requests in flight at the backend"),
+            Opts::new(
+                "portier_upstream_inflight",
+                "Requests in flight at the backend"
+            ),
             &["pool", "backend"]
         ));
         let connections_open = reg!(IntGaugeVec::new(
-            Opts::new("portier_connections_open", "Client connections open, by listener"),
+            Opts::new(
+                "portier_connections_open",
+                "Client connections open, by listener"
+            ),
             &["listener"]
         ));
         let config_reloads = reg!(IntCounterVec::new(
-            Opts::new("portier_config_reloads_total", "Configuration reloads, by result"),
+            Opts::new(
+                "portier_config_reloads_total",
+                "Configuration reloads, by result"
+            ),
             &["result"]
         ));
         let cert_expiry = reg!(GaugeVec::new(
-            Opts::new("portier_cert_expiry_seconds", "Seconds until the certificate expires"),
+            Opts::new(
+                "portier_cert_expiry_seconds",
+                "Seconds until the certificate expires"
+            ),
             &["name"]
         ));
         let access_log_dropped = reg!(IntCounter::new(
@@ -257,6 +286,7 @@ impl Metrics {
 
 /// Why portier answered a request itself (the access log's `refused`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(dead_code)] // the limit refusals come with the tenant-limits work
 pub enum Refusal {
     UnknownHost,
     RateLimited,
@@ -479,7 +509,8 @@ mod tests {
     fn tenant_labels_are_bounded() {
         let m = Metrics::new();
         for i in 0..TENANT_LABEL_LIMIT + 5 {
-            m.tenant_stats(&format!("t{i}")).observe(Class::Interactive, 200, 0.01);
+            m.tenant_stats(&format!("t{i}"))
+                .observe(Class::Interactive, 200, 0.01);
         }
         let text = m.render();
         assert!(text.contains("tenant=\"t0\""));

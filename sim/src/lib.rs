@@ -290,7 +290,10 @@ fn json_response(status: StatusCode, worker: &str, body: String) -> Resp {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(worker) {
         h.insert("x-sim-worker", v);
     }
@@ -305,7 +308,10 @@ fn headers_json(headers: &HeaderMap) -> serde_json::Value {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
-        map.insert(name.as_str().to_string(), serde_json::Value::from(values.join(", ")));
+        map.insert(
+            name.as_str().to_string(),
+            serde_json::Value::from(values.join(", ")),
+        );
     }
     serde_json::Value::Object(map)
 }
@@ -374,11 +380,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
     }
 
     let resp = match path.as_str() {
-        "/web/health" => json_response(
-            StatusCode::OK,
-            &worker,
-            r#"{"status": "pass"}"#.to_string(),
-        ),
+        "/web/health" => {
+            json_response(StatusCode::OK, &worker, r#"{"status": "pass"}"#.to_string())
+        }
         "/web/login" => {
             let mut r = json_response(
                 StatusCode::OK,
@@ -430,8 +434,10 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
                 "<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><string>{worker}</string></value>\n</param>\n</params>\n</methodResponse>\n"
             );
             let mut r = Response::new(Full::new(Bytes::from(xml)));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/xml; charset=utf-8"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/xml; charset=utf-8"),
+            );
             if let Ok(v) = HeaderValue::from_str(&worker) {
                 r.headers_mut().insert("x-sim-worker", v);
             }
@@ -490,7 +496,10 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        });
     upgrade && connection && headers.contains_key(header::SEC_WEBSOCKET_KEY)
 }
 
@@ -555,15 +564,24 @@ mod tests {
     #[tokio::test]
     async fn health_login_and_echo() {
         let w = SimWorker::start("w1", local()).await.unwrap();
-        let r = raw(w.addr(), "GET /web/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let r = raw(
+            w.addr(),
+            "GET /web/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         assert!(r.contains(r#"{"status": "pass"}"#), "{r}");
-        let r = raw(w.addr(), "GET /web/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(r.to_ascii_lowercase().contains("set-cookie: session_id="), "{r}");
+        let r = raw(
+            w.addr(),
+            "GET /web/login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(
+            r.to_ascii_lowercase().contains("set-cookie: session_id="),
+            "{r}"
+        );
         let r = raw(
             w.addr(),
             "POST /web/dataset HTTP/1.1\r\nHost: x\r\nX-Test: 1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
@@ -581,9 +599,12 @@ mod tests {
         let w = SimWorker::start("w1", local()).await.unwrap();
         let addr = w.addr();
         w.set_mode(Mode::Status(503));
-        let r = raw(addr, "GET /web/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let r = raw(
+            addr,
+            "GET /web/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         w.set_mode(Mode::Refuse);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -591,7 +612,10 @@ mod tests {
         w.set_mode(Mode::Reset);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let r = raw(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(r.is_err() || r.as_ref().is_ok_and(|s| s.is_empty()), "{r:?}");
+        assert!(
+            r.is_err() || r.as_ref().is_ok_and(|s| s.is_empty()),
+            "{r:?}"
+        );
         w.set_mode(Mode::Normal);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let r = raw(addr, "GET /x?sleep_ms=10 HTTP/1.1\r\nHost: x\r\nx-sim-status: 502\r\nConnection: close\r\n\r\n")

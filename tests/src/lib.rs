@@ -1,0 +1,482 @@
+//! Harness for portier's end-to-end tests: starts the real `portier` binary on
+//! 127.0.0.1 with a config file written by the test, captures its stderr (logs and
+//! access log), and offers small HTTP/WebSocket/raw-TCP clients. Simulated Odoo
+//! workers come from `portier-sim` and run inside the test process.
+//!
+//! The binary is `$PORTIER_BIN`, else `target/{debug,release}/portier` of this
+//! workspace (matching the test build's profile); build it first
+//! (`cargo build -p portier`), as the README's test command does.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+pub use portier_sim::{Mode, SimWorker};
+
+/// The portier binary under test.
+pub fn portier_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTIER_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let bin = target.join(profile).join("portier");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build {}-p portier) or set PORTIER_BIN",
+        bin.display(),
+        if cfg!(debug_assertions) {
+            ""
+        } else {
+            "--release "
+        }
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Starts a simulated worker on a free loopback port.
+pub async fn sim(name: &str) -> SimWorker {
+    SimWorker::start(name, local(0))
+        .await
+        .expect("sim worker starts")
+}
+
+/// `["127.0.0.1:1", ...]` for a config file.
+pub fn toml_list(addrs: &[SocketAddr]) -> String {
+    let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A running portier process; killed (by its PID) when dropped.
+pub struct Portier {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+/// The `[listen]` section for a test: http and admin on free ports, one thread.
+pub struct Ports {
+    pub http: u16,
+    pub https: u16,
+    pub admin: u16,
+}
+
+impl Ports {
+    pub fn new() -> Ports {
+        Ports {
+            http: free_port(),
+            https: free_port(),
+            admin: free_port(),
+        }
+    }
+
+    pub fn listen(&self) -> String {
+        format!(
+            "[listen]\nhttp = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\ndrain = \"10s\"\n",
+            self.http, self.admin
+        )
+    }
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn capture(stream: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, echo: bool) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if echo {
+                eprintln!("[portier] {line}");
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push(line);
+            }
+        }
+    });
+}
+
+impl Portier {
+    /// Writes `config` to a fresh directory and runs `portier run -c` on it, waiting
+    /// until `/readyz` answers 200.
+    pub async fn start(ports: &Ports, config: &str) -> Portier {
+        Self::start_with(ports, config, &[]).await
+    }
+
+    pub async fn start_with(ports: &Ports, config: &str, env: &[(&str, &str)]) -> Portier {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("portier.toml");
+        std::fs::write(&path, config).expect("write config");
+        let p = Self::spawn(
+            ports,
+            dir,
+            &["run", "-c", path.to_str().unwrap_or_default()],
+            env,
+        );
+        p.wait_ready().await;
+        p
+    }
+
+    /// Spawns portier with arbitrary arguments (no readiness wait).
+    pub fn spawn(
+        ports: &Ports,
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Portier {
+        let mut cmd = Command::new(portier_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("portier starts");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let echo = std::env::var_os("PORTIER_TEST_ECHO").is_some();
+        if let Some(e) = child.stderr.take() {
+            capture(e, stderr.clone(), echo);
+        }
+        if let Some(o) = child.stdout.take() {
+            capture(o, stdout.clone(), echo);
+        }
+        Portier {
+            child: Some(child),
+            http: local(ports.http),
+            admin: local(ports.admin),
+            dir,
+            stderr,
+            stdout,
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portier.toml")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = get(self.admin, "admin", "/readyz").await {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "portier did not become ready; stderr:\n{}",
+                    self.stderr().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Sends a signal (by PID) with `kill`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything portier wrote on stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The access-log records written so far (JSON lines with a `request_id`).
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stderr()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("request_id").is_some() && v.get("status").is_some())
+            .collect()
+    }
+
+    /// Waits until an access-log record satisfies `pred` (the log is written asynchronously).
+    pub async fn wait_access_log(
+        &self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(v) = self.access_log().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no matching access-log line; stderr:\n{}",
+                    self.stderr().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Portier {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A response as the test sees it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The worker that answered (simulated workers set `x-sim-worker`).
+    pub fn worker(&self) -> Option<&str> {
+        self.header("x-sim-worker")
+    }
+
+    /// A header as the worker received it (from the sim's echo).
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.json()
+            .pointer(&format!("/headers/{name}"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    }
+}
+
+/// Sends one request on a new connection.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Resp, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send(&mut sender, method, host, path, headers, body).await
+}
+
+/// Sends a request on an existing HTTP/1 connection.
+pub async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Resp, String> {
+    let mut b = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A keep-alive HTTP/1 connection for several requests.
+pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Resp, String> {
+    request(addr, "GET", host, path, &[], Bytes::new()).await
+}
+
+/// Writes raw bytes and reads until the server closes (or `wait` passes).
+/// Returns what was read and whether the server closed the connection.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + wait;
+    let closed = loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Ok(Err(_)) => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// Opens a WebSocket through portier (`ws://host/path`, HTTP/1.1 upgrade).
+pub async fn websocket(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Ws, http::Response<Option<Vec<u8>>>), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut b = http::Request::get(format!("ws://{host}{path}"))
+        .header("host", host)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        );
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(()).map_err(|e| e.to_string())?;
+    tokio_tungstenite::client_async(req, stream)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends a text message and waits for the next text reply.
+pub async fn ws_roundtrip(ws: &mut Ws, text: &str) -> Result<String, String> {
+    ws.send(Message::text(text))
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("closed".into()),
+            Err(_) => return Err("timed out".into()),
+        }
+    }
+}
+
+/// Runs `portier` with arguments to completion (for `check` and `--version`).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(portier_bin())
+        .args(args)
+        .output()
+        .expect("portier runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,667 @@
+//! Routing and "what goes upstream", end to end: real portier, real sockets,
+//! simulated Odoo workers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use portier_tests::*;
+
+struct Setup {
+    p: Portier,
+    http: Vec<SimWorker>,
+    gevent: Vec<SimWorker>,
+}
+
+/// Two http workers, two gevent workers, tenants `acme` (exact hosts) and `saas`
+/// (`{tenant}.erp.test` template), plus `extra` appended to the config.
+async fn setup(extra: &str) -> Setup {
+    let http = vec![sim("h1").await, sim("h2").await];
+    let gevent = vec![sim("g1").await, sim("g2").await];
+    let ports = Ports::new();
+    let cfg = format!(
+        r#"{listen}
+[pools.main]
+http = {h}
+longpolling = {g}
+
+[tenants.acme]
+hosts = ["acme.test", "erp.acme.test"]
+pool = "main"
+database = "acme_db"
+
+[tenants.saas]
+hosts = ["{{tenant}}.erp.test"]
+pool = "main"
+database = "{{tenant}}"
+{extra}
+"#,
+        listen = ports.listen(),
+        h = toml_list(&[http[0].addr(), http[1].addr()]),
+        g = toml_list(&[gevent[0].addr(), gevent[1].addr()]),
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    Setup { p, http, gevent }
+}
+
+fn hits(ws: &[SimWorker]) -> u64 {
+    ws.iter().map(|w| w.hits()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_hosts_and_templates_route_port_and_case_ignored() {
+    let s = setup("").await;
+    let r = get(s.p.http, "ACME.test:8069", "/web").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.upstream_header("x-odoo-database").as_deref(),
+        Some("acme_db")
+    );
+    let r = get(s.p.http, "erp.acme.test", "/web").await.unwrap();
+    assert_eq!(
+        r.upstream_header("x-odoo-dbfilter").as_deref(),
+        Some("acme_db")
+    );
+    // Template: the captured label is the tenant and its database.
+    let r = get(s.p.http, "Beta.ERP.test", "/web").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.upstream_header("x-odoo-database").as_deref(),
+        Some("beta")
+    );
+    let log = s.p.wait_access_log(|v| v["tenant"] == "beta").await;
+    assert_eq!(log["class"], "interactive");
+    // Two labels do not match a one-label template.
+    let r = get(s.p.http, "a.b.erp.test", "/web").await.unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_gets_404_and_no_worker_sees_it() {
+    let s = setup("").await;
+    for host in ["nobody.example", "erp.test", "acme.test.evil.example"] {
+        let r = get(s.p.http, host, "/web/login").await.unwrap();
+        assert_eq!(r.status, 404, "{host}");
+        assert!(r.text().contains("unknown host"));
+        assert!(r.header("x-request-id").is_some());
+    }
+    let log =
+        s.p.wait_access_log(|v| v["refused"] == "unknown_host")
+            .await;
+    assert_eq!(log["tenant"], serde_json::Value::Null);
+    assert_eq!(log["backend"], serde_json::Value::Null);
+    assert_eq!(log["status"], 404);
+    assert_eq!(hits(&s.http) + hits(&s.gevent), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classes_choose_the_backend_list() {
+    let s = setup("").await;
+    for w in &s.gevent {
+        w.set_longpoll_hold(Duration::from_millis(50));
+    }
+    let cases = [
+        ("/longpolling/poll", "g"),
+        ("/websocket", "g"),
+        ("/web", "h"),
+        ("/web/login", "h"),
+        ("/jsonrpc", "h"),
+        ("/xmlrpc/2/common", "h"),
+        ("/web/static/src/img/logo.png", "h"),
+        ("/web/assets/1/web.assets.js", "h"),
+    ];
+    for (path, kind) in cases {
+        let r = get(s.p.http, "acme.test", path).await.unwrap();
+        let worker = r.worker().unwrap_or("").to_string();
+        assert!(
+            worker.starts_with(kind),
+            "{path} answered by {worker:?} ({})",
+            r.status
+        );
+    }
+    for (path, class) in [
+        ("/longpolling/poll", "longpolling"),
+        ("/jsonrpc", "integration"),
+        ("/xmlrpc/2/common", "integration"),
+        ("/web/static/src/img/logo.png", "static"),
+        ("/web/login", "interactive"),
+    ] {
+        let log = s.p.wait_access_log(|v| v["path"] == path).await;
+        assert_eq!(log["class"], class, "{path}");
+        assert!(log["backend"].is_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_is_relayed_both_ways_to_a_gevent_worker() {
+    let s = setup("").await;
+    let (mut ws, resp) = websocket(s.p.http, "acme.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert!(resp.headers().get("x-request-id").is_some());
+    for i in 0..20 {
+        let msg = format!("message {i}");
+        assert_eq!(ws_roundtrip(&mut ws, &msg).await.unwrap(), msg);
+    }
+    let who = ws_roundtrip(&mut ws, "whoami").await.unwrap();
+    assert!(who.starts_with('g'), "websocket reached {who}");
+    // The worker saw the tenant's database on the upgrade request too.
+    let rec = s
+        .gevent
+        .iter()
+        .flat_map(|w| w.requests())
+        .find(|r| r.target == "/websocket")
+        .expect("gevent worker saw the upgrade");
+    assert_eq!(rec.header("x-odoo-database"), Some("acme_db"));
+    assert_eq!(rec.header("upgrade"), Some("websocket"));
+    drop(ws);
+    let log = s.p.wait_access_log(|v| v["status"] == 101).await;
+    assert_eq!(log["class"], "longpolling");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
+    let s = setup("").await;
+    let r = request(
+        s.p.http,
+        "GET",
+        "acme.test:8080",
+        "/web",
+        &[
+            ("x-odoo-database", "other_tenant"),
+            ("x-odoo-dbfilter", "other_tenant"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+        ],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let rec = s
+        .http
+        .iter()
+        .flat_map(|w| w.requests())
+        .last()
+        .expect("a worker saw it");
+    assert_eq!(rec.header_all("x-odoo-database"), vec!["acme_db"]);
+    assert_eq!(rec.header_all("x-odoo-dbfilter"), vec!["acme_db"]);
+    assert_eq!(rec.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(rec.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(rec.header("x-forwarded-host"), Some("acme.test:8080"));
+    let id = rec
+        .header("x-request-id")
+        .expect("request id upstream")
+        .to_string();
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()));
+    assert!(id.len() >= 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_headers_are_dropped_for_a_tenant_without_database() {
+    let s = setup("[tenants.nodb]\nhosts = [\"nodb.test\"]\npool = \"main\"\n").await;
+    let r = request(
+        s.p.http,
+        "GET",
+        "nodb.test",
+        "/web",
+        &[
+            ("x-odoo-database", "acme_db"),
+            ("x-odoo-dbfilter", "acme_db"),
+        ],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.upstream_header("x-odoo-database"), None);
+    assert_eq!(r.upstream_header("x-odoo-dbfilter"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_keep_the_client_chain() {
+    let s = setup(
+        "[tenants.behindlb]\nhosts = [\"lb.test\"]\npool = \"main\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    )
+    .await;
+    let r = request(
+        s.p.http,
+        "GET",
+        "lb.test",
+        "/web",
+        &[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-forwarded-proto", "https"),
+        ],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.upstream_header("x-forwarded-for").as_deref(),
+        Some("198.51.100.7, 127.0.0.1")
+    );
+    assert_eq!(
+        r.upstream_header("x-real-ip").as_deref(),
+        Some("198.51.100.7")
+    );
+    assert_eq!(
+        r.upstream_header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_is_kept_when_sent() {
+    let s = setup("").await;
+    let r = request(
+        s.p.http,
+        "GET",
+        "acme.test",
+        "/web",
+        &[("x-request-id", "trace-42")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.header("x-request-id"), Some("trace-42"));
+    assert_eq!(
+        r.upstream_header("x-request-id").as_deref(),
+        Some("trace-42")
+    );
+    let log = s.p.wait_access_log(|v| v["request_id"] == "trace-42").await;
+    assert_eq!(log["tenant"], "acme");
+    // A value that is not an id is replaced.
+    let r = request(
+        s.p.http,
+        "GET",
+        "acme.test",
+        "/web",
+        &[("x-request-id", "a b\"c")],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_ne!(r.header("x-request-id"), Some("a b\"c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed() {
+    let s = setup("").await;
+    let req = "GET /web HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
+    let (resp, _) = raw(s.p.http, req.as_bytes(), Duration::from_millis(500)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let rec = s
+        .http
+        .iter()
+        .flat_map(|w| w.requests())
+        .last()
+        .expect("seen");
+    for h in ["x-secret", "keep-alive", "proxy-connection", "te"] {
+        assert!(rec.header(h).is_none(), "{h} reached the worker");
+    }
+    assert_eq!(rec.header("x-kept"), Some("yes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let s = setup("").await;
+    let mut conn = connect(s.p.http).await;
+    for _ in 0..40 {
+        let r = send(&mut conn, "GET", "acme.test", "/web", &[], Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let accepted: u64 = s.http.iter().map(|w| w.accepted_connections()).sum();
+    assert_eq!(hits(&s.http), 40);
+    assert!(
+        accepted <= 4,
+        "40 requests opened {accepted} worker connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_body_gives_413_before_any_byte_reaches_a_worker() {
+    let s =
+        setup("[tenants.small]\nhosts = [\"small.test\"]\npool = \"main\"\nmax_body = \"1KiB\"\n")
+            .await;
+    // Declared length over the limit.
+    let r = request(
+        s.p.http,
+        "POST",
+        "small.test",
+        "/jsonrpc",
+        &[],
+        Bytes::from(vec![b'x'; 2048]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+    // Chunked body over the limit.
+    let mut req =
+        b"POST /jsonrpc HTTP/1.1\r\nHost: small.test\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n"
+            .to_vec();
+    req.extend(vec![b'y'; 0x800]);
+    req.extend(b"\r\n0\r\n\r\n");
+    let (resp, closed) = raw(s.p.http, &req, Duration::from_secs(3)).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(closed);
+    assert_eq!(hits(&s.http), 0);
+    let log =
+        s.p.wait_access_log(|v| v["refused"] == "body_too_large")
+            .await;
+    assert_eq!(log["tenant"], "small");
+    // Within the limit it passes, body intact.
+    let r = request(
+        s.p.http,
+        "POST",
+        "small.test",
+        "/jsonrpc",
+        &[],
+        Bytes::from(vec![b'x'; 1000]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        s.http
+            .iter()
+            .flat_map(|w| w.requests())
+            .last()
+            .unwrap()
+            .body_len,
+        1000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_every_size_arrive_intact() {
+    let s = setup("").await;
+    for size in [
+        0usize,
+        1,
+        1000,
+        64 * 1024,
+        64 * 1024 + 1,
+        300 * 1024,
+        3 << 20,
+    ] {
+        let r = request(
+            s.p.http,
+            "POST",
+            "acme.test",
+            "/web/binary/upload",
+            &[],
+            Bytes::from(vec![b'z'; size]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "size {size}");
+        assert_eq!(r.json()["body_len"], size, "size {size}");
+    }
+    // Chunked, small and large.
+    for size in [10usize, 200 * 1024] {
+        let mut req = b"POST /web/x HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        req.extend(format!("{size:x}\r\n").as_bytes());
+        req.extend(vec![b'c'; size]);
+        req.extend(b"\r\n0\r\n\r\n");
+        let (resp, _) = raw(s.p.http, &req, Duration::from_secs(5)).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.contains(&format!("\"body_len\":{size}")), "{resp}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_manager_is_blocked_unless_admin_cidr() {
+    let s = setup(
+        "[tenants.locked]\nhosts = [\"locked.test\"]\npool = \"main\"\nadmin_cidrs = [\"10.0.0.0/8\"]\n",
+    )
+    .await;
+    for path in [
+        "/web/database/manager",
+        "/web/database/drop",
+        "/web/%64atabase/manager",
+        "/web/static/../database/selector",
+    ] {
+        let r = get(s.p.http, "locked.test", path).await.unwrap();
+        assert_eq!(r.status, 403, "{path}");
+    }
+    assert_eq!(hits(&s.http), 0);
+    let log =
+        s.p.wait_access_log(|v| v["refused"] == "database_manager")
+            .await;
+    assert_eq!(log["status"], 403);
+    // acme keeps the default admin_cidrs (127.0.0.0/8): allowed from here.
+    let r = get(s.p.http, "acme.test", "/web/database/manager")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_or_431_close_and_reach_no_worker() {
+    let s = setup("").await;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "CL and TE",
+            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "differing duplicate CL",
+            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(),
+            "400",
+        ),
+        (
+            "bad chunk size",
+            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "non-chunked final TE",
+            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_vec(),
+            "400",
+        ),
+        (
+            "garbage request line",
+            b"GARBAGE\x01\x02 / HTTP/1.1\r\nHost: acme.test\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "two hosts",
+            b"GET /web HTTP/1.1\r\nHost: acme.test\r\nHost: erp.acme.test\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            "oversized header block",
+            {
+                let mut r = b"GET /web HTTP/1.1\r\nHost: acme.test\r\n".to_vec();
+                for i in 0..20 {
+                    r.extend(format!("X-Big-{i}: {}\r\n", "a".repeat(4000)).as_bytes());
+                }
+                r.extend(b"\r\n");
+                r
+            },
+            "431",
+        ),
+    ];
+    for (name, req, code) in cases {
+        let (resp, closed) = raw(s.p.http, &req, Duration::from_secs(3)).await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {code}")),
+            "{name}: {resp}"
+        );
+        assert!(closed, "{name}: connection left open");
+    }
+    assert_eq!(hits(&s.http) + hits(&s.gevent), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_backend_is_retried_on_another() {
+    let live = sim("live").await;
+    let dead = free_port();
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}\n[pools.p]\nhttp = [\"127.0.0.1:{dead}\", \"{}\"]\n[tenants.t]\nhosts = [\"t.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        live.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    for _ in 0..10 {
+        let r = request(
+            p.http,
+            "POST",
+            "t.test",
+            "/web/dataset/call_kw",
+            &[],
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.worker(), Some("live"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_apply_per_class() {
+    let http = sim("h").await;
+    let gevent = sim("g").await;
+    gevent.set_longpoll_hold(Duration::from_secs(5));
+    let ports = Ports::new();
+    let cfg = format!(
+        r#"{}
+[defaults]
+request_timeout = "1s"
+longpolling_timeout = "2s"
+websocket_idle = "1s"
+[pools.p]
+http = ["{}"]
+longpolling = ["{}"]
+retries = 0
+[tenants.t]
+hosts = ["t.test"]
+pool = "p"
+"#,
+        ports.listen(),
+        http.addr(),
+        gevent.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    // An interactive request slower than request_timeout: 504.
+    let start = std::time::Instant::now();
+    let r = get(p.http, "t.test", "/web?sleep_ms=4000").await.unwrap();
+    assert_eq!(r.status, 504);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    // A longpoll held 1.5 s is fine under longpolling_timeout (2 s) though over request_timeout.
+    let r = get(p.http, "t.test", "/longpolling/poll?sleep_ms=1500")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // Held longer than longpolling_timeout: 504.
+    let r = get(p.http, "t.test", "/longpolling/poll").await.unwrap();
+    assert_eq!(r.status, 504);
+    // An idle websocket is closed after websocket_idle.
+    let (mut ws, _) = websocket(p.http, "t.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert_eq!(ws_roundtrip(&mut ws, "ping").await.unwrap(), "ping");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        ws_roundtrip(&mut ws, "late").await.is_err(),
+        "idle websocket still open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_gives_504() {
+    // A listener whose accept queue is full: connects hang, as to a dead host.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(local(0)).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let listener = sock.listen(0).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}\n[defaults]\nconnect_timeout = \"500ms\"\n[pools.p]\nhttp = [\"{addr}\"]\nretries = 0\n[tenants.t]\nhosts = [\"t.test\"]\npool = \"p\"\n",
+        ports.listen()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    let start = std::time::Instant::now();
+    let r = get(p.http, "t.test", "/web").await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_json_line_per_request() {
+    let s = setup("").await;
+    let r = request(
+        s.p.http,
+        "POST",
+        "acme.test",
+        "/jsonrpc",
+        &[("x-request-id", "log-1")],
+        Bytes::from_static(b"{\"id\":1}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let v = s.p.wait_access_log(|v| v["request_id"] == "log-1").await;
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    for k in [
+        "ts",
+        "request_id",
+        "tenant",
+        "class",
+        "method",
+        "path",
+        "status",
+        "bytes",
+        "duration_ms",
+        "backend",
+        "refused",
+    ] {
+        assert!(keys.contains(&k), "missing {k} in {v}");
+    }
+    assert_eq!(v["tenant"], "acme");
+    assert_eq!(v["class"], "integration");
+    assert_eq!(v["method"], "POST");
+    assert_eq!(v["path"], "/jsonrpc");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["bytes"].as_u64(), Some(r.body.len() as u64));
+    assert!(v["duration_ms"].as_f64().unwrap() > 0.0);
+    let backend = v["backend"].as_str().unwrap();
+    assert!(s.http.iter().any(|w| w.addr().to_string() == backend));
+    assert_eq!(v["refused"], serde_json::Value::Null);
+    assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        s.p.access_log()
+            .iter()
+            .filter(|v| v["request_id"] == "log-1")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_can_be_turned_off() {
+    let s = setup("[log]\naccess = false\n").await;
+    get(s.p.http, "acme.test", "/web").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.p.access_log().is_empty());
+}
