@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
-use portier_sim::SimWorker;
+use portier_sim::{client, SimWorker};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::state::Shared;
@@ -137,54 +136,28 @@ pub fn run(port: u16, admin_port: u16) -> i32 {
     crate::server::serve(config, None, Some(hook))
 }
 
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 async fn get(port: u16, host: &str, path: &str) -> Result<(u16, String, String), String> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", host)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
+    let resp = client::request(local(port), "GET", host, path, &[], Bytes::new()).await?;
     let cookie = resp
         .headers()
         .get("set-cookie")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned(), cookie))
+    let status = resp.status().as_u16();
+    Ok((
+        status,
+        String::from_utf8_lossy(resp.body()).into_owned(),
+        cookie,
+    ))
 }
 
 async fn websocket(port: u16, host: &str) -> Result<(String, String), String> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let req = http::Request::get(format!("ws://{host}:{port}/websocket"))
-        .header("host", host)
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut ws, _) = client::websocket(local(port), host, "/websocket", &[]).await?;
     ws.send(Message::text("hello through portier"))
         .await
         .map_err(|e| e.to_string())?;

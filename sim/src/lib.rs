@@ -11,6 +11,8 @@
 //! connections, slow answers), and per request the `x-sim-status: CODE` header and the
 //! `sleep_ms=N` query parameter (or `x-sim-sleep-ms` header).
 
+pub mod client;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;

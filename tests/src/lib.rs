@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use portier_sim::{Mode, SimWorker};
+pub use portier_sim::{client, Mode, SimWorker};
 
 /// The portier binary under test.
 pub fn portier_bin() -> PathBuf {
@@ -322,6 +322,15 @@ impl Resp {
     }
 }
 
+fn to_resp(r: http::Response<Bytes>) -> Resp {
+    let (parts, body) = r.into_parts();
+    Resp {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
 /// Sends one request on a new connection.
 pub async fn request(
     addr: SocketAddr,
@@ -331,13 +340,9 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Result<Resp, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    send(&mut sender, method, host, path, headers, body).await
+    client::request(addr, method, host, path, headers, body)
+        .await
+        .map(to_resp)
 }
 
 /// Sends a request on an existing HTTP/1 connection.
@@ -349,42 +354,14 @@ pub async fn send(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Result<Resp, String> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+    client::send(sender, method, host, path, headers, body)
         .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
+        .map(to_resp)
 }
 
 /// A keep-alive HTTP/1 connection for several requests.
 pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    sender
+    client::connect(addr).await.expect("connect")
 }
 
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Resp, String> {
@@ -410,33 +387,7 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, boo
     (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
-
-/// Opens a WebSocket through portier (`ws://host/path`, HTTP/1.1 upgrade).
-pub async fn websocket(
-    addr: SocketAddr,
-    host: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(Ws, http::Response<Option<Vec<u8>>>), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let mut b = http::Request::get(format!("ws://{host}{path}"))
-        .header("host", host)
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        );
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = b.body(()).map_err(|e| e.to_string())?;
-    tokio_tungstenite::client_async(req, stream)
-        .await
-        .map_err(|e| e.to_string())
-}
+pub use client::{websocket, Ws};
 
 /// Sends a text message and waits for the next text reply.
 pub async fn ws_roundtrip(ws: &mut Ws, text: &str) -> Result<String, String> {
