@@ -17,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::discover::Discoverers;
+use crate::health::Checkers;
 use crate::reload::{reload, ReloadResult};
 use crate::server::ReadyHook;
 use crate::state::Shared;
@@ -60,6 +62,13 @@ pub async fn run(
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
 
+    let mut discoverers = Discoverers::default();
+    discoverers.reconcile(&shared);
+    let mut checkers = Checkers::default();
+    checkers.reconcile(&shared);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     loop {
         let msg = tokio::select! {
             Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
@@ -68,11 +77,17 @@ pub async fn run(
             }
             Some(m) = rx.recv() => m,
             Some(m) = self_rx.recv() => m,
-            else => return,
+            _ = tick.tick() => {
+                // Follow membership changes (discovery) between reloads.
+                checkers.reconcile(&shared);
+                continue;
+            }
         };
         match msg {
             ControlMsg::Reload(reply) => {
                 let result = reload(&shared);
+                discoverers.reconcile(&shared);
+                checkers.reconcile(&shared);
                 if let Some(r) = reply {
                     let _ = r.send(result);
                 }
@@ -229,8 +244,8 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
                 backends.push(serde_json::json!({
                     "address": &*b.addr_str,
                     "role": b.key.role.as_str(),
-                    "up": true,
-                    "breaker": "closed",
+                    "up": b.health.is_up(),
+                    "breaker": b.breaker.state().as_str(),
                     "inflight": b.inflight.load(Ordering::Relaxed),
                 }));
             }

@@ -86,6 +86,7 @@ drain = "5s"
 [pools.demo]
 http = {http}
 longpolling = {gevent}
+health = {{ path = "/web/health", every = "2s" }}
 
 [tenants.acme]
 hosts = ["acme.localhost"]

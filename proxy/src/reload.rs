@@ -63,24 +63,21 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     }
     let version = config.version.clone();
     let access = config.log.access;
-    let snapshot = Snapshot::build(config, &shared.registry, &shared.metrics);
-    shared.snapshot.store(Arc::new(snapshot));
-    shared.access_log.set_enabled(access);
-    // Forget backends that no pool names any more (once their requests are done).
-    let snap = shared.snapshot.load();
-    shared.registry.retain(
-        |k| {
-            snap.pools.iter().any(|p| {
-                *p.name == *k.pool && {
-                    let m = p.members.load();
-                    m.http
-                        .iter()
-                        .chain(m.longpolling.iter())
-                        .any(|b| b.key == *k)
-                }
-            })
-        },
+    let snapshot = Snapshot::build(
+        config,
+        &shared.registry,
         &shared.metrics,
+        &shared.discovered,
     );
+    shared.snapshot.store(Arc::new(snapshot));
+    // Discovery may have updated the old snapshot while this one was built.
+    let snap = shared.snapshot.load();
+    for p in snap.pools.iter().filter(|p| p.cfg.discover.is_some()) {
+        if let Some(m) = shared.discovered.get(&*p.name) {
+            p.members.store(m.clone());
+        }
+    }
+    shared.access_log.set_enabled(access);
+    shared.forget_unused_backends();
     Ok(version)
 }

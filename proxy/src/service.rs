@@ -18,7 +18,8 @@ use portier_config::{normalize_host, Class, Tenant};
 
 use crate::balance;
 use crate::forward::{self, MAX_HEADER_BYTES};
-use crate::state::{InflightGuard, RequestGuard, Role, Shared, Snapshot};
+use crate::health;
+use crate::state::{InflightGuard, PoolRt, RequestGuard, Role, Shared, Snapshot};
 use crate::telemetry::{AccessRecord, Refusal, TenantStats};
 
 /// Keep-alive timeout for idle client connections (nginx's default).
@@ -73,6 +74,15 @@ pub struct Ctx {
     /// Backends already tried for this request.
     tried: Vec<std::net::SocketAddr>,
     attempts: u32,
+    /// The current attempt is its backend's half-open breaker trial.
+    trial: bool,
+    /// The current attempt's outcome was fed to the breaker.
+    outcome_recorded: bool,
+    /// A 502-504 answer is being retried on another backend.
+    retry_on_status: bool,
+    /// Rendezvous keys: the effective tenant name and the `session_id` cookie.
+    tenant_hash: u64,
+    session_hash: Option<u64>,
     tls: bool,
     websocket: bool,
     /// The body was read completely before a worker was picked.
@@ -86,6 +96,76 @@ pub struct Ctx {
 impl Ctx {
     fn tenant<'a>(&self, snap: &'a Snapshot) -> Option<&'a Tenant> {
         self.tenant.and_then(|t| snap.config.tenants.get(t))
+    }
+
+    fn pool<'a>(&self, snap: &'a Snapshot) -> Option<&'a Arc<PoolRt>> {
+        self.tenant(snap).and_then(|t| snap.pools.get(t.pool))
+    }
+
+    fn retries(&self) -> u32 {
+        self.snap
+            .as_ref()
+            .and_then(|s| self.pool(s))
+            .map(|p| p.cfg.retries)
+            .unwrap_or(0)
+    }
+
+    fn role(&self) -> Role {
+        if self.class == Some(Class::Longpolling) {
+            Role::Longpolling
+        } else {
+            Role::Http
+        }
+    }
+
+    fn want<'a>(&'a self, pool: &PoolRt, now: u64) -> balance::Want<'a> {
+        balance::Want {
+            spread: if self.role() == Role::Http {
+                pool.cfg.spread
+            } else {
+                0
+            },
+            tenant: self.tenant_hash,
+            session: self.session_hash,
+            exclude: &self.tried,
+            now,
+            open_for: pool.cfg.breaker.open_for.as_millis() as u64,
+        }
+    }
+
+    /// Feeds the current attempt's outcome to its backend's breaker (once).
+    fn record_outcome(&mut self, ok: bool) {
+        if self.outcome_recorded {
+            return;
+        }
+        self.outcome_recorded = true;
+        let (Some(guard), Some(snap)) = (&self.backend, &self.snap) else {
+            return;
+        };
+        let Some(pool) = self.pool(snap) else { return };
+        let b = &guard.0;
+        let cfg = pool.cfg.breaker;
+        if let Some(state) = b.breaker.record(
+            ok,
+            health::now_ms(),
+            cfg.failures,
+            cfg.open_for.as_millis() as u64,
+        ) {
+            health::breaker_changed(b, state);
+        }
+    }
+
+    /// True when another usable backend could take a retry of this request.
+    fn has_alternative(&self) -> bool {
+        let Some(snap) = &self.snap else { return false };
+        let Some(pool) = self.pool(snap) else {
+            return false;
+        };
+        let members = pool.members.load();
+        let w = self.want(pool, health::now_ms());
+        members.list(self.role()).iter().any(|b| {
+            b.health.is_up() && b.breaker.peek(w.now, w.open_for) && !w.exclude.contains(&b.addr())
+        })
     }
 }
 
@@ -248,6 +328,11 @@ impl ProxyHttp for Proxy {
             backend: None,
             tried: Vec::new(),
             attempts: 0,
+            trial: false,
+            outcome_recorded: false,
+            retry_on_status: false,
+            tenant_hash: 0,
+            session_hash: None,
             tls: false,
             websocket: false,
             body_preread: false,
@@ -343,6 +428,16 @@ impl ProxyHttp for Proxy {
                 (t.name.clone(), stats)
             }
         };
+        ctx.tenant_hash = balance::hash_bytes(name.as_bytes());
+        ctx.session_hash = balance::session_id(
+            session
+                .req_header()
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+        .map(balance::hash_bytes);
         ctx.tenant = Some(tenant_id);
         ctx.tenant_name = Some(name);
         ctx.stats = Some(stats);
@@ -439,20 +534,16 @@ impl ProxyHttp for Proxy {
             .tenant(&snap)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no tenant"))?;
         let class = ctx.class.unwrap_or(Class::Interactive);
-        let pool = snap
-            .pools
-            .get(tenant.pool)
+        let pool = ctx
+            .pool(&snap)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no pool"))?;
-        let role = if class == Class::Longpolling {
-            Role::Longpolling
-        } else {
-            Role::Http
-        };
         let members = pool.members.load();
-        let list = members.list(role);
-        let tried = &ctx.tried;
-        let picked = balance::least_inflight(list, &pool.rr, |b| !tried.contains(&b.addr()));
-        let Some(backend) = picked else {
+        let picked = balance::pick(
+            members.list(ctx.role()),
+            &pool.rr,
+            &ctx.want(pool, health::now_ms()),
+        );
+        let Some(balance::Picked { backend, trial }) = picked else {
             if ctx.attempts == 0 {
                 ctx.refused = Some(Refusal::NoBackend);
                 return Err(Error::explain(
@@ -465,6 +556,9 @@ impl ProxyHttp for Proxy {
                 "backend failed and no other backend is left to retry on",
             ));
         };
+        ctx.trial = trial;
+        ctx.outcome_recorded = false;
+        ctx.retry_on_status = false;
         ctx.tried.push(backend.addr());
         ctx.attempts += 1;
         let addr = backend.addr();
@@ -494,14 +588,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let retries = ctx
-            .snap
-            .as_ref()
-            .and_then(|s| ctx.tenant(s).and_then(|t| s.pools.get(t.pool)))
-            .map(|p| p.cfg.retries)
-            .unwrap_or(0);
+        ctx.record_outcome(false);
         // Nothing reached the worker: always safe to try another one.
-        if ctx.attempts <= retries {
+        if ctx.attempts <= ctx.retries() && ctx.has_alternative() {
             e.set_retry(true);
         }
         e
@@ -516,22 +605,67 @@ impl ProxyHttp for Proxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("backend {peer}"));
-        let retries = ctx
-            .snap
-            .as_ref()
-            .and_then(|s| ctx.tenant(s).and_then(|t| s.pools.get(t.pool)))
-            .map(|p| p.cfg.retries)
-            .unwrap_or(0);
-        if ctx.attempts > retries
-            || !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
+        if ctx.retry_on_status {
+            // upstream_response_filter asked for this retry (and checked it is allowed).
+            e.set_retry(true);
+            return e;
+        }
+        let upstream_fault = *e.esource() == ErrorSource::Upstream;
+        if upstream_fault {
+            ctx.record_outcome(false);
+        }
+        let idempotent = session.req_header().method.is_idempotent();
+        let allowed = ctx.attempts <= ctx.retries()
+            && idempotent
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && !ctx.websocket;
+        if !allowed {
             e.set_retry(false);
+        } else if upstream_fault
+            && matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            )
+            && ctx.class != Some(Class::Longpolling)
+            && ctx.has_alternative()
+        {
+            // A worker that timed out (504) is retried on another, as for a 504 answer.
+            e.set_retry(true);
         } else {
             // A stale pooled connection is retried; anything else on a fresh one is not.
             e.retry.decide_reuse(client_reused);
         }
         e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if status < 200 && status != 101 {
+            return Ok(());
+        }
+        let failed = (502..=504).contains(&status);
+        ctx.record_outcome(!failed);
+        if failed
+            && ctx.attempts <= ctx.retries()
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && ctx.has_alternative()
+        {
+            ctx.retry_on_status = true;
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("backend answered {status}; retrying on another backend"),
+            );
+            e.as_up();
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(

@@ -42,7 +42,11 @@ pub struct Backend {
     pub key: BackendKey,
     /// `addr` as text, for logs and labels (formatted once).
     pub addr_str: Arc<str>,
+    /// Identity in rendezvous hashing.
+    pub hash: u64,
     pub inflight: AtomicU64,
+    pub health: crate::health::HealthState,
+    pub breaker: crate::health::Breaker,
     pub stats: crate::telemetry::BackendStats,
 }
 
@@ -87,9 +91,12 @@ impl Registry {
                 let addr_str: Arc<str> = Arc::from(key.addr.to_string());
                 Arc::new(Backend {
                     stats: metrics.backend_stats(&key.pool, &addr_str),
+                    hash: crate::balance::backend_hash(&key.addr),
                     key,
                     addr_str,
                     inflight: AtomicU64::new(0),
+                    health: Default::default(),
+                    breaker: Default::default(),
                 })
             })
             .clone()
@@ -152,12 +159,30 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config against the long-lived runtime state.
-    pub fn build(config: Config, registry: &Registry, metrics: &Metrics) -> Snapshot {
+    /// `discovered` holds the current members of pools with `discover`.
+    pub fn build(
+        config: Config,
+        registry: &Registry,
+        metrics: &Metrics,
+        discovered: &DashMap<String, Arc<Members>>,
+    ) -> Snapshot {
         let pools = config
             .pools
             .iter()
             .map(|p| {
                 let name: Arc<str> = Arc::from(p.name.as_str());
+                if p.discover.is_some() {
+                    let members = discovered
+                        .get(&p.name)
+                        .map(|m| m.clone())
+                        .unwrap_or_default();
+                    return Arc::new(PoolRt {
+                        name,
+                        cfg: p.clone(),
+                        members: ArcSwap::new(members),
+                        rr: AtomicUsize::new(0),
+                    });
+                }
                 let members = Members {
                     http: p
                         .http
@@ -232,6 +257,8 @@ pub struct Shared {
     /// Requests between `request_filter` and `logging`.
     pub inflight: AtomicU64,
     pub reload_status: Mutex<ReloadStatus>,
+    /// Current members of pools with `discover`, by pool name (survives reloads).
+    pub discovered: DashMap<String, Arc<Members>>,
     /// The file reloads read; `None` for the demo's embedded config.
     pub config_path: Option<std::path::PathBuf>,
 }
@@ -241,7 +268,8 @@ impl Shared {
         let metrics = Metrics::new();
         let registry = Registry::default();
         let access = config.log.access;
-        let snapshot = Snapshot::build(config, &registry, &metrics);
+        let discovered = DashMap::new();
+        let snapshot = Snapshot::build(config, &registry, &metrics, &discovered);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
@@ -251,8 +279,29 @@ impl Shared {
             draining: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
             reload_status: Mutex::new(ReloadStatus::default()),
+            discovered,
             config_path,
         })
+    }
+
+    /// Forgets backends that no pool of the current snapshot has (once their
+    /// requests are done); their metric series go with them.
+    pub fn forget_unused_backends(&self) {
+        let snap = self.snapshot.load();
+        self.registry.retain(
+            |k| {
+                snap.pools.iter().any(|p| {
+                    *p.name == *k.pool && {
+                        let m = p.members.load();
+                        m.http
+                            .iter()
+                            .chain(m.longpolling.iter())
+                            .any(|b| b.key == *k)
+                    }
+                })
+            },
+            &self.metrics,
+        );
     }
 }
 

@@ -106,7 +106,6 @@ impl TenantStats {
 }
 
 /// Metric handles of one backend.
-#[allow(dead_code)] // `up` and `breaker_open` are set by the health/breaker work
 pub struct BackendStats {
     pub up: IntGauge,
     pub breaker_open: IntGauge,

@@ -40,6 +40,8 @@ pub async fn send(
         b = b.header(*k, *v);
     }
     let req = b.body(Full::new(body)).map_err(|e| e.to_string())?;
+    // HTTP/1: the previous exchange must be finished before the next request.
+    sender.ready().await.map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
         .await
         .map_err(|_| "timed out".to_string())?
