@@ -68,6 +68,7 @@ pub async fn run(
     checkers.reconcile(&shared);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
 
     loop {
         let msg = tokio::select! {
@@ -80,6 +81,11 @@ pub async fn run(
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(&shared);
+                ticks += 1;
+                if ticks % 60 == 0 {
+                    // Limiters idle for an hour have refilled: a fresh one is the same.
+                    shared.limits.evict_idle(Duration::from_secs(3600));
+                }
                 continue;
             }
         };
@@ -260,6 +266,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
         "last_error": last_error,
         "tenants": snap.config.tenants.len(),
+        "limiters": shared.limits.len(),
         "certificates": 0,
         "pools": pools,
     })

@@ -7,6 +7,7 @@ mod demo;
 mod discover;
 mod forward;
 mod health;
+mod limits;
 mod reload;
 mod server;
 mod service;

@@ -19,6 +19,7 @@ use portier_config::{normalize_host, Class, Tenant};
 use crate::balance;
 use crate::forward::{self, MAX_HEADER_BYTES};
 use crate::health;
+use crate::limits;
 use crate::state::{InflightGuard, PoolRt, RequestGuard, Role, Shared, Snapshot};
 use crate::telemetry::{AccessRecord, Refusal, TenantStats};
 
@@ -90,6 +91,8 @@ pub struct Ctx {
     /// Request body bytes seen so far (for `max_body` on streamed bodies).
     body_seen: u64,
     client_ip: Option<IpAddr>,
+    /// A concurrency slot of the tenant's limit, held until the request ends.
+    _permit: Option<limits::Permit>,
     _guard: Option<RequestGuard>,
 }
 
@@ -338,6 +341,7 @@ impl ProxyHttp for Proxy {
             body_preread: false,
             body_seen: 0,
             client_ip: None,
+            _permit: None,
             _guard: None,
         }
     }
@@ -464,6 +468,46 @@ impl ProxyHttp for Proxy {
                     false,
                 )
                 .await;
+        }
+
+        // Tenant limits on integration (and optionally interactive) traffic.
+        let limit = match class {
+            Class::Integration => settings.integration,
+            Class::Interactive => settings.interactive,
+            Class::Static | Class::Longpolling => None,
+        };
+        if let Some(limit) = limit {
+            let limiter = match m.captured {
+                Some(label) => self.shared.limits.get(label),
+                None => {
+                    let t = &snap.tenants[tenant_id];
+                    t.limiter
+                        .get_or_init(|| self.shared.limits.get(&t.name))
+                        .clone()
+                }
+            };
+            match limiter.admit(class, &limit) {
+                Ok(permit) => ctx._permit = permit,
+                Err(refused) => {
+                    if let Some(stats) = &ctx.stats {
+                        stats.rate_limited(class);
+                    }
+                    ctx.refused = Some(refused.why);
+                    let name = ctx.tenant_name.clone().unwrap_or_else(|| Arc::from(""));
+                    let body = limits::refusal_body(&refused, &name, class);
+                    let extra = [("retry-after", refused.retry_after.to_string())];
+                    let reply = Reply {
+                        status: 429,
+                        content_type: "application/json",
+                        body: Bytes::from(body),
+                        extra: &extra,
+                        // An unread body would be taken for the next request.
+                        close: !session.is_body_empty(),
+                    };
+                    self.respond(session, ctx, reply).await?;
+                    return Ok(true);
+                }
+            }
         }
 
         // Request body: size limit and pre-read.

@@ -147,6 +147,8 @@ pub struct TenantRt {
     /// Metric handles for exact-host tenants, resolved on the tenant's first request
     /// (template tenants resolve theirs per captured name).
     pub stats: OnceLock<Arc<TenantStats>>,
+    /// The tenant's limiters, resolved on its first limited request.
+    pub limiter: OnceLock<Arc<crate::limits::TenantLimiter>>,
 }
 
 /// Everything a request needs from the configuration, swapped as one.
@@ -227,6 +229,7 @@ impl Snapshot {
             .map(|t| TenantRt {
                 name: Arc::from(t.name.as_str()),
                 stats: OnceLock::new(),
+                limiter: OnceLock::new(),
             })
             .collect();
         Snapshot {
@@ -249,6 +252,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// Per-tenant rate and concurrency limiters (survive reloads).
+    pub limits: crate::limits::Limits,
     pub access_log: crate::telemetry::AccessLog,
     /// Listeners are bound and the config is loaded.
     pub ready: AtomicBool,
@@ -274,6 +279,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
             metrics,
+            limits: Default::default(),
             access_log: crate::telemetry::AccessLog::new(access),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

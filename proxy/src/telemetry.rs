@@ -61,7 +61,6 @@ pub struct TenantStats {
 
 struct ClassStats {
     duration: Histogram,
-    #[allow(dead_code)] // counted by the tenant-limits work
     rate_limited: IntCounter,
     codes: [OnceLock<IntCounter>; COMMON_CODES.len()],
 }
@@ -99,7 +98,6 @@ impl TenantStats {
         }
     }
 
-    #[allow(dead_code)] // called by the tenant-limits work
     pub fn rate_limited(&self, class: Class) {
         self.class(class).rate_limited.inc();
     }
@@ -285,7 +283,6 @@ impl Metrics {
 
 /// Why portier answered a request itself (the access log's `refused`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[allow(dead_code)] // the limit refusals come with the tenant-limits work
 pub enum Refusal {
     UnknownHost,
     RateLimited,

@@ -1,0 +1,324 @@
+//! Per-tenant, per-class limits on integration (and optionally interactive) traffic:
+//! a GCRA rate limiter (governor) and an in-flight counter, keyed by the tenant's
+//! effective name, so each `{tenant}` of a template has its own budget.
+//!
+//! Hot path: exact-host tenants reach their limiter through their snapshot entry (a
+//! `OnceLock`, no lock); template tenants through a sharded map read. After a
+//! tenant's first request no allocation happens. Limiters are long-lived runtime
+//! state: they survive reloads while the tenant exists; a changed rate or burst
+//! rebuilds the GCRA state at once. Limiters idle long enough to have refilled are
+//! evicted, bounding memory.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use dashmap::DashMap;
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use portier_config::{Class, Limit, Rate};
+
+use crate::health::now_ms;
+use crate::telemetry::Refusal;
+
+/// A refusal with the seconds the client should wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub why: Refusal,
+    pub retry_after: u64,
+}
+
+struct Gcra {
+    rate: Rate,
+    burst: u32,
+    limiter: DefaultDirectRateLimiter,
+}
+
+/// The limiter of one tenant and one class.
+#[derive(Default)]
+pub struct ClassLimiter {
+    gcra: ArcSwapOption<Gcra>,
+    inflight: AtomicU32,
+}
+
+impl ClassLimiter {
+    fn gcra_for(&self, rate: Rate, burst: u32) -> Option<Arc<Gcra>> {
+        if let Some(g) = self.gcra.load_full() {
+            if g.rate == rate && g.burst == burst {
+                return Some(g);
+            }
+        }
+        let interval = rate.interval().max(Duration::from_nanos(1));
+        let quota = Quota::with_period(interval)?.allow_burst(NonZeroU32::new(burst.max(1))?);
+        let fresh = Arc::new(Gcra {
+            rate,
+            burst,
+            limiter: RateLimiter::direct(quota),
+        });
+        self.gcra.store(Some(fresh.clone()));
+        Some(fresh)
+    }
+
+    /// Admits one request under `limit`, or says why not.
+    fn admit(&self, limit: &Limit) -> Result<bool, Refused> {
+        let mut counted = false;
+        if let Some(max) = limit.concurrency {
+            let now = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
+            if now > max {
+                self.inflight.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused {
+                    why: Refusal::ConcurrencyLimited,
+                    retry_after: 1,
+                });
+            }
+            counted = true;
+        }
+        if let Some(rate) = limit.rate {
+            if let Some(g) = self.gcra_for(rate, limit.burst) {
+                if let Err(not_until) = g.limiter.check() {
+                    if counted {
+                        self.inflight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    let wait = not_until.wait_time_from(g.limiter.clock().now());
+                    return Err(Refused {
+                        why: Refusal::RateLimited,
+                        retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
+                    });
+                }
+            }
+        }
+        Ok(counted)
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Acquire)
+    }
+}
+
+/// The limiters of one tenant.
+#[derive(Default)]
+pub struct TenantLimiter {
+    integration: ClassLimiter,
+    interactive: ClassLimiter,
+    last_used: AtomicU64,
+}
+
+impl TenantLimiter {
+    fn class(&self, class: Class) -> Option<&ClassLimiter> {
+        match class {
+            Class::Integration => Some(&self.integration),
+            Class::Interactive => Some(&self.interactive),
+            Class::Static | Class::Longpolling => None,
+        }
+    }
+
+    /// Admits a request of `class` under `limit`. On success the returned permit holds
+    /// the concurrency slot (if any) until it is dropped.
+    pub fn admit(self: &Arc<Self>, class: Class, limit: &Limit) -> Result<Option<Permit>, Refused> {
+        let Some(cl) = self.class(class) else {
+            return Ok(None);
+        };
+        self.last_used.store(now_ms(), Ordering::Relaxed);
+        match cl.admit(limit)? {
+            true => Ok(Some(Permit {
+                limiter: self.clone(),
+                class,
+            })),
+            false => Ok(None),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.integration.inflight() == 0 && self.interactive.inflight() == 0
+    }
+}
+
+/// A concurrency slot, released when dropped (at the end of the request).
+pub struct Permit {
+    limiter: Arc<TenantLimiter>,
+    class: Class,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(cl) = self.limiter.class(self.class) {
+            cl.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// All tenants' limiters, by effective tenant name.
+#[derive(Default)]
+pub struct Limits {
+    map: DashMap<Box<str>, Arc<TenantLimiter>>,
+}
+
+impl Limits {
+    pub fn get(&self, tenant: &str) -> Arc<TenantLimiter> {
+        if let Some(l) = self.map.get(tenant) {
+            return l.clone();
+        }
+        self.map
+            .entry(Box::from(tenant))
+            .or_insert_with(|| {
+                Arc::new(TenantLimiter {
+                    last_used: AtomicU64::new(now_ms()),
+                    ..Default::default()
+                })
+            })
+            .clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Drops limiters unused for `idle_for` with nothing in flight: their buckets have
+    /// refilled, so a fresh limiter is the same. Returns how many went.
+    pub fn evict_idle(&self, idle_for: Duration) -> usize {
+        let cutoff = now_ms().saturating_sub(idle_for.as_millis() as u64);
+        let before = self.map.len();
+        self.map
+            .retain(|_, l| l.last_used.load(Ordering::Relaxed) > cutoff || !l.idle());
+        before - self.map.len()
+    }
+}
+
+/// The JSON body of a 429.
+pub fn refusal_body(r: &Refused, tenant: &str, class: Class) -> String {
+    let mut out = String::with_capacity(96);
+    out.push_str("{\"error\":\"");
+    out.push_str(r.why.as_str());
+    out.push_str("\",\"tenant\":");
+    crate::telemetry::push_json_str(&mut out, tenant);
+    out.push_str(",\"class\":\"");
+    out.push_str(class.as_str());
+    out.push_str("\",\"retry_after\":");
+    out.push_str(&r.retry_after.to_string());
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(rate: Option<&str>, burst: u32, concurrency: Option<u32>) -> Limit {
+        Limit {
+            rate: rate.map(|r| portier_config::parse_rate(r).unwrap()),
+            burst,
+            concurrency,
+        }
+    }
+
+    #[test]
+    fn rate_allows_the_burst_then_refuses_with_retry_after() {
+        let limits = Limits::default();
+        let t = limits.get("acme");
+        let l = limit(Some("1/h"), 3, None);
+        for _ in 0..3 {
+            assert!(t.admit(Class::Integration, &l).is_ok());
+        }
+        let r = t.admit(Class::Integration, &l).err().unwrap();
+        assert_eq!(r.why, Refusal::RateLimited);
+        assert!(
+            r.retry_after > 1000 && r.retry_after <= 3600,
+            "{}",
+            r.retry_after
+        );
+    }
+
+    #[test]
+    fn concurrency_holds_slots_until_permits_drop() {
+        let limits = Limits::default();
+        let t = limits.get("acme");
+        let l = limit(None, 1, Some(2));
+        let a = t.admit(Class::Integration, &l).unwrap();
+        let b = t.admit(Class::Integration, &l).unwrap();
+        let r = t.admit(Class::Integration, &l).err().unwrap();
+        assert_eq!(
+            r,
+            Refused {
+                why: Refusal::ConcurrencyLimited,
+                retry_after: 1
+            }
+        );
+        drop(a);
+        let c = t.admit(Class::Integration, &l).unwrap();
+        assert!(c.is_some());
+        drop((b, c));
+        assert_eq!(t.integration.inflight(), 0);
+    }
+
+    #[test]
+    fn a_rate_refusal_gives_back_the_concurrency_slot() {
+        let limits = Limits::default();
+        let t = limits.get("acme");
+        let l = limit(Some("1/h"), 1, Some(5));
+        let _p = t.admit(Class::Integration, &l).unwrap();
+        assert!(t.admit(Class::Integration, &l).is_err());
+        assert_eq!(t.integration.inflight(), 1);
+    }
+
+    #[test]
+    fn classes_and_tenants_are_separate() {
+        let limits = Limits::default();
+        let l = limit(Some("1/h"), 1, None);
+        let a = limits.get("a");
+        assert!(a.admit(Class::Integration, &l).is_ok());
+        assert!(a.admit(Class::Integration, &l).is_err());
+        assert!(a.admit(Class::Interactive, &l).is_ok());
+        assert!(limits.get("b").admit(Class::Integration, &l).is_ok());
+        // Static and longpolling are never limited.
+        for _ in 0..5 {
+            assert!(a.admit(Class::Static, &l).is_ok());
+        }
+        assert!(Arc::ptr_eq(&a, &limits.get("a")));
+    }
+
+    #[test]
+    fn changed_limits_apply_at_once_and_unchanged_keep_state() {
+        let limits = Limits::default();
+        let t = limits.get("acme");
+        let l1 = limit(Some("1/h"), 1, None);
+        assert!(t.admit(Class::Integration, &l1).is_ok());
+        assert!(t.admit(Class::Integration, &l1).is_err());
+        // Same limit: still exhausted.
+        assert!(t
+            .admit(Class::Integration, &limit(Some("1/h"), 1, None))
+            .is_err());
+        // Raised: fresh budget.
+        let l2 = limit(Some("1/h"), 3, None);
+        assert!(t.admit(Class::Integration, &l2).is_ok());
+    }
+
+    #[test]
+    fn idle_limiters_are_evicted() {
+        let limits = Limits::default();
+        let l = limit(None, 1, Some(1));
+        let busy = limits.get("busy");
+        let _permit = busy.admit(Class::Integration, &l).unwrap();
+        limits.get("idle");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(limits.evict_idle(Duration::from_millis(10)), 1);
+        assert_eq!(limits.len(), 1);
+    }
+
+    #[test]
+    fn refusal_json() {
+        let body = refusal_body(
+            &Refused {
+                why: Refusal::RateLimited,
+                retry_after: 3,
+            },
+            "acme",
+            Class::Integration,
+        );
+        assert_eq!(
+            body,
+            r#"{"error":"rate_limited","tenant":"acme","class":"integration","retry_after":3}"#
+        );
+    }
+}
