@@ -82,7 +82,7 @@ pub async fn run(
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(&shared);
                 ticks += 1;
-                if ticks % 60 == 0 {
+                if ticks.is_multiple_of(60) {
                     // Limiters idle for an hour have refilled: a fresh one is the same.
                     shared.limits.evict_idle(Duration::from_secs(3600));
                 }
