@@ -32,6 +32,9 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 /// Bodies at most this large can be read before a worker is picked: pingora replays
 /// a pre-read body from its 64 KiB retry buffer (see README, "Request bodies").
 const PREREAD_LIMIT: u64 = 64 * 1024;
+/// A refused request's unread body up to this size is drained to keep the connection.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 const MAINTENANCE_PAGE: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body style=\"font-family:sans-serif;text-align:center;margin-top:15%\">\n<h1>Back in a moment</h1>\n<p>This service is briefly unavailable. Please try again in a few seconds.</p>\n</body></html>\n";
 
@@ -211,8 +214,18 @@ impl Proxy {
             content_type,
             body,
             extra,
-            close,
+            mut close,
         } = reply;
+        if !close && !session.is_body_done() {
+            // An unread body would be taken for the next request: read and drop a
+            // small one to keep the connection; close it otherwise.
+            let small = content_length(session.req_header()).is_some_and(|n| n <= DRAIN_LIMIT);
+            close = !small
+                || !matches!(
+                    tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await,
+                    Ok(Ok(()))
+                );
+        }
         if close {
             session.set_keepalive(None);
         }
@@ -501,8 +514,7 @@ impl ProxyHttp for Proxy {
                         content_type: "application/json",
                         body: Bytes::from(body),
                         extra: &extra,
-                        // An unread body would be taken for the next request.
-                        close: !session.is_body_empty(),
+                        close: false,
                     };
                     self.respond(session, ctx, reply).await?;
                     return Ok(true);

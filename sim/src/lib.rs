@@ -87,6 +87,9 @@ struct Shared {
     open: AtomicU64,
     session_seq: AtomicU64,
     recorded: Mutex<VecDeque<Recorded>>,
+    /// Like an Odoo prefork pool: at most this many requests are worked on at once;
+    /// the others wait their turn. `None`: unlimited.
+    capacity: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Shared {
@@ -118,6 +121,7 @@ impl SimWorker {
             open: AtomicU64::new(0),
             session_seq: AtomicU64::new(0),
             recorded: Mutex::new(VecDeque::new()),
+            capacity: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(listener, addr, shared.clone()));
         Ok(SimWorker { addr, shared, task })
@@ -143,6 +147,14 @@ impl SimWorker {
     pub fn set_longpoll_hold(&self, hold: Duration) {
         if let Ok(mut h) = self.shared.longpoll_hold.lock() {
             *h = hold;
+        }
+    }
+
+    /// Limits how many requests are worked on at once (as an Odoo worker count
+    /// does); longpolling and WebSockets are not counted (gevent). `None`: unlimited.
+    pub fn set_capacity(&self, workers: Option<usize>) {
+        if let Ok(mut c) = self.shared.capacity.lock() {
+            *c = workers.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1))));
         }
     }
 
@@ -359,6 +371,15 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
     shared.hits.fetch_add(1, Ordering::Relaxed);
     record(&shared, &method, &target, &headers, body.len());
 
+    let semaphore = if path.starts_with("/longpolling/") {
+        None
+    } else {
+        shared.capacity.lock().ok().and_then(|c| c.clone())
+    };
+    let _slot = match &semaphore {
+        Some(s) => s.clone().acquire_owned().await.ok(),
+        None => None,
+    };
     if let Mode::Slow(d) = mode {
         tokio::time::sleep(d).await;
     }

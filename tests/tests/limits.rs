@@ -196,3 +196,39 @@ async fn limiter_state_survives_a_reload_and_changed_limits_apply_at_once() {
     assert_eq!(r.status, 200);
     assert_eq!(rpc(&p, "acme.test", "/jsonrpc").await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_keeps_its_connection() {
+    let (p, w) = setup("integration = { rate = \"1/h\", burst = 1 }").await;
+    let mut conn = connect(p.http).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let r = send(
+            &mut conn,
+            "POST",
+            "acme.test",
+            "/jsonrpc",
+            &[],
+            Bytes::from_static(RPC),
+        )
+        .await
+        .unwrap();
+        assert_ne!(r.header("connection"), Some("close"));
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, vec![200, 429, 429, 429]);
+    // Interactive requests still flow on the same connection, body intact.
+    let r = send(
+        &mut conn,
+        "POST",
+        "acme.test",
+        "/web/dataset/call_kw",
+        &[],
+        Bytes::from_static(RPC),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], RPC.len());
+    assert_eq!(w.hits(), 2);
+}

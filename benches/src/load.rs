@@ -1,0 +1,298 @@
+//! The load generator: closed loop (a fixed number of connections sending back to
+//! back) and open loop (a fixed arrival rate; latency is measured from each
+//! request's scheduled start, so a slow server cannot hide its queueing —
+//! no coordinated omission). HTTP/1.1 keep-alive over plain TCP.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use tokio::sync::mpsc;
+
+/// The request a load sends, over and over.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub method: http::Method,
+    pub host: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Req {
+    pub fn get(host: &str, path: &str) -> Req {
+        Req {
+            method: http::Method::GET,
+            host: host.into(),
+            path: path.into(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn post(host: &str, path: &str, body: Bytes) -> Req {
+        Req {
+            method: http::Method::POST,
+            host: host.into(),
+            path: path.into(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body,
+        }
+    }
+
+    fn build(&self) -> http::Request<Full<Bytes>> {
+        let mut b = http::Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header("host", self.host.as_str());
+        for (k, v) in &self.headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        b.body(Full::new(self.body.clone()))
+            .unwrap_or_else(|_| http::Request::new(Full::new(Bytes::new())))
+    }
+}
+
+/// What a load run measured.
+pub struct Stats {
+    /// Latency in microseconds of every answered request.
+    pub hist: Histogram<u64>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Transport errors (connect, reset, timeout).
+    pub errors: u64,
+    pub elapsed: Duration,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            hist: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds"),
+            statuses: BTreeMap::new(),
+            errors: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
+impl Stats {
+    fn record(&mut self, latency: Duration, status: Option<u16>) {
+        match status {
+            Some(s) => {
+                let _ = self.hist.record((latency.as_micros() as u64).max(1));
+                *self.statuses.entry(s).or_default() += 1;
+            }
+            None => self.errors += 1,
+        }
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.statuses.values().sum()
+    }
+
+    pub fn count(&self, status: u16) -> u64 {
+        self.statuses.get(&status).copied().unwrap_or(0)
+    }
+
+    /// Requests that failed: transport errors and 5xx answers.
+    pub fn failures(&self) -> u64 {
+        self.errors
+            + self
+                .statuses
+                .iter()
+                .filter(|(s, _)| **s >= 500)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+    }
+
+    pub fn rps(&self) -> f64 {
+        self.answered() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// A latency quantile in milliseconds.
+    pub fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let statuses: serde_json::Map<String, serde_json::Value> = self
+            .statuses
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        serde_json::json!({
+            "requests": self.answered(),
+            "rps": (self.rps() * 10.0).round() / 10.0,
+            "p50_ms": self.ms(0.5),
+            "p90_ms": self.ms(0.9),
+            "p99_ms": self.ms(0.99),
+            "p999_ms": self.ms(0.999),
+            "max_ms": self.hist.max() as f64 / 1000.0,
+            "errors": self.errors,
+            "failures": self.failures(),
+            "statuses": statuses,
+            "seconds": self.elapsed.as_secs_f64(),
+        })
+    }
+}
+
+async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    Some(sender)
+}
+
+/// Sends one request; returns the status once the whole body has arrived.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    req: &Req,
+    timeout: Duration,
+) -> Option<u16> {
+    let fut = async {
+        sender.ready().await.ok()?;
+        let resp = sender.send_request(req.build()).await.ok()?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.ok()?;
+        Some(status)
+    };
+    tokio::time::timeout(timeout, fut).await.ok().flatten()
+}
+
+/// Closed loop: `conns` connections each sending `req` back to back for `duration`.
+#[allow(dead_code)] // the throughput scenarios use it
+pub async fn closed(addr: SocketAddr, req: Arc<Req>, conns: usize, duration: Duration) -> Stats {
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let req = req.clone();
+        let stats = stats.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut local = Stats::default();
+            let mut sender = None;
+            while Instant::now() < deadline {
+                if sender.is_none() {
+                    sender = connect(addr).await;
+                    if sender.is_none() {
+                        local.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                }
+                let t0 = Instant::now();
+                let status = match sender.as_mut() {
+                    Some(s) => exchange(s, &req, Duration::from_secs(30)).await,
+                    None => None,
+                };
+                if status.is_none() {
+                    sender = None;
+                }
+                local.record(t0.elapsed(), status);
+            }
+            if let Ok(mut s) = stats.lock() {
+                s.hist.add(&local.hist).ok();
+                for (k, v) in local.statuses {
+                    *s.statuses.entry(k).or_default() += v;
+                }
+                s.errors += local.errors;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut out = match Arc::try_unwrap(stats) {
+        Ok(m) => m.into_inner().unwrap_or_default(),
+        Err(_) => Stats::default(),
+    };
+    out.elapsed = start.elapsed();
+    out
+}
+
+/// Open loop: `rate` requests per second for `duration`, on up to `max_conns`
+/// keep-alive connections. Latency counts from each request's scheduled time.
+pub async fn open(
+    addr: SocketAddr,
+    req: Arc<Req>,
+    rate: f64,
+    max_conns: usize,
+    duration: Duration,
+) -> Stats {
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let (idle_tx, idle_rx) = mpsc::unbounded_channel::<SendRequest<Full<Bytes>>>();
+    let idle_rx = Arc::new(tokio::sync::Mutex::new(idle_rx));
+    let open_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_conns));
+    let start = tokio::time::Instant::now();
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let scheduled = start + interval * i as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let (req, stats, idle_tx, idle_rx, slots, open_conns) = (
+            req.clone(),
+            stats.clone(),
+            idle_tx.clone(),
+            idle_rx.clone(),
+            slots.clone(),
+            open_conns.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            // Waiting for a free connection counts in the latency: it is queueing.
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            // Connections the server closed (e.g. `Connection: close`) are not reused.
+            let mut reused = None;
+            while let Ok(s) = idle_rx.lock().await.try_recv() {
+                if !s.is_closed() {
+                    reused = Some(s);
+                    break;
+                }
+            }
+            let mut sender = match reused {
+                Some(s) => Some(s),
+                None => {
+                    let s = connect(addr).await;
+                    if s.is_some() {
+                        open_conns.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    s
+                }
+            };
+            let status = match sender.as_mut() {
+                Some(s) => exchange(s, &req, Duration::from_secs(30)).await,
+                None => None,
+            };
+            let latency = scheduled.elapsed();
+            if let (Some(s), Some(_)) = (sender, status) {
+                if !s.is_closed() {
+                    let _ = idle_tx.send(s);
+                }
+            }
+            if let Ok(mut st) = stats.lock() {
+                st.record(latency, status);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut out = match Arc::try_unwrap(stats) {
+        Ok(m) => m.into_inner().unwrap_or_default(),
+        Err(_) => Stats::default(),
+    };
+    out.elapsed = start.elapsed();
+    out
+}
