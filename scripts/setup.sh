@@ -12,6 +12,7 @@ have_cmd cmake || need+=(cmake)          # pingora-core builds libz-ng with cmak
 have_cmd cc || need+=(build-essential)
 have_cmd curl || need+=(curl)
 have_cmd python3 || need+=(python3)
+have_cmd openssl || need+=(openssl)         # test certificates (RSA keys)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

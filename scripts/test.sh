@@ -18,3 +18,6 @@ fi
 # The end-to-end tests run the real binary: build it first.
 cargo build -p portier
 cargo test --workspace --no-fail-fast
+
+# TLS audit with testssl.sh against a live portier (fails on MEDIUM or worse).
+tests/tls-audit.sh target/debug/portier

@@ -1,1 +1,519 @@
+//! portier's certificate store: `NAME.crt` (leaf first, then chain) + `NAME.key` pairs
+//! from a directory, indexed by the certificates' DNS names; an SNI resolver for
+//! rustls (exact name, then wildcard, then the `default` pair); live reload that
+//! keeps the previous certificate of any pair that is half-written or mismatched.
+//! No networking happens here.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// portier's TLS policy: ring, TLS 1.3 AEAD suites, and for TLS 1.2 one ECDHE
+/// AES-128-GCM suite per key type (ECDSA, RSA). With a single TLS 1.2 suite per
+/// certificate type the client's preference order cannot select a weaker one
+/// (pingora builds the rustls config itself, so `ignore_client_order` is out of
+/// reach); every TLS 1.2 client of the last decade supports it.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = vec![
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+    ];
+    p
+}
+
+/// Installs [`crypto_provider`] as the process default (before pingora builds its
+/// TLS listeners, which use the default). Returns false if one was already installed.
+pub fn install_crypto_provider() -> bool {
+    crypto_provider().install_default().is_ok()
+}
+
+/// Why a pair could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no certificate found (expected PEM CERTIFICATE blocks, leaf first)")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: invalid PEM: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("{path}: no private key found (expected a PKCS#8, RSA or EC PEM key)")]
+    NoKey { path: PathBuf },
+    #[error("{path}: unsupported private key: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("{key} does not match the certificate {cert}")]
+    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path}: cannot parse the certificate: {message}")]
+    X509 { path: PathBuf, message: String },
+    #[error("{path} has no matching {missing}")]
+    Unpaired { path: PathBuf, missing: PathBuf },
+}
+
+/// One loaded certificate pair.
+pub struct Pair {
+    /// NAME of `NAME.crt` / `NAME.key`.
+    pub name: String,
+    pub key: Arc<CertifiedKey>,
+    /// DNS names of the leaf (subjectAltName; the CN when there is none), lower case.
+    pub dns_names: Vec<String>,
+    pub not_after: SystemTime,
+    pub crt: PathBuf,
+}
+
+impl Pair {
+    /// Time left until expiry (negative when expired).
+    pub fn seconds_left(&self, now: SystemTime) -> f64 {
+        match self.not_after.duration_since(now) {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair")
+            .field("name", &self.name)
+            .field("dns_names", &self.dns_names)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Loads and checks one pair: parsable, key matches the leaf.
+pub fn load_pair(name: &str, crt: &Path, key: &Path) -> Result<Pair, CertError> {
+    let crt_pem = read(crt)?;
+    let key_pem = read(key)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::Pem {
+            path: crt.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::NoCertificate {
+            path: crt.to_path_buf(),
+        });
+    };
+    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => CertError::NoKey {
+            path: key.to_path_buf(),
+        },
+        other => CertError::Pem {
+            path: key.to_path_buf(),
+            message: other.to_string(),
+        },
+    })?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| CertError::Key {
+            path: key.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let (dns_names, not_after) = inspect(leaf).map_err(|message| CertError::X509 {
+        path: crt.to_path_buf(),
+        message,
+    })?;
+    let certified = CertifiedKey::new(chain.clone(), signer);
+    certified.keys_match().map_err(|_| CertError::Mismatch {
+        cert: crt.to_path_buf(),
+        key: key.to_path_buf(),
+    })?;
+    Ok(Pair {
+        name: name.to_string(),
+        key: Arc::new(certified),
+        dns_names,
+        not_after,
+        crt: crt.to_path_buf(),
+    })
+}
+
+/// The leaf's DNS names and expiry.
+fn inspect(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(n) = gn {
+                names.push(n.trim_end_matches('.').to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(s) = cn.as_str() {
+                names.push(s.trim_end_matches('.').to_ascii_lowercase());
+            }
+        }
+    }
+    let ts = cert.validity().not_after.timestamp();
+    let not_after = if ts >= 0 {
+        UNIX_EPOCH + Duration::from_secs(ts as u64)
+    } else {
+        UNIX_EPOCH
+    };
+    Ok((names, not_after))
+}
+
+/// Loads every pair of a directory. Returns the pairs and, by NAME, the failures.
+pub fn scan_dir(dir: &Path) -> std::io::Result<(Vec<Pair>, Vec<(String, CertError)>)> {
+    let mut crts = BTreeMap::new();
+    let mut keys = BTreeMap::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        if file.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if let Some(name) = file.strip_suffix(".crt") {
+            crts.insert(name.to_string(), path.clone());
+        } else if let Some(name) = file.strip_suffix(".key") {
+            keys.insert(name.to_string(), path.clone());
+        }
+    }
+    let mut pairs = Vec::new();
+    let mut errors = Vec::new();
+    for (name, crt) in &crts {
+        match keys.get(name) {
+            Some(key) => match load_pair(name, crt, key) {
+                Ok(p) => pairs.push(p),
+                Err(e) => errors.push((name.clone(), e)),
+            },
+            None => errors.push((
+                name.clone(),
+                CertError::Unpaired {
+                    path: crt.clone(),
+                    missing: dir.join(format!("{name}.key")),
+                },
+            )),
+        }
+    }
+    for (name, key) in &keys {
+        if !crts.contains_key(name) {
+            errors.push((
+                name.clone(),
+                CertError::Unpaired {
+                    path: key.clone(),
+                    missing: dir.join(format!("{name}.crt")),
+                },
+            ));
+        }
+    }
+    Ok((pairs, errors))
+}
+
+/// The compiled SNI table.
+#[derive(Default)]
+pub struct Index {
+    by_name: BTreeMap<String, Arc<Pair>>,
+    exact: HashMap<String, Arc<Pair>>,
+    /// `*.example.com` stored as `example.com`.
+    wildcard: HashMap<String, Arc<Pair>>,
+    default: Option<Arc<Pair>>,
+}
+
+impl Index {
+    pub fn build(pairs: impl IntoIterator<Item = Arc<Pair>>, default: Option<&str>) -> Index {
+        let mut idx = Index::default();
+        for p in pairs {
+            for n in &p.dns_names {
+                if let Some(suffix) = n.strip_prefix("*.") {
+                    idx.wildcard
+                        .entry(suffix.to_string())
+                        .or_insert_with(|| p.clone());
+                } else {
+                    idx.exact.entry(n.clone()).or_insert_with(|| p.clone());
+                }
+            }
+            idx.by_name.insert(p.name.clone(), p);
+        }
+        idx.default = default.and_then(|d| idx.by_name.get(d).cloned());
+        idx
+    }
+
+    /// The pair for a host by its names only (exact, then wildcard; not the default).
+    pub fn covering(&self, host: &str) -> Option<&Arc<Pair>> {
+        if let Some(p) = self.exact.get(host) {
+            return Some(p);
+        }
+        let (_, parent) = host.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    /// The pair to present for an SNI name (or for no SNI).
+    pub fn lookup(&self, sni: Option<&str>) -> Option<&Arc<Pair>> {
+        sni.and_then(|s| self.covering(s)).or(self.default.as_ref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn pairs(&self) -> impl Iterator<Item = &Arc<Pair>> {
+        self.by_name.values()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Pair>> {
+        self.by_name.get(name)
+    }
+
+    pub fn has_default(&self) -> bool {
+        self.default.is_some()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub loaded: usize,
+    /// Pairs that failed, with the reason; their previous certificate stays if there was one.
+    pub errors: Vec<(String, CertError)>,
+    /// NAMEs whose previous certificate was kept because the new files failed.
+    pub kept: Vec<String>,
+}
+
+/// The live certificate set, swapped atomically on reload.
+#[derive(Default)]
+pub struct CertStore {
+    index: ArcSwap<Index>,
+}
+
+impl CertStore {
+    pub fn new() -> CertStore {
+        CertStore::default()
+    }
+
+    pub fn index(&self) -> arc_swap::Guard<Arc<Index>> {
+        self.index.load()
+    }
+
+    /// Reads `dir` again. A pair that fails keeps its previous certificate (by NAME);
+    /// a pair whose files are gone is dropped.
+    pub fn reload(&self, dir: &Path, default: Option<&str>) -> std::io::Result<ReloadReport> {
+        let (pairs, errors) = scan_dir(dir)?;
+        let old = self.index.load();
+        let mut report = ReloadReport {
+            loaded: pairs.len(),
+            ..Default::default()
+        };
+        let mut all: Vec<Arc<Pair>> = pairs.into_iter().map(Arc::new).collect();
+        for (name, _) in &errors {
+            if let Some(prev) = old.get(name) {
+                all.push(prev.clone());
+                report.kept.push(name.clone());
+            }
+        }
+        report.errors = errors;
+        self.index.store(Arc::new(Index::build(all, default)));
+        Ok(report)
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when a certificate names `host` (the default pair does not count).
+    pub fn covers(&self, host: &str) -> bool {
+        self.index.load().covering(host).is_some()
+    }
+}
+
+/// The rustls resolver over a [`CertStore`].
+#[derive(Debug)]
+pub struct Resolver(pub Arc<CertStore>);
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("pairs", &self.len())
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let index = self.0.index.load();
+        let sni = hello
+            .server_name()
+            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+        index.lookup(sni.as_deref()).map(|p| p.key.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str, sans: &[&str]) -> rcgen::CertifiedKey<rcgen::KeyPair> {
+        let ck = rcgen::generate_simple_self_signed(
+            sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), ck.cert.pem()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.key")),
+            ck.signing_key.serialize_pem(),
+        )
+        .unwrap();
+        ck
+    }
+
+    #[test]
+    fn loads_pairs_and_indexes_names() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "acme", &["acme.test", "erp.acme.test"]);
+        write_pair(dir.path(), "wild", &["*.saas.test"]);
+        write_pair(dir.path(), "fallback", &["fallback.test"]);
+        let store = CertStore::new();
+        let r = store.reload(dir.path(), Some("fallback")).unwrap();
+        assert_eq!(r.loaded, 3);
+        assert!(r.errors.is_empty());
+        let idx = store.index();
+        assert_eq!(idx.lookup(Some("erp.acme.test")).unwrap().name, "acme");
+        assert_eq!(idx.lookup(Some("x.saas.test")).unwrap().name, "wild");
+        assert_eq!(idx.lookup(Some("a.b.saas.test")).unwrap().name, "fallback");
+        assert_eq!(idx.lookup(Some("nothing.test")).unwrap().name, "fallback");
+        assert_eq!(idx.lookup(None).unwrap().name, "fallback");
+        assert!(store.covers("x.saas.test"));
+        assert!(!store.covers("nothing.test"));
+        let p = idx.get("acme").unwrap();
+        assert!(p.seconds_left(SystemTime::now()) > 0.0);
+    }
+
+    #[test]
+    fn no_default_means_no_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "acme", &["acme.test"]);
+        let store = CertStore::new();
+        store.reload(dir.path(), None).unwrap();
+        assert!(store.index().lookup(Some("other.test")).is_none());
+        assert!(store.index().lookup(None).is_none());
+    }
+
+    #[test]
+    fn mismatched_and_broken_pairs_are_rejected_and_the_old_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "acme", &["acme.test"]);
+        let store = CertStore::new();
+        store.reload(dir.path(), None).unwrap();
+        let before = store.index().get("acme").unwrap().key.clone();
+        // Replace only the key: mismatch.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("acme.key"), other.serialize_pem()).unwrap();
+        let r = store.reload(dir.path(), None).unwrap();
+        assert!(
+            matches!(r.errors[0].1, CertError::Mismatch { .. }),
+            "{:?}",
+            r.errors
+        );
+        assert_eq!(r.kept, vec!["acme".to_string()]);
+        assert!(Arc::ptr_eq(
+            &store.index().get("acme").unwrap().key,
+            &before
+        ));
+        // A half-written certificate.
+        write_pair(dir.path(), "acme", &["acme.test"]);
+        let pem = std::fs::read_to_string(dir.path().join("acme.crt")).unwrap();
+        std::fs::write(dir.path().join("acme.crt"), &pem[..pem.len() / 2]).unwrap();
+        let r = store.reload(dir.path(), None).unwrap();
+        assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+        assert!(store.covers("acme.test"));
+    }
+
+    #[test]
+    fn unpaired_files_and_bad_keys_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "ok", &["ok.test"]);
+        std::fs::write(dir.path().join("lonely.crt"), "x").unwrap();
+        std::fs::write(dir.path().join("orphan.key"), "x").unwrap();
+        std::fs::write(dir.path().join(".hidden.crt"), "x").unwrap();
+        let (pairs, errors) = scan_dir(dir.path()).unwrap();
+        assert_eq!(pairs.len(), 1);
+        let names: Vec<&str> = errors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["lonely", "orphan"]);
+        assert!(errors
+            .iter()
+            .all(|(_, e)| matches!(e, CertError::Unpaired { .. })));
+    }
+
+    #[test]
+    fn rsa_pkcs1_pkcs8_and_ecdsa_keys_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // ECDSA P-256, PKCS#8 (rcgen).
+        write_pair(d, "ec", &["ec.test"]);
+        // RSA 2048 from openssl, as PKCS#8 and as traditional PKCS#1.
+        for (name, extra) in [("rsa8", &[][..]), ("rsa1", &["-traditional"][..])] {
+            let key = d.join(format!("{name}.key"));
+            let crt = d.join(format!("{name}.crt"));
+            let ok = std::process::Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj",
+                ])
+                .arg(format!("/CN={name}.test"))
+                .arg("-addext")
+                .arg(format!("subjectAltName=DNS:{name}.test"))
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl is installed (scripts/setup.sh)")
+                .success();
+            assert!(ok);
+            if !extra.is_empty() {
+                let ok = std::process::Command::new("openssl")
+                    .args(["rsa", "-traditional", "-in"])
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&key)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok);
+                assert!(std::fs::read_to_string(&key)
+                    .unwrap()
+                    .contains("BEGIN RSA PRIVATE KEY"));
+            }
+        }
+        let (pairs, errors) = scan_dir(d).unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut names: Vec<&str> = pairs.iter().map(|p| p.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, vec!["ec", "rsa1", "rsa8"]);
+    }
+}

@@ -10,6 +10,12 @@ pub fn run(path: &Path) -> ExitCode {
         Ok((c, warnings)) => (Some(c), warnings),
         Err(diags) => (None, diags),
     };
+    let mut certificates = 0;
+    if let Some(c) = &config {
+        let (cert_diags, n) = crate::tls::check_certs(c);
+        diags.extend(cert_diags);
+        certificates = n;
+    }
     let errors = diags.iter().filter(|d| d.is_error()).count();
     diags.sort_by_key(|d| (d.pos.line, d.pos.col));
     for d in &diags {
@@ -21,7 +27,7 @@ pub fn run(path: &Path) -> ExitCode {
                 "ok: {} pools, {} tenants, {} certificates",
                 c.pools.len(),
                 c.tenants.len(),
-                0
+                certificates
             );
             ExitCode::SUCCESS
         }

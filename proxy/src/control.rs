@@ -82,7 +82,11 @@ pub async fn run(
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(&shared);
                 ticks += 1;
+                if ticks.is_multiple_of(2) {
+                    crate::tls::reload_if_changed(&shared);
+                }
                 if ticks.is_multiple_of(60) {
+                    crate::tls::update_expiry(&shared);
                     // Limiters idle for an hour have refilled: a fresh one is the same.
                     shared.limits.evict_idle(Duration::from_secs(3600));
                 }
@@ -92,6 +96,9 @@ pub async fn run(
         match msg {
             ControlMsg::Reload(reply) => {
                 let result = reload(&shared);
+                if result.is_ok() {
+                    crate::tls::reload_certs(&shared);
+                }
                 discoverers.reconcile(&shared);
                 checkers.reconcile(&shared);
                 if let Some(r) = reply {
@@ -267,7 +274,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "last_error": last_error,
         "tenants": snap.config.tenants.len(),
         "limiters": shared.limits.len(),
-        "certificates": 0,
+        "certificates": shared.certs.len(),
         "pools": pools,
     })
 }

@@ -79,6 +79,16 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The `Location` of an http -> https redirect: same host, path and query; the port
+/// is named only when it is not 443.
+pub fn https_location(host: &str, https_port: u16, target: &str) -> String {
+    if https_port == 443 {
+        format!("https://{host}{target}")
+    } else {
+        format!("https://{host}:{https_port}{target}")
+    }
+}
+
 /// True when the `Expect` header asks for `100-continue`.
 pub fn expects_continue(v: Option<&[u8]>) -> bool {
     v.is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
@@ -136,6 +146,18 @@ mod tests {
         let b = new_request_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
+    }
+
+    #[test]
+    fn redirect_locations() {
+        assert_eq!(
+            https_location("acme.test", 443, "/web?a=1"),
+            "https://acme.test/web?a=1"
+        );
+        assert_eq!(
+            https_location("acme.test", 8443, "/"),
+            "https://acme.test:8443/"
+        );
     }
 
     #[test]

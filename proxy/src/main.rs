@@ -13,6 +13,7 @@ mod server;
 mod service;
 mod state;
 mod telemetry;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use portier_config::Config;
@@ -26,6 +27,7 @@ pub type ReadyHook = Box<dyn FnOnce(Arc<Shared>) + Send + 'static>;
 
 /// Runs portier until it is told to stop. Returns the process exit code.
 pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<ReadyHook>) -> i32 {
+    portier_certs::install_crypto_provider();
     // Listen addresses that cannot be bound are reported before anything starts.
     for (what, addr) in [("http", config.listen.http), ("https", config.listen.https)] {
         if let Some(addr) = addr {
@@ -48,6 +50,11 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
 
     let listen = config.listen.clone();
     let shared = Shared::new(config, config_path);
+    crate::tls::reload_certs(&shared);
+    if listen.https.is_some() && shared.certs.is_empty() {
+        eprintln!("portier: the https listener has no certificate to serve (see the errors above)");
+        return 1;
+    }
 
     let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<ControlMsg>();
     let ctl_shared = shared.clone();
@@ -104,6 +111,20 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
     );
     if let Some(addr) = listen.http {
         proxy.add_tcp(&addr.to_string());
+    }
+    if let Some(addr) = listen.https {
+        // TLS 1.2 and 1.3 with rustls' default (AEAD-only) suites; certificates come
+        // from the store through SNI, so a reload swaps them without a restart.
+        let mut settings = match TlsSettings::intermediate("", "") {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("portier: cannot set up TLS: {e}");
+                return 1;
+            }
+        };
+        settings.set_cert_resolver(Arc::new(portier_certs::Resolver(shared.certs.clone())));
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
     }
     server.add_service(proxy);
 

@@ -207,6 +207,14 @@ fn is_websocket(req: &RequestHeader) -> bool {
 }
 
 impl Proxy {
+    /// The Strict-Transport-Security value for a TLS response, if configured.
+    fn hsts<'a>(&self, ctx: &'a Ctx) -> Option<&'a str> {
+        if !ctx.tls {
+            return None;
+        }
+        ctx.snap.as_ref()?.config.tls.as_ref()?.hsts.as_deref()
+    }
+
     /// Writes a complete response of portier's own.
     async fn respond(&self, session: &mut Session, ctx: &Ctx, reply: Reply<'_>) -> Result<()> {
         let Reply {
@@ -236,6 +244,9 @@ impl Proxy {
         h.insert_header(header::CACHE_CONTROL, "no-store")?;
         for (k, v) in extra {
             h.insert_header(*k, v.as_str())?;
+        }
+        if let Some(hsts) = self.hsts(ctx) {
+            h.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
         }
         if close {
             h.insert_header(header::CONNECTION, "close")?;
@@ -421,6 +432,40 @@ impl ProxyHttp for Proxy {
                 .await;
         };
         let host = normalize_host(raw_host);
+
+        // Plain HTTP for a host a certificate covers: 308 to https (ACME challenges
+        // pass, so certificates can be issued and renewed over HTTP).
+        if !ctx.tls {
+            if let (Some(tls), Some(https)) = (&snap.config.tls, snap.config.listen.https) {
+                if tls.redirect_http
+                    && !session
+                        .req_header()
+                        .uri
+                        .path()
+                        .starts_with("/.well-known/acme-challenge/")
+                    && self.shared.certs.covers(&host)
+                {
+                    let target = session
+                        .req_header()
+                        .uri
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    let location = forward::https_location(&host, https.port(), target);
+                    let extra = [("location", location)];
+                    let reply = Reply {
+                        status: 308,
+                        content_type: "text/plain; charset=utf-8",
+                        body: Bytes::from_static(b"moved to https\n"),
+                        extra: &extra,
+                        close: false,
+                    };
+                    self.respond(session, ctx, reply).await?;
+                    return Ok(true);
+                }
+            }
+        }
+
         let Some(m) = snap.config.hosts.lookup(&host) else {
             return self
                 .refuse(
@@ -796,6 +841,9 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header("x-request-id", ctx.request_id.as_str())?;
+        if let Some(hsts) = self.hsts(ctx) {
+            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+        }
         Ok(())
     }
 

@@ -254,6 +254,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Per-tenant rate and concurrency limiters (survive reloads).
     pub limits: crate::limits::Limits,
+    /// The TLS certificates, served through the SNI resolver.
+    pub certs: Arc<portier_certs::CertStore>,
+    /// Summary of the certificate directory at the last load (change detection).
+    pub cert_fingerprint: Mutex<u64>,
     pub access_log: crate::telemetry::AccessLog,
     /// Listeners are bound and the config is loaded.
     pub ready: AtomicBool,
@@ -280,6 +284,8 @@ impl Shared {
             registry,
             metrics,
             limits: Default::default(),
+            certs: Arc::new(portier_certs::CertStore::new()),
+            cert_fingerprint: Mutex::new(0),
             access_log: crate::telemetry::AccessLog::new(access),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),

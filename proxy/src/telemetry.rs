@@ -43,7 +43,6 @@ pub struct Metrics {
     #[allow(dead_code)] // set by the live-operations work (connection tracking)
     pub connections_open: IntGaugeVec,
     pub config_reloads: IntCounterVec,
-    #[allow(dead_code)] // set by the TLS work (certificate store)
     pub cert_expiry: GaugeVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
