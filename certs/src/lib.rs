@@ -176,8 +176,11 @@ fn inspect(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), Strin
     Ok((names, not_after))
 }
 
+/// The failures of a directory scan, by NAME.
+pub type PairErrors = Vec<(String, CertError)>;
+
 /// Loads every pair of a directory. Returns the pairs and, by NAME, the failures.
-pub fn scan_dir(dir: &Path) -> std::io::Result<(Vec<Pair>, Vec<(String, CertError)>)> {
+pub fn scan_dir(dir: &Path) -> std::io::Result<(Vec<Pair>, PairErrors)> {
     let mut crts = BTreeMap::new();
     let mut keys = BTreeMap::new();
     for entry in std::fs::read_dir(dir)? {
@@ -295,7 +298,7 @@ impl Index {
 pub struct ReloadReport {
     pub loaded: usize,
     /// Pairs that failed, with the reason; their previous certificate stays if there was one.
-    pub errors: Vec<(String, CertError)>,
+    pub errors: PairErrors,
     /// NAMEs whose previous certificate was kept because the new files failed.
     pub kept: Vec<String>,
 }
