@@ -10,7 +10,7 @@ pub mod units;
 
 pub use class::Class;
 pub use hosts::{normalize_host, HostIndex, HostMatch, HostPattern, TenantId};
-pub use load::{load_file, load_str};
+pub use load::{load_file, load_str, sha256_hex};
 pub use model::*;
 pub use units::{parse_duration, parse_rate, parse_size, Rate};
 

@@ -564,7 +564,8 @@ fn placeholder_pool(name: &str) -> Pool {
     }
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// Hex SHA-256 of bytes: the version of a configuration file.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }

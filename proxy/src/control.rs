@@ -22,6 +22,10 @@ use crate::health::Checkers;
 use crate::reload::{reload, ReloadResult};
 use crate::server::ReadyHook;
 use crate::state::Shared;
+use crate::watch::{self, Change};
+
+/// Quiet time after a file event before acting (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(300);
 
 pub enum ControlMsg {
     /// Reload now; the result goes to the sender if there is one.
@@ -62,6 +66,27 @@ pub async fn run(
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
 
+    // File watching: changes arrive here and are debounced.
+    let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
+    let certs_dir = |shared: &Shared| {
+        shared
+            .snapshot
+            .load()
+            .config
+            .tls
+            .as_ref()
+            .map(|t| t.certs.clone())
+    };
+    let mut watched_certs = certs_dir(&shared);
+    let mut _watcher = shared
+        .config_path
+        .as_deref()
+        .and_then(|p| watch::start(p, watched_certs.as_deref(), watch_tx.clone()));
+    let mut config_due: Option<tokio::time::Instant> = None;
+    let mut certs_due: Option<tokio::time::Instant> = None;
+    // The content of the config file last tried by a file-triggered reload.
+    let mut last_tried: Option<String> = None;
+
     let mut discoverers = Discoverers::default();
     discoverers.reconcile(&shared);
     let mut checkers = Checkers::default();
@@ -71,7 +96,38 @@ pub async fn run(
     let mut ticks: u64 = 0;
 
     loop {
+        let due = [config_due, certs_due].into_iter().flatten().min();
         let msg = tokio::select! {
+            Some(change) = watch_rx.recv() => {
+                let at = tokio::time::Instant::now() + DEBOUNCE;
+                match change {
+                    Change::Config => config_due = Some(at),
+                    Change::Certs => certs_due = Some(at),
+                }
+                continue;
+            }
+            _ = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                let now = tokio::time::Instant::now();
+                if certs_due.is_some_and(|d| d <= now) {
+                    certs_due = None;
+                    crate::tls::reload_certs(&shared);
+                }
+                if config_due.is_some_and(|d| d <= now) {
+                    config_due = None;
+                    let current = shared.snapshot.load().config.version.clone();
+                    let on_disk = shared.config_path.as_deref().and_then(watch::file_version);
+                    match on_disk {
+                        Some(v) if v != current && last_tried.as_ref() != Some(&v) => {
+                            tracing::info!("configuration file changed; reloading");
+                            last_tried = Some(v);
+                            ControlMsg::Reload(None)
+                        }
+                        _ => continue,
+                    }
+                } else {
+                    continue;
+                }
+            }
             Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading");
                 ControlMsg::Reload(None)
@@ -98,6 +154,13 @@ pub async fn run(
                 let result = reload(&shared);
                 if result.is_ok() {
                     crate::tls::reload_certs(&shared);
+                    let now_certs = certs_dir(&shared);
+                    if now_certs != watched_certs {
+                        watched_certs = now_certs;
+                        _watcher = shared.config_path.as_deref().and_then(|p| {
+                            watch::start(p, watched_certs.as_deref(), watch_tx.clone())
+                        });
+                    }
                 }
                 discoverers.reconcile(&shared);
                 checkers.reconcile(&shared);
@@ -202,11 +265,14 @@ async fn admin(
             }
         }
         (&Method::GET, "/status") => reply(StatusCode::OK, JSON, status_json(&shared).to_string()),
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            update_connections(&shared);
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                shared.metrics.render(),
+            )
+        }
         (&Method::POST, "/reload") => {
             let (tx, rx) = oneshot::channel();
             if ctl.send(ControlMsg::Reload(Some(tx))).is_err() {
@@ -238,6 +304,24 @@ async fn admin(
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
     };
     Ok(resp)
+}
+
+/// Sets `portier_connections_open{listener}` from the kernel's socket tables.
+fn update_connections(shared: &Shared) {
+    let listen = &shared.snapshot.load().config.listen;
+    let listeners: Vec<(&str, u16)> = [("http", listen.http), ("https", listen.https)]
+        .into_iter()
+        .filter_map(|(name, a)| a.map(|a| (name, a.port())))
+        .collect();
+    let ports: Vec<u16> = listeners.iter().map(|(_, p)| *p).collect();
+    let counts = crate::telemetry::established_on(&ports);
+    for ((name, _), n) in listeners.iter().zip(counts) {
+        shared
+            .metrics
+            .connections_open
+            .with_label_values(&[name])
+            .set(n as i64);
+    }
 }
 
 /// The `/status` document of the contract.

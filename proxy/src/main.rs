@@ -14,6 +14,7 @@ mod service;
 mod state;
 mod telemetry;
 mod tls;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
