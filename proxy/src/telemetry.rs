@@ -464,6 +464,42 @@ pub fn format_record(r: &AccessRecord<'_>, now: SystemTime) -> String {
     out
 }
 
+/// Client connections established to each listener port, counted from the kernel's
+/// socket tables at scrape time (no per-connection work on the data plane; correct
+/// for HTTP/2 too). Linux only; elsewhere 0.
+pub fn established_on(ports: &[u16]) -> Vec<u64> {
+    let mut counts = vec![0u64; ports.len()];
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut cols = line.split_whitespace();
+            let (Some(_), Some(local), Some(_), Some(state)) =
+                (cols.next(), cols.next(), cols.next(), cols.next())
+            else {
+                continue;
+            };
+            // 01 = ESTABLISHED; the local address is HEXIP:HEXPORT.
+            if state != "01" {
+                continue;
+            }
+            let Some(port) = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+            else {
+                continue;
+            };
+            for (i, p) in ports.iter().enumerate() {
+                if *p == port {
+                    counts[i] += 1;
+                }
+            }
+        }
+    }
+    counts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,40 +547,4 @@ mod tests {
         assert!(text.contains("tenant=\"_other\""));
         assert!(!text.contains(&format!("tenant=\"t{}\"", TENANT_LABEL_LIMIT + 1)));
     }
-}
-
-/// Client connections established to each listener port, counted from the kernel's
-/// socket tables at scrape time (no per-connection work on the data plane; correct
-/// for HTTP/2 too). Linux only; elsewhere 0.
-pub fn established_on(ports: &[u16]) -> Vec<u64> {
-    let mut counts = vec![0u64; ports.len()];
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut cols = line.split_whitespace();
-            let (Some(_), Some(local), Some(_), Some(state)) =
-                (cols.next(), cols.next(), cols.next(), cols.next())
-            else {
-                continue;
-            };
-            // 01 = ESTABLISHED; the local address is HEXIP:HEXPORT.
-            if state != "01" {
-                continue;
-            }
-            let Some(port) = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
-            else {
-                continue;
-            };
-            for (i, p) in ports.iter().enumerate() {
-                if *p == port {
-                    counts[i] += 1;
-                }
-            }
-        }
-    }
-    counts
 }
