@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 pub struct Req {
     pub method: http::Method,
     pub host: String,
+    /// When set, requests cycle through these hosts instead of `host`.
+    pub hosts: Vec<String>,
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
@@ -29,6 +31,7 @@ impl Req {
         Req {
             method: http::Method::GET,
             host: host.into(),
+            hosts: Vec::new(),
             path: path.into(),
             headers: Vec::new(),
             body: Bytes::new(),
@@ -39,17 +42,23 @@ impl Req {
         Req {
             method: http::Method::POST,
             host: host.into(),
+            hosts: Vec::new(),
             path: path.into(),
             headers: vec![("content-type".into(), "application/json".into())],
             body,
         }
     }
 
-    fn build(&self) -> http::Request<Full<Bytes>> {
+    fn build(&self, n: u64) -> http::Request<Full<Bytes>> {
+        let host = if self.hosts.is_empty() {
+            self.host.as_str()
+        } else {
+            self.hosts[(n % self.hosts.len() as u64) as usize].as_str()
+        };
         let mut b = http::Request::builder()
             .method(self.method.clone())
             .uri(self.path.as_str())
-            .header("host", self.host.as_str());
+            .header("host", host);
         for (k, v) in &self.headers {
             b = b.header(k.as_str(), v.as_str());
         }
@@ -155,11 +164,12 @@ async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
 async fn exchange(
     sender: &mut SendRequest<Full<Bytes>>,
     req: &Req,
+    n: u64,
     timeout: Duration,
 ) -> Option<u16> {
     let fut = async {
         sender.ready().await.ok()?;
-        let resp = sender.send_request(req.build()).await.ok()?;
+        let resp = sender.send_request(req.build(n)).await.ok()?;
         let status = resp.status().as_u16();
         resp.into_body().collect().await.ok()?;
         Some(status)
@@ -190,8 +200,9 @@ pub async fn closed(addr: SocketAddr, req: Arc<Req>, conns: usize, duration: Dur
                     }
                 }
                 let t0 = Instant::now();
+                let n = local.answered() + local.errors;
                 let status = match sender.as_mut() {
-                    Some(s) => exchange(s, &req, Duration::from_secs(30)).await,
+                    Some(s) => exchange(s, &req, n, Duration::from_secs(30)).await,
                     None => None,
                 };
                 if status.is_none() {
@@ -272,7 +283,7 @@ pub async fn open(
                 }
             };
             let status = match sender.as_mut() {
-                Some(s) => exchange(s, &req, Duration::from_secs(30)).await,
+                Some(s) => exchange(s, &req, i, Duration::from_secs(30)).await,
                 None => None,
             };
             let latency = scheduled.elapsed();

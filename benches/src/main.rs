@@ -3,6 +3,7 @@
 mod load;
 mod noisy;
 mod proc;
+mod reload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +22,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
+    Reload {
+        #[arg(long)]
+        portier: Option<PathBuf>,
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        #[arg(long, default_value_t = 20)]
+        reloads: usize,
+        /// Requests per second during the run.
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        #[arg(long, default_value = "1")]
+        proxy_cpus: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Tenant A floods /jsonrpc at 10x its limit while tenant B browses.
     NoisyNeighbour {
         /// The portier binary [default: $PORTIER_BIN, then target/release/portier]
@@ -70,6 +87,33 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Reload {
+            portier,
+            tenants,
+            reloads,
+            rate,
+            proxy_cpus,
+            out,
+        } => {
+            let opts = reload::Opts {
+                portier: portier.unwrap_or_else(proc::default_portier),
+                tenants,
+                reloads,
+                rate,
+                proxy_cpus: Some(proxy_cpus),
+            };
+            match rt.block_on(reload::run(&opts)) {
+                Ok(r) => {
+                    println!("{}", reload::table(&r));
+                    write_json(out, reload::json(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portier-bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::NoisyNeighbour {
             portier,
             seconds,
@@ -101,12 +145,7 @@ fn main() -> ExitCode {
             match rt.block_on(noisy::run(&opts)) {
                 Ok(phases) => {
                     println!("{}", noisy::table(&phases));
-                    if let Some(path) = out {
-                        let doc = noisy::json(&phases, &opts);
-                        if let Err(e) = std::fs::write(&path, format!("{doc:#}\n")) {
-                            eprintln!("portier-bench: cannot write {}: {e}", path.display());
-                        }
-                    }
+                    write_json(out, noisy::json(&phases, &opts));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -114,6 +153,14 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn write_json(out: Option<PathBuf>, doc: serde_json::Value) {
+    if let Some(path) = out {
+        if let Err(e) = std::fs::write(&path, format!("{doc:#}\n")) {
+            eprintln!("portier-bench: cannot write {}: {e}", path.display());
         }
     }
 }
