@@ -21,3 +21,8 @@ cargo test --workspace --no-fail-fast
 
 # TLS audit with testssl.sh against a live portier (fails on MEDIUM or worse).
 tests/tls-audit.sh target/debug/portier
+
+# Deployment files: Kubernetes manifests (offline schema validation), the cluster
+# config, the Grafana dashboard; then the Debian package (build, install, purge).
+packaging/test-k8s.sh target/debug/portier
+packaging/test-deb.sh
