@@ -13,6 +13,10 @@ have_cmd cc || need+=(build-essential)
 have_cmd curl || need+=(curl)
 have_cmd python3 || need+=(python3)
 have_cmd openssl || need+=(openssl)         # test certificates (RSA keys)
+have_cmd pgrep || need+=(procps)            # packaging test
+have_cmd adduser || need+=(adduser)         # the Debian package's postinst
+have_cmd taskset || need+=(util-linux)      # benches pin CPUs
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)   # kubernetes-validate
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"
