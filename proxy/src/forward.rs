@@ -89,6 +89,20 @@ pub fn https_location(host: &str, https_port: u16, target: &str) -> String {
     }
 }
 
+/// Headers portier sets on every upstream request; copies a client sends are dropped.
+pub fn is_own_header(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-odoo-dbfilter"
+            | "x-odoo-database"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-real-ip"
+            | "x-request-id"
+    )
+}
+
 /// True when the `Expect` header asks for `100-continue`.
 pub fn expects_continue(v: Option<&[u8]>) -> bool {
     v.is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -71,7 +71,8 @@ pub struct Ctx {
     tenant_name: Option<Arc<str>>,
     stats: Option<Arc<TenantStats>>,
     class: Option<Class>,
-    request_id: String,
+    /// Kept from the client or generated; shared (not copied) into both headers.
+    request_id: HeaderValue,
     refused: Option<Refusal>,
     /// The backend of the current attempt (its in-flight count held).
     backend: Option<InflightGuard>,
@@ -240,7 +241,7 @@ impl Proxy {
         let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
         h.insert_header(header::CONTENT_TYPE, content_type)?;
         h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-        h.insert_header("x-request-id", ctx.request_id.as_str())?;
+        h.insert_header("x-request-id", ctx.request_id.clone())?;
         h.insert_header(header::CACHE_CONTROL, "no-store")?;
         for (k, v) in extra {
             h.insert_header(*k, v.as_str())?;
@@ -350,7 +351,7 @@ impl ProxyHttp for Proxy {
             tenant_name: None,
             stats: None,
             class: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             refused: None,
             backend: None,
             tried: Vec::new(),
@@ -381,10 +382,9 @@ impl ProxyHttp for Proxy {
             .and_then(|a| a.as_inet())
             .map(|a| forward::canonical(a.ip()));
         ctx.request_id = match session.req_header().headers.get("x-request-id") {
-            Some(v) if forward::valid_request_id(v.as_bytes()) => {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            }
-            _ => forward::new_request_id(),
+            Some(v) if forward::valid_request_id(v.as_bytes()) => v.clone(),
+            _ => HeaderValue::try_from(forward::new_request_id())
+                .unwrap_or_else(|_| HeaderValue::from_static("-")),
         };
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
@@ -782,55 +782,77 @@ impl ProxyHttp for Proxy {
             return Ok(());
         };
         let settings = &tenant.settings;
-        // Database selection is portier's, never the client's.
-        upstream.remove_header("x-odoo-dbfilter");
-        upstream.remove_header("x-odoo-database");
+        // The request is rebuilt once, with room for the headers portier sets and no
+        // case-preserving name map (names are case-insensitive): pingora's per-header
+        // inserts into the case-preserving copy cost more than the whole rebuild.
+        // Client copies of the headers portier sets never pass (so a client cannot
+        // pick another tenant's database).
+        let mut out = RequestHeader::build_no_case(
+            upstream.method.clone(),
+            upstream.raw_path(),
+            Some(upstream.headers.len() + 8),
+        )?;
+        out.set_version(upstream.version);
+        let mut has_host = false;
+        for (name, value) in upstream.headers.iter() {
+            if forward::is_own_header(name) || (ctx.body_preread && name == header::EXPECT) {
+                continue;
+            }
+            has_host |= name == header::HOST;
+            out.append_header(name.clone(), value.clone())?;
+        }
         if let Some(name) = ctx.tenant_name.as_deref() {
             if let Some(db) = tenant.database_for(name) {
-                upstream.insert_header("x-odoo-dbfilter", db.as_ref())?;
-                upstream.insert_header("x-odoo-database", db.as_ref())?;
+                let db = HeaderValue::from_str(&db)
+                    .map_err(|_| Error::explain(ErrorType::InternalError, "database name"))?;
+                out.insert_header("x-odoo-dbfilter", db.clone())?;
+                out.insert_header("x-odoo-database", db)?;
             }
         }
-        let raw_host = request_host(session.req_header()).map(str::to_string);
-        if let Some(h) = &raw_host {
-            upstream.insert_header("x-forwarded-host", h.as_str())?;
-            if !upstream.headers.contains_key(header::HOST) {
-                upstream.insert_header(header::HOST, h.as_str())?;
+        let req = session.req_header();
+        if let Some(h) = request_host(req) {
+            let h = HeaderValue::from_str(h)
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "host"))?;
+            if !has_host {
+                out.insert_header(header::HOST, h.clone())?;
             }
+            out.insert_header("x-forwarded-host", h)?;
         }
         if let Some(peer_ip) = ctx.client_ip {
-            let sent: Option<String> = {
-                let vals: Vec<&str> = session
-                    .req_header()
-                    .headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .collect();
-                (!vals.is_empty()).then(|| vals.join(", "))
-            };
             let trusted = settings.is_trusted_proxy(peer_ip);
-            let (xff, real) = forward::forwarded_for(peer_ip, sent.as_deref(), settings);
-            upstream.insert_header("x-forwarded-for", xff)?;
-            upstream.insert_header("x-real-ip", real.to_string())?;
-            let proto_sent = session
-                .req_header()
-                .headers
-                .get("x-forwarded-proto")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| *v == "http" || *v == "https")
-                .map(str::to_string);
-            let proto = match (trusted, proto_sent) {
-                (true, Some(p)) => p,
-                _ => if ctx.tls { "https" } else { "http" }.to_string(),
-            };
-            upstream.insert_header("x-forwarded-proto", proto)?;
+            let mut sent = req.headers.get_all("x-forwarded-for").iter();
+            let proto = if ctx.tls { "https" } else { "http" };
+            let mut proto = HeaderValue::from_static(proto);
+            match (trusted, sent.next()) {
+                (true, Some(first)) => {
+                    let mut chain = String::from_utf8_lossy(first.as_bytes()).into_owned();
+                    for v in sent {
+                        chain.push_str(", ");
+                        chain.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                    }
+                    let (xff, real) = forward::forwarded_for(peer_ip, Some(&chain), settings);
+                    out.insert_header("x-forwarded-for", xff)?;
+                    out.insert_header("x-real-ip", real.to_string())?;
+                }
+                _ => {
+                    // The common case: one address, formatted once.
+                    let ip = HeaderValue::from_str(&peer_ip.to_string())
+                        .map_err(|_| Error::explain(ErrorType::InternalError, "ip"))?;
+                    out.insert_header("x-forwarded-for", ip.clone())?;
+                    out.insert_header("x-real-ip", ip)?;
+                }
+            }
+            if trusted {
+                if let Some(p) = req.headers.get("x-forwarded-proto") {
+                    if p == "http" || p == "https" {
+                        proto = p.clone();
+                    }
+                }
+            }
+            out.insert_header("x-forwarded-proto", proto)?;
         }
-        upstream.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if ctx.body_preread {
-            // The client already got its 100 Continue from portier.
-            upstream.remove_header(&header::EXPECT);
-        }
+        out.insert_header("x-request-id", ctx.request_id.clone())?;
+        *upstream = out;
         Ok(())
     }
 
@@ -840,11 +862,25 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if let Some(hsts) = self.hsts(ctx) {
-            resp.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+        // As for the request: one rebuild without the case map beats inserting.
+        let mut out = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))?;
+        out.set_version(resp.version);
+        for (name, value) in resp.headers.iter() {
+            if name != "x-request-id" {
+                out.append_header(name.clone(), value.clone())?;
+            }
         }
+        out.insert_header("x-request-id", ctx.request_id.clone())?;
+        if let Some(hsts) = self.hsts(ctx) {
+            out.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+        }
+        *resp = out;
         Ok(())
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // portier does not compress: no module at all (pingora's default adds a
+        // disabled compression module that still costs work per request).
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -919,7 +955,7 @@ impl ProxyHttp for Proxy {
         if log.enabled() {
             let req = session.req_header();
             let record = AccessRecord {
-                request_id: &ctx.request_id,
+                request_id: ctx.request_id.to_str().unwrap_or("-"),
                 tenant: ctx.tenant_name.as_deref(),
                 class: ctx.class,
                 method: req.method.as_str(),

@@ -1,0 +1,49 @@
+//! The floor: a pingora proxy that only picks an upstream (no routing, headers,
+//! limits or logs), to measure how much of portier's per-request cost is pingora's.
+//! `cargo run --release -p portier --example bare_pingora -- 127.0.0.1:18080 127.0.0.1:18069 127.0.0.1:18070`
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Bare {
+    upstreams: Vec<String>,
+    rr: AtomicUsize,
+}
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+    fn new_ctx(&self) {}
+    async fn upstream_peer(&self, _s: &mut Session, _c: &mut ()) -> Result<Box<HttpPeer>> {
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
+        Ok(Box::new(HttpPeer::new(
+            self.upstreams[i].as_str(),
+            false,
+            String::new(),
+        )))
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let conf = pingora::server::configuration::ServerConf {
+        threads: 1,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut svc = http_proxy_service(
+        &server.configuration,
+        Bare {
+            upstreams: args[1..].to_vec(),
+            rr: AtomicUsize::new(0),
+        },
+    );
+    svc.add_tcp(&args[0]);
+    server.add_service(svc);
+    server.run_forever();
+}
