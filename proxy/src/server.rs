@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use portier_config::Config;
@@ -20,6 +22,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::control::{self, ControlMsg};
 use crate::service::Proxy;
 use crate::state::Shared;
+
+/// L4 read buffer of a TLS connection: one maximal TLS record plus its header.
+const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
 
 /// Something to run on the control plane once the listeners are ready (the demo's
 /// self-test uses it).
@@ -110,7 +115,12 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         "portier",
     );
     if let Some(addr) = listen.http {
-        proxy.add_tcp(&addr.to_string());
+        // Plain HTTP: pingora's HTTP/1 parser reads into buffers of its own, so an L4
+        // read buffer (64 KiB per connection by default) would only cost memory for
+        // every idle or held connection and a copy per read.
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::new(0, 1460)),
+        );
     }
     if let Some(addr) = listen.https {
         // TLS 1.2 and 1.3 with rustls' default (AEAD-only) suites; certificates come
@@ -124,7 +134,13 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         };
         settings.set_cert_resolver(Arc::new(portier_certs::Resolver(shared.certs.clone())));
         settings.enable_h2();
-        proxy.add_tls_with_settings(&addr.to_string(), None, settings);
+        // TLS reads whole records (up to 16 KiB): one record's worth of L4 read buffer
+        // saves syscalls without the 64 KiB default per connection.
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .tls(settings)
+                .l4_buffer(L4BufferSettings::new(TLS_READ_BUFFER, 1460)),
+        );
     }
     server.add_service(proxy);
 

@@ -7,8 +7,9 @@
 //! counted instead).
 
 use std::io::Write;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -321,24 +322,29 @@ pub struct AccessRecord<'a> {
 
 const LOG_QUEUE: usize = 65_536;
 
-/// The JSON access log on stderr, written by a dedicated thread.
+/// The JSON access log on stderr, written by a dedicated thread. The queue is bounded
+/// by a counter (not preallocated): at most `LOG_QUEUE` lines wait; more are dropped.
 pub struct AccessLog {
     enabled: AtomicBool,
-    tx: SyncSender<String>,
+    tx: Sender<String>,
+    queued: Arc<AtomicUsize>,
 }
 
 impl AccessLog {
     pub fn new(enabled: bool) -> AccessLog {
-        let (tx, rx) = sync_channel::<String>(LOG_QUEUE);
+        let (tx, rx) = channel::<String>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         let spawned = std::thread::Builder::new()
             .name("portier-access-log".into())
-            .spawn(move || writer(rx));
+            .spawn(move || writer(rx, q));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the access-log writer");
         }
         AccessLog {
             enabled: AtomicBool::new(enabled),
             tx,
+            queued,
         }
     }
 
@@ -355,11 +361,12 @@ impl AccessLog {
         if !self.enabled() {
             return true;
         }
-        let line = format_record(r, SystemTime::now());
-        match self.tx.try_send(line) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        if self.queued.load(Ordering::Relaxed) >= LOG_QUEUE {
+            return false;
         }
+        let line = format_record(r, SystemTime::now());
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.send(line).is_ok()
     }
 
     /// Waits (up to `max`) until queued lines are written; used before exiting.
@@ -369,7 +376,7 @@ impl AccessLog {
             *slot = Some(done_tx);
         }
         // An empty line is the flush marker: the writer answers when it reaches it.
-        if self.tx.try_send(String::new()).is_ok() {
+        if self.tx.send(String::new()).is_ok() {
             let _ = done_rx.recv_timeout(max);
         }
     }
@@ -378,19 +385,23 @@ impl AccessLog {
 static FLUSH_WAITER: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>> =
     std::sync::Mutex::new(None);
 
-fn writer(rx: Receiver<String>) {
+fn writer(rx: Receiver<String>, queued: Arc<AtomicUsize>) {
     let stderr = std::io::stderr();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     while let Ok(first) = rx.recv() {
         let mut flush_requested = first.is_empty();
         if !first.is_empty() {
+            queued.fetch_sub(1, Ordering::Relaxed);
             buf.extend_from_slice(first.as_bytes());
         }
         // Batch whatever else is queued into one write.
         while buf.len() < 60 * 1024 {
             match rx.try_recv() {
                 Ok(l) if l.is_empty() => flush_requested = true,
-                Ok(l) => buf.extend_from_slice(l.as_bytes()),
+                Ok(l) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    buf.extend_from_slice(l.as_bytes());
+                }
                 Err(_) => break,
             }
         }
