@@ -49,7 +49,7 @@ impl Req {
         }
     }
 
-    fn build(&self, n: u64) -> http::Request<Full<Bytes>> {
+    pub fn build(&self, n: u64) -> http::Request<Full<Bytes>> {
         let host = if self.hosts.is_empty() {
             self.host.as_str()
         } else {
@@ -178,8 +178,13 @@ async fn exchange(
 }
 
 /// Closed loop: `conns` connections each sending `req` back to back for `duration`.
-#[allow(dead_code)] // the throughput scenarios use it
-pub async fn closed(addr: SocketAddr, req: Arc<Req>, conns: usize, duration: Duration) -> Stats {
+pub async fn closed(
+    addr: SocketAddr,
+    req: Arc<Req>,
+    conns: usize,
+    duration: Duration,
+    progress: Option<&Progress>,
+) -> Stats {
     let stats = Arc::new(Mutex::new(Stats::default()));
     let start = Instant::now();
     let deadline = start + duration;
@@ -187,6 +192,7 @@ pub async fn closed(addr: SocketAddr, req: Arc<Req>, conns: usize, duration: Dur
     for _ in 0..conns {
         let req = req.clone();
         let stats = stats.clone();
+        let counters = progress.map(|p| (p.done.clone(), p.errors.clone()));
         tasks.push(tokio::spawn(async move {
             let mut local = Stats::default();
             let mut sender = None;
@@ -207,6 +213,12 @@ pub async fn closed(addr: SocketAddr, req: Arc<Req>, conns: usize, duration: Dur
                 };
                 if status.is_none() {
                     sender = None;
+                }
+                if let Some((d, e)) = &counters {
+                    match status {
+                        Some(_) => d.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        None => e.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    };
                 }
                 local.record(t0.elapsed(), status);
             }
@@ -306,4 +318,173 @@ pub async fn open(
     };
     out.elapsed = start.elapsed();
     out
+}
+
+/// A once-a-second progress line on stderr while a load runs.
+pub struct Progress {
+    pub done: Arc<std::sync::atomic::AtomicU64>,
+    pub errors: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    pub fn start(label: String) -> Progress {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let done = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let (d, e) = (done.clone(), errors.clone());
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = d.load(Ordering::Relaxed);
+                eprintln!(
+                    "{label}: {:>4.0}s {now} requests, {} req/s, {} errors",
+                    start.elapsed().as_secs_f64(),
+                    now - last,
+                    e.load(Ordering::Relaxed)
+                );
+                last = now;
+            }
+        });
+        Progress { done, errors, task }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TLS client configuration for load against a test certificate (not verified:
+/// the server's cost, which is what is measured, is the same), offering `alpn`.
+pub fn tls_client(alpn: &[&[u8]], resumption: bool) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(crate::peers::AcceptAny(provider)))
+        .with_no_client_auth();
+    if !resumption {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// Closed loop over HTTP/2 and TLS: `conns` connections, each with `streams`
+/// requests in flight, for `duration`.
+pub async fn closed_h2(
+    addr: SocketAddr,
+    sni: &str,
+    req: Arc<Req>,
+    conns: usize,
+    streams: usize,
+    duration: Duration,
+    progress: Option<&Progress>,
+) -> Stats {
+    use std::sync::atomic::Ordering;
+    let cfg = tls_client(&[b"h2"], true);
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let connector = tokio_rustls::TlsConnector::from(cfg.clone());
+        let Ok(name) = rustls::pki_types::ServerName::try_from(sni.to_string()) else {
+            break;
+        };
+        let sender = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let _ = tcp.set_nodelay(true);
+            let tls = connector.connect(name, tcp).await.ok()?;
+            let (sender, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .ok()?;
+            tokio::spawn(conn);
+            Some(sender)
+        }
+        .await;
+        let Some(sender) = sender else {
+            if let Ok(mut s) = stats.lock() {
+                s.errors += 1;
+            }
+            continue;
+        };
+        for _ in 0..streams {
+            let mut sender = sender.clone();
+            let (req, stats) = (req.clone(), stats.clone());
+            let counters = progress.map(|p| (p.done.clone(), p.errors.clone()));
+            tasks.push(tokio::spawn(async move {
+                let mut local = Stats::default();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    let mut r = req.build(n);
+                    n += 1;
+                    *r.version_mut() = http::Version::HTTP_2;
+                    let host = r.headers_mut().remove("host");
+                    if let Some(h) = host.and_then(|h| h.to_str().ok().map(str::to_string)) {
+                        if let Ok(uri) = format!("https://{h}{}", req.path).parse() {
+                            *r.uri_mut() = uri;
+                        }
+                    }
+                    let status = async {
+                        sender.ready().await.ok()?;
+                        let resp = sender.send_request(r).await.ok()?;
+                        let s = resp.status().as_u16();
+                        resp.into_body().collect().await.ok()?;
+                        Some(s)
+                    }
+                    .await;
+                    if let Some((d, e)) = &counters {
+                        match status {
+                            Some(_) => d.fetch_add(1, Ordering::Relaxed),
+                            None => e.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                    local.record(t0.elapsed(), status);
+                    if status.is_none() {
+                        break;
+                    }
+                }
+                if let Ok(mut s) = stats.lock() {
+                    s.hist.add(&local.hist).ok();
+                    for (k, v) in local.statuses {
+                        *s.statuses.entry(k).or_default() += v;
+                    }
+                    s.errors += local.errors;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut out = match Arc::try_unwrap(stats) {
+        Ok(m) => m.into_inner().unwrap_or_default(),
+        Err(_) => Stats::default(),
+    };
+    out.elapsed = start.elapsed();
+    out
+}
+
+/// A one-row markdown table of a load's results.
+pub fn table(label: &str, s: &Stats) -> String {
+    format!(
+        "| load | requests | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |\n|---|---|---|---|---|---|---|---|\n| {label} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |\n",
+        s.answered() + s.errors,
+        s.rps(),
+        s.ms(0.5),
+        s.ms(0.9),
+        s.ms(0.99),
+        s.ms(0.999),
+        s.failures()
+    )
 }

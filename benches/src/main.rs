@@ -1,7 +1,10 @@
 //! `portier-bench`: portier's bench harness. See benches/README.md.
 
+mod compare;
+mod failure;
 mod load;
 mod noisy;
+mod peers;
 mod proc;
 mod reload;
 
@@ -16,34 +19,49 @@ use clap::{Parser, Subcommand};
     about = "Odoo-shaped load scenarios for portier and its peers"
 )]
 struct Cli {
+    /// The portier binary [default: $PORTIER_BIN, then target/release/portier]
+    #[arg(long, global = true)]
+    portier: Option<PathBuf>,
+    /// CPUs for portier (taskset list); the bench itself runs where it is started.
+    #[arg(long, global = true, default_value = "1")]
+    proxy_cpus: String,
+    /// Write the results as JSON here (for `all`: a directory).
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
-    Reload {
-        #[arg(long)]
-        portier: Option<PathBuf>,
-        #[arg(long, default_value_t = 10_000)]
-        tenants: usize,
-        #[arg(long, default_value_t = 20)]
-        reloads: usize,
-        /// Requests per second during the run.
-        #[arg(long, default_value_t = 2000.0)]
-        rate: f64,
-        #[arg(long, default_value = "1")]
-        proxy_cpus: String,
-        #[arg(long)]
-        out: Option<PathBuf>,
+    /// portier side by side with nginx, HAProxy, Traefik, Caddy and the direct ceiling:
+    /// HTTP/1.1, HTTP/2+TLS, new TLS handshakes, memory per held longpoll and WebSocket.
+    Compare {
+        /// The shared peers harness.
+        #[arg(long, default_value = "../shared/peers")]
+        peers: PathBuf,
+        /// Targets besides `direct` (portier is compared with each).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "nginx,haproxy,traefik,caddy,portier"
+        )]
+        targets: Vec<String>,
+        /// Seconds per throughput phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Held longpolling requests (conns.sh; at most 9000 here).
+        #[arg(long, default_value_t = 5000)]
+        held: usize,
+        /// Open WebSockets.
+        #[arg(long, default_value_t = 1000)]
+        websockets: usize,
+        /// Concurrent new-handshake clients.
+        #[arg(long, default_value_t = 32)]
+        handshake_conns: usize,
     },
     /// Tenant A floods /jsonrpc at 10x its limit while tenant B browses.
     NoisyNeighbour {
-        /// The portier binary [default: $PORTIER_BIN, then target/release/portier]
-        #[arg(long)]
-        portier: Option<PathBuf>,
-        /// Seconds per phase.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// B's interactive requests per second.
@@ -52,21 +70,65 @@ enum Command {
         /// A's integration limit, requests per second (A sends 10x this).
         #[arg(long, default_value_t = 20)]
         a_limit: u32,
-        /// A's integration concurrency limit.
         #[arg(long, default_value_t = 2)]
         a_concurrency: u32,
-        /// Simulated Odoo workers.
         #[arg(long, default_value_t = 2)]
         workers: usize,
-        /// Requests each worker works on at once.
+        /// Requests each simulated worker works on at once.
         #[arg(long, default_value_t = 3)]
         capacity: usize,
-        /// CPUs for the proxy (taskset list); the bench itself runs where it is started.
-        #[arg(long, default_value = "1")]
-        proxy_cpus: String,
-        /// Write the results as JSON here.
+    },
+    /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
+    Reload {
+        #[arg(long, default_value_t = 10_000)]
+        tenants: usize,
+        #[arg(long, default_value_t = 20)]
+        reloads: usize,
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+    },
+    /// A worker dies and comes back under load: errors and latency.
+    Failure {
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+    },
+    /// Load against a running server: closed or open loop, HTTP/1.1 or HTTP/2 over
+    /// TLS, with a progress line, a table and (with --out) JSON at the end.
+    Load {
+        /// HOST:PORT to connect to.
         #[arg(long)]
-        out: Option<PathBuf>,
+        addr: std::net::SocketAddr,
+        /// Host header (and TLS server name).
+        #[arg(long, default_value = "a.test")]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// `closed` (fixed connections, back to back) or `open` (fixed arrival rate).
+        #[arg(long, default_value = "closed")]
+        mode: String,
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        /// Requests per second (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// HTTP/2 over TLS (ALPN h2; closed loop) instead of HTTP/1.1.
+        #[arg(long)]
+        h2: bool,
+        /// Streams per HTTP/2 connection.
+        #[arg(long, default_value_t = 10)]
+        streams: usize,
+        /// Report this process's CPU seconds and peak RSS (e.g. the proxy's PID).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Every scenario, one after the other; JSON files go to --out (a directory).
+    All {
+        #[arg(long, default_value = "../shared/peers")]
+        peers: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
 }
 
@@ -77,30 +139,153 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+fn write_json(out: Option<PathBuf>, doc: serde_json::Value) {
+    if let Some(path) = out {
+        if let Err(e) = std::fs::write(&path, format!("{doc:#}\n")) {
+            eprintln!("portier-bench: cannot write {}: {e}", path.display());
+        }
+    }
+}
+
+fn fail(e: std::io::Error) -> ExitCode {
+    eprintln!("portier-bench: {e}");
+    ExitCode::from(1)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let portier = cli.portier.unwrap_or_else(proc::default_portier);
+    let needs_portier = !matches!(cli.command, Command::Load { .. });
+    if needs_portier && !portier.exists() {
+        eprintln!(
+            "portier-bench: {} not found (cargo build --release -p portier)",
+            portier.display()
+        );
+        return ExitCode::from(1);
+    }
+    let cpus = Some(cli.proxy_cpus.clone());
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("portier-bench: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(e),
     };
+    let out = cli.out;
     match cli.command {
+        Command::Load {
+            addr,
+            host,
+            path,
+            mode,
+            conns,
+            rate,
+            seconds,
+            h2,
+            streams,
+            pid,
+        } => {
+            let req = std::sync::Arc::new(load::Req::get(&host, &path));
+            let duration = std::time::Duration::from_secs(seconds);
+            let cpu0 = pid.map(proc::cpu_seconds);
+            let label = match (h2, mode.as_str()) {
+                (true, _) => format!("h2+tls closed c={conns} m={streams}"),
+                (false, "open") => format!("h1 open {rate}/s"),
+                _ => format!("h1 closed c={conns}"),
+            };
+            let stats = rt.block_on(async {
+                let progress = load::Progress::start(label.clone());
+                match (h2, mode.as_str()) {
+                    (true, _) => {
+                        load::closed_h2(addr, &host, req, conns, streams, duration, Some(&progress))
+                            .await
+                    }
+                    (false, "open") => load::open(addr, req, rate, conns, duration).await,
+                    _ => load::closed(addr, req, conns, duration, Some(&progress)).await,
+                }
+            });
+            println!("{}", load::table(&label, &stats));
+            let mut doc = stats.json();
+            if let (Some(pid), Some(c0)) = (pid, cpu0) {
+                let cpu = proc::cpu_seconds(pid) - c0;
+                let hwm = proc::status_kib(pid, "VmHWM");
+                println!(
+                    "process {pid}: {cpu:.2} CPU s ({:.0} %), peak RSS {:.1} MiB",
+                    cpu / seconds as f64 * 100.0,
+                    hwm as f64 / 1024.0
+                );
+                doc["process"] =
+                    serde_json::json!({"pid": pid, "cpu_seconds": cpu, "peak_rss_kib": hwm});
+            }
+            write_json(out, doc);
+            ExitCode::SUCCESS
+        }
+        Command::Compare {
+            peers,
+            targets,
+            seconds,
+            held,
+            websockets,
+            handshake_conns,
+        } => {
+            let out_dir = out
+                .as_ref()
+                .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+                .unwrap_or_else(|| PathBuf::from("benches/results"));
+            let opts = compare::Opts {
+                portier,
+                peers_dir: peers,
+                targets: targets.clone(),
+                seconds,
+                held,
+                websockets,
+                handshake_conns,
+                out_dir,
+            };
+            match rt.block_on(compare::run(&opts)) {
+                Ok(r) => {
+                    println!("{}", compare::table(&r, &targets));
+                    write_json(out, compare::json(&r));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::NoisyNeighbour {
+            seconds,
+            b_rate,
+            a_limit,
+            a_concurrency,
+            workers,
+            capacity,
+        } => {
+            let opts = noisy::Opts {
+                portier,
+                seconds,
+                b_rate,
+                a_limit,
+                a_concurrency,
+                workers,
+                capacity,
+                proxy_cpus: cpus,
+            };
+            match rt.block_on(noisy::run(&opts)) {
+                Ok(phases) => {
+                    println!("{}", noisy::table(&phases));
+                    write_json(out, noisy::json(&phases, &opts));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Reload {
-            portier,
             tenants,
             reloads,
             rate,
-            proxy_cpus,
-            out,
         } => {
             let opts = reload::Opts {
-                portier: portier.unwrap_or_else(proc::default_portier),
+                portier,
                 tenants,
                 reloads,
                 rate,
-                proxy_cpus: Some(proxy_cpus),
+                proxy_cpus: cpus,
             };
             match rt.block_on(reload::run(&opts)) {
                 Ok(r) => {
@@ -108,59 +293,102 @@ fn main() -> ExitCode {
                     write_json(out, reload::json(&r));
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("portier-bench: {e}");
-                    ExitCode::from(1)
-                }
+                Err(e) => fail(e),
             }
         }
-        Command::NoisyNeighbour {
-            portier,
-            seconds,
-            b_rate,
-            a_limit,
-            a_concurrency,
-            workers,
-            capacity,
-            proxy_cpus,
-            out,
-        } => {
-            let opts = noisy::Opts {
-                portier: portier.unwrap_or_else(proc::default_portier),
-                seconds,
-                b_rate,
-                a_limit,
-                a_concurrency,
-                workers,
-                capacity,
-                proxy_cpus: Some(proxy_cpus),
+        Command::Failure { rate } => {
+            let opts = failure::Opts {
+                portier,
+                rate,
+                proxy_cpus: cpus,
             };
-            if !noisy::exists(&opts.portier) {
-                eprintln!(
-                    "portier-bench: {} not found (cargo build --release -p portier)",
-                    opts.portier.display()
-                );
-                return ExitCode::from(1);
-            }
-            match rt.block_on(noisy::run(&opts)) {
-                Ok(phases) => {
-                    println!("{}", noisy::table(&phases));
-                    write_json(out, noisy::json(&phases, &opts));
+            match rt.block_on(failure::run(&opts)) {
+                Ok(r) => {
+                    println!("{}", failure::table(&r));
+                    write_json(out, failure::json(&r));
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("portier-bench: {e}");
-                    ExitCode::from(1)
-                }
+                Err(e) => fail(e),
             }
         }
-    }
-}
-
-fn write_json(out: Option<PathBuf>, doc: serde_json::Value) {
-    if let Some(path) = out {
-        if let Err(e) = std::fs::write(&path, format!("{doc:#}\n")) {
-            eprintln!("portier-bench: cannot write {}: {e}", path.display());
+        Command::All { peers, seconds } => {
+            let dir = out.unwrap_or_else(|| PathBuf::from("benches/results"));
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                return fail(e);
+            }
+            let targets: Vec<String> = ["nginx", "haproxy", "traefik", "caddy", "portier"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let copts = compare::Opts {
+                portier: portier.clone(),
+                peers_dir: peers,
+                targets: targets.clone(),
+                seconds,
+                held: 5000,
+                websockets: 1000,
+                handshake_conns: 32,
+                out_dir: dir.clone(),
+            };
+            let compared = match rt.block_on(compare::run(&copts)) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let nopts = noisy::Opts {
+                portier: portier.clone(),
+                seconds,
+                b_rate: 100.0,
+                a_limit: 20,
+                a_concurrency: 2,
+                workers: 2,
+                capacity: 3,
+                proxy_cpus: cpus.clone(),
+            };
+            let noisy = match rt.block_on(noisy::run(&nopts)) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let ropts = reload::Opts {
+                portier: portier.clone(),
+                tenants: 10_000,
+                reloads: 20,
+                rate: 2000.0,
+                proxy_cpus: cpus.clone(),
+            };
+            let reloaded = match rt.block_on(reload::run(&ropts)) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let fopts = failure::Opts {
+                portier,
+                rate: 2000.0,
+                proxy_cpus: cpus,
+            };
+            let failed = match rt.block_on(failure::run(&fopts)) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            println!(
+                "## portier versus the peers\n\n{}",
+                compare::table(&compared, &targets)
+            );
+            println!("## noisy neighbour\n\n{}", noisy::table(&noisy));
+            println!(
+                "## reload under load (10 000 tenants)\n\n{}",
+                reload::table(&reloaded)
+            );
+            println!(
+                "## backend failure under load\n\n{}",
+                failure::table(&failed)
+            );
+            write_json(Some(dir.join("compare.json")), compare::json(&compared));
+            write_json(
+                Some(dir.join("noisy-neighbour.json")),
+                noisy::json(&noisy, &nopts),
+            );
+            write_json(Some(dir.join("reload.json")), reload::json(&reloaded));
+            write_json(Some(dir.join("failure.json")), failure::json(&failed));
+            ExitCode::SUCCESS
         }
     }
 }

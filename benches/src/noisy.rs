@@ -4,7 +4,6 @@
 //! pool). B's latency and errors are measured with A idle, with A flooding and no
 //! limits, and with A flooding under its limits.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,8 +212,4 @@ pub fn json(phases: &[Phase], opts: &Opts) -> serde_json::Value {
             "portier_peak_rss_kib": p.peak_rss_kib,
         })).collect::<Vec<_>>(),
     })
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }

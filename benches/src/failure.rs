@@ -1,0 +1,102 @@
+//! Backend failure under load: a steady open-loop load of idempotent requests while
+//! one of two workers dies (refuses connections) and comes back. Reports errors
+//! (the goal is zero: connect failures are retried on the other worker, the breaker
+//! and health checks take the dead one out) and latency before, during and after.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use portier_sim::{Mode, SimWorker};
+
+use crate::load::{self, Req, Stats};
+use crate::proc::{self, Proxy};
+
+pub struct Opts {
+    pub portier: std::path::PathBuf,
+    pub rate: f64,
+    pub proxy_cpus: Option<String>,
+}
+
+pub struct Report {
+    pub phases: Vec<(&'static str, Stats)>,
+}
+
+pub async fn run(opts: &Opts) -> std::io::Result<Report> {
+    let dir = proc::workdir()?;
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let w = SimWorker::start(&format!("odoo{i}"), ([127, 0, 0, 1], 0).into()).await?;
+        w.set_recording(false);
+        workers.push(w);
+    }
+    let (port, admin) = (proc::free_port(), proc::free_port());
+    let cfg = format!(
+        "[listen]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nthreads = 1\n[log]\naccess = false\n[pools.odoo]\nhttp = [\"{}\", \"{}\"]\nhealth = {{ every = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\nbreaker = {{ failures = 3, open_for = \"2s\" }}\nretries = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"odoo\"\n",
+        workers[0].addr(),
+        workers[1].addr()
+    );
+    let cfg_path = dir.path().join("portier.toml");
+    std::fs::write(&cfg_path, cfg)?;
+    let proxy = Proxy::portier(
+        &opts.portier,
+        &cfg_path,
+        opts.proxy_cpus.as_deref(),
+        &dir.path().join("portier.log"),
+    )?;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    if !proc::wait_ok(
+        ([127, 0, 0, 1], admin).into(),
+        "/readyz",
+        Duration::from_secs(15),
+    )
+    .await
+    {
+        return Err(std::io::Error::other("portier did not start"));
+    }
+    let req = Arc::new(Req::get("a.test", "/web/dataset?size=1024"));
+    load::open(addr, req.clone(), opts.rate, 64, Duration::from_secs(1)).await;
+    let mut phases = Vec::new();
+    eprintln!("failure: both workers up");
+    phases.push((
+        "both workers up",
+        load::open(addr, req.clone(), opts.rate, 256, Duration::from_secs(5)).await,
+    ));
+    eprintln!("failure: worker 1 dies (connections refused, open ones closed)");
+    workers[1].set_mode(Mode::Refuse);
+    phases.push((
+        "worker 1 dead",
+        load::open(addr, req.clone(), opts.rate, 256, Duration::from_secs(5)).await,
+    ));
+    eprintln!("failure: worker 1 back");
+    workers[1].set_mode(Mode::Normal);
+    phases.push((
+        "worker 1 back",
+        load::open(addr, req.clone(), opts.rate, 256, Duration::from_secs(5)).await,
+    ));
+    proxy.stop();
+    Ok(Report { phases })
+}
+
+pub fn table(r: &Report) -> String {
+    let mut out = String::from("| phase | requests | req/s | p50 ms | p99 ms | max ms | errors |\n|---|---|---|---|---|---|---|\n");
+    for (name, s) in &r.phases {
+        out.push_str(&format!(
+            "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} |\n",
+            s.answered() + s.errors,
+            s.rps(),
+            s.ms(0.5),
+            s.ms(0.99),
+            s.hist.max() as f64 / 1000.0,
+            s.failures()
+        ));
+    }
+    out
+}
+
+pub fn json(r: &Report) -> serde_json::Value {
+    serde_json::json!({
+        "scenario": "backend-failure",
+        "phases": r.phases.iter().map(|(n, s)| serde_json::json!({"name": n, "stats": s.json()})).collect::<Vec<_>>(),
+    })
+}
