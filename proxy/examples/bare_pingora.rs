@@ -1,13 +1,11 @@
 //! The floor: a pingora proxy that only picks an upstream (no routing, headers,
 //! limits or logs), to measure how much of portier's per-request cost is pingora's.
 //! `cargo run --release -p portier --example bare_pingora -- 127.0.0.1:18080 127.0.0.1:18069 127.0.0.1:18070`
+//! (system allocator, like portier's default build)
 
 use async_trait::async_trait;
 use pingora::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     upstreams: Vec<String>,
