@@ -10,7 +10,7 @@ use std::time::Duration;
 use portier_sim::{Mode, SimWorker};
 
 use crate::load::{self, Req, Stats};
-use crate::proc::{self, Proxy};
+use crate::proc;
 
 pub struct Opts {
     pub portier: std::path::PathBuf,
@@ -30,30 +30,22 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         w.set_recording(false);
         workers.push(w);
     }
-    let (port, admin) = (proc::free_port(), proc::free_port());
-    let cfg = format!(
-        "[listen]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nthreads = 1\n[log]\naccess = false\n[pools.odoo]\nhttp = [\"{}\", \"{}\"]\nhealth = {{ every = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\nbreaker = {{ failures = 3, open_for = \"2s\" }}\nretries = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"odoo\"\n",
-        workers[0].addr(),
-        workers[1].addr()
-    );
-    let cfg_path = dir.path().join("portier.toml");
-    std::fs::write(&cfg_path, cfg)?;
-    let proxy = Proxy::portier(
+    let (a0, a1) = (workers[0].addr(), workers[1].addr());
+    let started = proc::start_portier(
         &opts.portier,
-        &cfg_path,
+        dir.path(),
         opts.proxy_cpus.as_deref(),
-        &dir.path().join("portier.log"),
-    )?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    if !proc::wait_ok(
-        ([127, 0, 0, 1], admin).into(),
-        "/readyz",
         Duration::from_secs(15),
+        |port, admin| {
+            format!(
+        "[listen]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nthreads = 1\n[log]\naccess = false\n[pools.odoo]\nhttp = [\"{}\", \"{}\"]\nhealth = {{ every = \"1s\", timeout = \"500ms\", rise = 2, fall = 2 }}\nbreaker = {{ failures = 3, open_for = \"2s\" }}\nretries = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"odoo\"\n",
+        a0,
+        a1
     )
-    .await
-    {
-        return Err(std::io::Error::other("portier did not start"));
-    }
+        },
+    )
+    .await?;
+    let (proxy, addr) = (started.proxy, started.http);
     let req = Arc::new(Req::get("a.test", "/web/dataset?size=1024"));
     load::open(addr, req.clone(), opts.rate, 64, Duration::from_secs(1)).await;
     let mut phases = Vec::new();

@@ -99,6 +99,25 @@ impl Stats {
         }
     }
 
+    /// Adds another run's figures (a task's local stats) to these.
+    fn merge(&mut self, other: Stats) {
+        self.hist.add(&other.hist).ok();
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += other.errors;
+    }
+
+    /// The shared stats once every task is done, with the elapsed time set.
+    fn finish(shared: Arc<Mutex<Stats>>, start: Instant) -> Stats {
+        let mut out = match Arc::try_unwrap(shared) {
+            Ok(m) => m.into_inner().unwrap_or_default(),
+            Err(_) => Stats::default(),
+        };
+        out.elapsed = start.elapsed();
+        out
+    }
+
     pub fn answered(&self) -> u64 {
         self.statuses.values().sum()
     }
@@ -223,23 +242,14 @@ pub async fn closed(
                 local.record(t0.elapsed(), status);
             }
             if let Ok(mut s) = stats.lock() {
-                s.hist.add(&local.hist).ok();
-                for (k, v) in local.statuses {
-                    *s.statuses.entry(k).or_default() += v;
-                }
-                s.errors += local.errors;
+                s.merge(local);
             }
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
-    let mut out = match Arc::try_unwrap(stats) {
-        Ok(m) => m.into_inner().unwrap_or_default(),
-        Err(_) => Stats::default(),
-    };
-    out.elapsed = start.elapsed();
-    out
+    Stats::finish(stats, start)
 }
 
 /// Open loop: `rate` requests per second for `duration`, on up to `max_conns`
@@ -312,12 +322,7 @@ pub async fn open(
     for t in tasks {
         let _ = t.await;
     }
-    let mut out = match Arc::try_unwrap(stats) {
-        Ok(m) => m.into_inner().unwrap_or_default(),
-        Err(_) => Stats::default(),
-    };
-    out.elapsed = start.elapsed();
-    out
+    Stats::finish(stats, start.into_std())
 }
 
 /// A once-a-second progress line on stderr while a load runs.
@@ -455,11 +460,7 @@ pub async fn closed_h2(
                     }
                 }
                 if let Ok(mut s) = stats.lock() {
-                    s.hist.add(&local.hist).ok();
-                    for (k, v) in local.statuses {
-                        *s.statuses.entry(k).or_default() += v;
-                    }
-                    s.errors += local.errors;
+                    s.merge(local);
                 }
             }));
         }
@@ -467,12 +468,7 @@ pub async fn closed_h2(
     for t in tasks {
         let _ = t.await;
     }
-    let mut out = match Arc::try_unwrap(stats) {
-        Ok(m) => m.into_inner().unwrap_or_default(),
-        Err(_) => Stats::default(),
-    };
-    out.elapsed = start.elapsed();
-    out
+    Stats::finish(stats, start)
 }
 
 /// A one-row markdown table of a load's results.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use portier_sim::SimWorker;
 
 use crate::load::{self, Req, Stats};
-use crate::proc::{self, Proxy};
+use crate::proc;
 
 pub struct Opts {
     pub portier: std::path::PathBuf,
@@ -103,37 +103,18 @@ pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
         ("A flooding, limits off", true, false),
         ("A flooding, limits on", true, true),
     ] {
-        let port = proc::free_port();
-        let admin = proc::free_port();
-        let cfg = dir.path().join(format!("portier-{}.toml", phases.len()));
-        std::fs::write(
-            &cfg,
-            config(
-                port,
-                admin,
-                &addrs,
-                limits.then_some((opts.a_limit, opts.a_concurrency)),
-            ),
-        )?;
-        let proxy = Proxy::portier(
+        let phase_dir = dir.path().join(format!("phase{}", phases.len()));
+        std::fs::create_dir_all(&phase_dir)?;
+        let limit = limits.then_some((opts.a_limit, opts.a_concurrency));
+        let started = proc::start_portier(
             &opts.portier,
-            &cfg,
+            &phase_dir,
             opts.proxy_cpus.as_deref(),
-            &dir.path().join("portier.log"),
-        )?;
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        if !proc::wait_ok(
-            ([127, 0, 0, 1], admin).into(),
-            "/readyz",
             Duration::from_secs(15),
+            |port, admin| config(port, admin, &addrs, limit),
         )
-        .await
-        {
-            return Err(std::io::Error::other(format!(
-                "portier did not start; see {}",
-                dir.path().display()
-            )));
-        }
+        .await?;
+        let (proxy, addr) = (started.proxy, started.http);
         // Warm-up: connections and caches.
         load::open(addr, b_req.clone(), opts.b_rate, 64, Duration::from_secs(1)).await;
         eprintln!("noisy-neighbour: {name} ({}s)", opts.seconds);

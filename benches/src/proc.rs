@@ -77,6 +77,41 @@ impl Drop for Proxy {
     }
 }
 
+/// A portier started by a scenario.
+pub struct Started {
+    pub proxy: Proxy,
+    pub http: SocketAddr,
+    pub admin: u16,
+    pub config: PathBuf,
+}
+
+/// Writes the config `make(http_port, admin_port)` into `dir`, starts portier on it
+/// and waits (up to `ready`) for `/readyz`.
+pub async fn start_portier(
+    bin: &Path,
+    dir: &Path,
+    cpus: Option<&str>,
+    ready: Duration,
+    make: impl FnOnce(u16, u16) -> String,
+) -> std::io::Result<Started> {
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.join("portier.toml");
+    std::fs::write(&cfg, make(port, admin))?;
+    let proxy = Proxy::portier(bin, &cfg, cpus, &dir.join("portier.log"))?;
+    if !wait_ok(([127, 0, 0, 1], admin).into(), "/readyz", ready).await {
+        return Err(std::io::Error::other(format!(
+            "portier did not start; see {}",
+            dir.join("portier.log").display()
+        )));
+    }
+    Ok(Started {
+        proxy,
+        http: ([127, 0, 0, 1], port).into(),
+        admin,
+        config: cfg,
+    })
+}
+
 pub fn which(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use portier_sim::SimWorker;
 
 use crate::load::{self, Req, Stats};
-use crate::proc::{self, Proxy};
+use crate::proc;
 
 pub struct Opts {
     pub portier: std::path::PathBuf,
@@ -67,25 +67,17 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         workers.push(w);
     }
     let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr()).collect();
-    let (port, admin) = (proc::free_port(), proc::free_port());
-    let cfg_path = dir.path().join("portier.toml");
-    std::fs::write(&cfg_path, config(port, admin, &addrs, opts.tenants, 0))?;
-    let proxy = Proxy::portier(
+    let tenants = opts.tenants;
+    let started = proc::start_portier(
         &opts.portier,
-        &cfg_path,
+        dir.path(),
         opts.proxy_cpus.as_deref(),
-        &dir.path().join("portier.log"),
-    )?;
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    if !proc::wait_ok(
-        ([127, 0, 0, 1], admin).into(),
-        "/readyz",
         Duration::from_secs(30),
+        |port, admin| config(port, admin, &addrs, tenants, 0),
     )
-    .await
-    {
-        return Err(std::io::Error::other("portier did not start"));
-    }
+    .await?;
+    let (proxy, addr, cfg_path) = (started.proxy, started.http, started.config);
+    let (port, admin) = (addr.port(), started.admin);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_at_rest_kib = proc::status_kib(proxy.pid(), "VmRSS");
 

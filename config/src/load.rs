@@ -704,44 +704,25 @@ fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
 /// Reads the per-tenant settings keys present in `tbl` over `base`.
 fn read_settings(cx: &mut Cx<'_>, tbl: &mut Tbl<'_, '_>, base: &Settings) -> Settings {
     let mut s = base.clone();
-    macro_rules! duration {
-        ($key:literal, $field:ident) => {
+    // Each key: read with its converter; a bad value is reported and the default kept.
+    macro_rules! field {
+        ($key:literal, $want:expr, $field:ident) => {
             if let Some(v) = tbl.get($key) {
-                if let Some(d) = want_positive_duration(cx, $key, v) {
-                    s.$field = d;
+                if let Some(x) = $want(cx, $key, v) {
+                    s.$field = x;
                 }
             }
         };
     }
-    duration!("connect_timeout", connect_timeout);
-    duration!("request_timeout", request_timeout);
-    duration!("longpolling_timeout", longpolling_timeout);
-    duration!("websocket_idle", websocket_idle);
-    if let Some(v) = tbl.get("max_body") {
-        if let Some(n) = want_size(cx, "max_body", v) {
-            s.max_body = n;
-        }
-    }
-    if let Some(v) = tbl.get("buffer_body") {
-        if let Some(n) = want_size(cx, "buffer_body", v) {
-            s.buffer_body = n;
-        }
-    }
-    if let Some(v) = tbl.get("block_database_manager") {
-        if let Some(b) = want_bool(cx, "block_database_manager", v) {
-            s.block_database_manager = b;
-        }
-    }
-    if let Some(v) = tbl.get("admin_cidrs") {
-        if let Some(c) = want_cidrs(cx, "admin_cidrs", v) {
-            s.admin_cidrs = c;
-        }
-    }
-    if let Some(v) = tbl.get("trusted_proxies") {
-        if let Some(c) = want_cidrs(cx, "trusted_proxies", v) {
-            s.trusted_proxies = c;
-        }
-    }
+    field!("connect_timeout", want_positive_duration, connect_timeout);
+    field!("request_timeout", want_positive_duration, request_timeout);
+    field!("longpolling_timeout", want_positive_duration, longpolling_timeout);
+    field!("websocket_idle", want_positive_duration, websocket_idle);
+    field!("max_body", want_size, max_body);
+    field!("buffer_body", want_size, buffer_body);
+    field!("block_database_manager", want_bool, block_database_manager);
+    field!("admin_cidrs", want_cidrs, admin_cidrs);
+    field!("trusted_proxies", want_cidrs, trusted_proxies);
     if let Some(v) = tbl.get("integration") {
         s.integration = read_limit(cx, "integration", v);
     }
