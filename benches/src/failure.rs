@@ -3,7 +3,6 @@
 //! (the goal is zero: connect failures are retried on the other worker, the breaker
 //! and health checks take the dead one out) and latency before, during and after.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 

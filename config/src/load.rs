@@ -716,7 +716,11 @@ fn read_settings(cx: &mut Cx<'_>, tbl: &mut Tbl<'_, '_>, base: &Settings) -> Set
     }
     field!("connect_timeout", want_positive_duration, connect_timeout);
     field!("request_timeout", want_positive_duration, request_timeout);
-    field!("longpolling_timeout", want_positive_duration, longpolling_timeout);
+    field!(
+        "longpolling_timeout",
+        want_positive_duration,
+        longpolling_timeout
+    );
     field!("websocket_idle", want_positive_duration, websocket_idle);
     field!("max_body", want_size, max_body);
     field!("buffer_body", want_size, buffer_body);
