@@ -665,3 +665,85 @@ async fn access_log_can_be_turned_off() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(s.p.access_log().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_http10_and_expect_continue_behave() {
+    let s = setup("").await;
+    // HEAD: headers, no body.
+    let (resp, _) = raw(
+        s.p.http,
+        b"HEAD /web HTTP/1.1\r\nHost: acme.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.ends_with("\r\n\r\n"),
+        "HEAD answered with a body: {resp:?}"
+    );
+    let (resp, _) = raw(
+        s.p.http,
+        b"HEAD / HTTP/1.1\r\nHost: nobody.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 404") && resp.ends_with("\r\n\r\n"),
+        "{resp:?}"
+    );
+    // HTTP/1.0 without keep-alive: answered, then closed.
+    let (resp, closed) = raw(
+        s.p.http,
+        b"GET /web HTTP/1.0\r\nHost: acme.test\r\n\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    assert!(closed);
+    // Expect: 100-continue with a small body: portier says 100, reads the body, and the
+    // worker gets it without the Expect header.
+    let mut stream = tokio::net::TcpStream::connect(s.p.http).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"POST /jsonrpc HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    stream.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+            rest.extend_from_slice(&b[..n]);
+            if rest.windows(4).any(|w| w == b"\r\n\r\n") && rest.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    let rec = s
+        .http
+        .iter()
+        .flat_map(|w| w.requests())
+        .find(|r| r.target == "/jsonrpc")
+        .expect("the POST reached a worker");
+    assert_eq!(rec.body_len, 5);
+    assert!(rec.header("expect").is_none());
+}

@@ -449,3 +449,44 @@ async fn check_validates_pairs_and_warns_about_expiry() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_work_over_tls() {
+    let s = setup(Some("fallback"), "").await;
+    // Browsers open wss:// on an HTTP/1.1 connection (no WebSocket over HTTP/2).
+    let stream = tls_connect(s.https, "acme.test", s.pki.client(&[b"http/1.1"], ALL))
+        .await
+        .unwrap();
+    let req = http::Request::get("wss://acme.test/websocket")
+        .header("host", "acme.test")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    use futures_util::{SinkExt, StreamExt};
+    for i in 0..5 {
+        let msg = format!("over tls {i}");
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                assert_eq!(t.as_str(), msg)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let rec =
+        s.w.requests()
+            .into_iter()
+            .find(|r| r.target == "/websocket")
+            .unwrap();
+    assert_eq!(rec.header("x-forwarded-proto"), Some("https"));
+}
