@@ -1,8 +1,7 @@
 //! Process wiring: the pingora server with the proxy service on the data plane, and a
 //! separate control-plane thread (admin API, reload, readiness, background tasks).
-//! Signals: SIGHUP reloads; SIGTERM/SIGINT drain (readyz 503, stop accepting, let
-//! in-flight requests finish within `drain`, exit 0); SIGQUIT is pingora's graceful
-//! upgrade.
+//! Signals: SIGHUP reloads; SIGTERM, SIGINT and SIGQUIT drain (readyz 503, stop
+//! accepting, let in-flight requests finish within `drain`, exit 0).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,11 +178,9 @@ impl ShutdownSignalWatch for SignalWatch {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
             _ = int.recv() => tracing::info!("SIGINT: draining"),
-            _ = quit.recv() => {
-                tracing::info!("SIGQUIT: graceful upgrade, handing listeners over");
-                begin_drain(&self.shared, self.drain);
-                return ShutdownSignal::GracefulUpgrade;
-            }
+            // pingora's SIGQUIT hands the listening sockets to a new process started
+            // in upgrade mode, which portier does not expose: drain instead.
+            _ = quit.recv() => tracing::info!("SIGQUIT: draining"),
         }
         let _ = self.control.send(ControlMsg::Draining);
         begin_drain(&self.shared, self.drain);

@@ -287,20 +287,22 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_when_idle_exits_at_once() {
+async fn term_int_and_quit_when_idle_exit_0_at_once() {
     let w = sim("w").await;
-    let ports = Ports::new();
-    let mut p = Portier::start(&ports, &config(&ports, &w, &["a"])).await;
-    get(p.http, "a.test", "/web").await.unwrap();
-    let t0 = Instant::now();
-    p.signal("INT");
-    let status = p.wait_exit(Duration::from_secs(10)).expect("exits");
-    assert_eq!(status.code(), Some(0));
-    assert!(
-        t0.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        t0.elapsed()
-    );
+    for sig in ["TERM", "INT", "QUIT"] {
+        let ports = Ports::new();
+        let mut p = Portier::start(&ports, &config(&ports, &w, &["a"])).await;
+        get(p.http, "a.test", "/web").await.unwrap();
+        let t0 = Instant::now();
+        p.signal(sig);
+        let status = p.wait_exit(Duration::from_secs(10)).expect("exits");
+        assert_eq!(status.code(), Some(0), "SIG{sig}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "SIG{sig} took {:?}",
+            t0.elapsed()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
