@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use portier_sim::{Mode, SimWorker};
+use portier_sim::Mode;
 
 use crate::load::{self, Req, Stats};
 use crate::proc;
@@ -23,12 +23,7 @@ pub struct Report {
 
 pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     let dir = proc::workdir()?;
-    let mut workers = Vec::new();
-    for i in 0..2 {
-        let w = SimWorker::start(&format!("odoo{i}"), ([127, 0, 0, 1], 0).into()).await?;
-        w.set_recording(false);
-        workers.push(w);
-    }
+    let workers = proc::workers(2, None).await?;
     let (a0, a1) = (workers[0].addr(), workers[1].addr());
     let started = proc::start_portier(
         &opts.portier,

@@ -147,6 +147,23 @@ fn write_json(out: Option<PathBuf>, doc: serde_json::Value) {
     }
 }
 
+/// Prints a scenario's table and writes its JSON, or reports its error.
+fn report<R>(
+    result: std::io::Result<R>,
+    table: impl Fn(&R) -> String,
+    json: impl Fn(&R) -> serde_json::Value,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    match result {
+        Ok(r) => {
+            println!("{}", table(&r));
+            write_json(out, json(&r));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 fn fail(e: std::io::Error) -> ExitCode {
     eprintln!("portier-bench: {e}");
     ExitCode::from(1)
@@ -239,14 +256,12 @@ fn main() -> ExitCode {
                 handshake_conns,
                 out_dir,
             };
-            match rt.block_on(compare::run(&opts)) {
-                Ok(r) => {
-                    println!("{}", compare::table(&r, &targets));
-                    write_json(out, compare::json(&r));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+            report(
+                rt.block_on(compare::run(&opts)),
+                |r| compare::table(r, &targets),
+                compare::json,
+                out,
+            )
         }
         Command::NoisyNeighbour {
             seconds,
@@ -266,14 +281,12 @@ fn main() -> ExitCode {
                 capacity,
                 proxy_cpus: cpus,
             };
-            match rt.block_on(noisy::run(&opts)) {
-                Ok(phases) => {
-                    println!("{}", noisy::table(&phases));
-                    write_json(out, noisy::json(&phases, &opts));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+            report(
+                rt.block_on(noisy::run(&opts)),
+                |p| noisy::table(p),
+                |p| noisy::json(p, &opts),
+                out,
+            )
         }
         Command::Reload {
             tenants,
@@ -287,14 +300,12 @@ fn main() -> ExitCode {
                 rate,
                 proxy_cpus: cpus,
             };
-            match rt.block_on(reload::run(&opts)) {
-                Ok(r) => {
-                    println!("{}", reload::table(&r));
-                    write_json(out, reload::json(&r));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+            report(
+                rt.block_on(reload::run(&opts)),
+                reload::table,
+                reload::json,
+                out,
+            )
         }
         Command::Failure { rate } => {
             let opts = failure::Opts {
@@ -302,14 +313,12 @@ fn main() -> ExitCode {
                 rate,
                 proxy_cpus: cpus,
             };
-            match rt.block_on(failure::run(&opts)) {
-                Ok(r) => {
-                    println!("{}", failure::table(&r));
-                    write_json(out, failure::json(&r));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+            report(
+                rt.block_on(failure::run(&opts)),
+                failure::table,
+                failure::json,
+                out,
+            )
         }
         Command::All { peers, seconds } => {
             let dir = out.unwrap_or_else(|| PathBuf::from("benches/results"));

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use portier_sim::SimWorker;
 
 use crate::load::{self, Req, Stats};
 use crate::proc;
@@ -73,17 +72,7 @@ pool = "odoo"
 
 pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
     let dir = proc::workdir()?;
-    let mut workers = Vec::new();
-    for i in 0..opts.workers {
-        let w = SimWorker::start(
-            &format!("odoo{i}"),
-            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
-        )
-        .await?;
-        w.set_recording(false);
-        w.set_capacity(Some(opts.capacity));
-        workers.push(w);
-    }
+    let workers = proc::workers(opts.workers, Some(opts.capacity)).await?;
     let addrs: Vec<_> = workers.iter().map(|w| w.addr()).collect();
     let b_req = Arc::new(Req::get(
         "b.test",

@@ -112,6 +112,23 @@ pub async fn start_portier(
     })
 }
 
+/// `n` simulated Odoo workers on loopback (`odoo0`, `odoo1`, ...), not recording
+/// requests, each working on at most `capacity` requests at once when given.
+pub async fn workers(
+    n: usize,
+    capacity: Option<usize>,
+) -> std::io::Result<Vec<portier_sim::SimWorker>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let w =
+            portier_sim::SimWorker::start(&format!("odoo{i}"), ([127, 0, 0, 1], 0).into()).await?;
+        w.set_recording(false);
+        w.set_capacity(capacity);
+        out.push(w);
+    }
+    Ok(out)
+}
+
 pub fn which(cmd: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use portier_sim::SimWorker;
 
 use crate::load::{self, Req, Stats};
 use crate::proc;
@@ -60,12 +59,7 @@ async fn answers(addr: SocketAddr, host: &str) -> bool {
 
 pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     let dir = proc::workdir()?;
-    let mut workers = Vec::new();
-    for i in 0..2 {
-        let w = SimWorker::start(&format!("odoo{i}"), ([127, 0, 0, 1], 0).into()).await?;
-        w.set_recording(false);
-        workers.push(w);
-    }
+    let workers = proc::workers(2, None).await?;
     let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr()).collect();
     let tenants = opts.tenants;
     let started = proc::start_portier(
