@@ -76,12 +76,6 @@ pub struct Want<'a> {
     pub open_for: u64,
 }
 
-/// A chosen backend; `trial` when it is its breaker's half-open trial.
-pub struct Picked {
-    pub backend: Arc<Backend>,
-    pub trial: bool,
-}
-
 /// The `k` backends of a list with the highest score for a key (their hashes).
 /// Found with `k` scans, without allocating for `k <= 16`.
 struct TopK {
@@ -143,7 +137,7 @@ fn usable(b: &Backend, w: &Want<'_>) -> bool {
 }
 
 /// Picks a backend from `list` (a pool's http or longpolling members).
-pub fn pick(list: &[Arc<Backend>], rr: &AtomicUsize, w: &Want<'_>) -> Option<Picked> {
+pub fn pick(list: &[Arc<Backend>], rr: &AtomicUsize, w: &Want<'_>) -> Option<Arc<Backend>> {
     if list.is_empty() {
         return None;
     }
@@ -171,19 +165,10 @@ pub fn pick(list: &[Arc<Backend>], rr: &AtomicUsize, w: &Want<'_>) -> Option<Pic
                 None => least_inflight(list, rr, |b| in_set(b) != spill && usable(b, w)),
             };
             let Some(b) = candidate else { break };
+            // A half-open breaker's trial is admitted like a closed one: the
+            // attempt's outcome (record_outcome) closes or re-opens it.
             match b.breaker.admit(w.now, w.open_for) {
-                Admit::Yes => {
-                    return Some(Picked {
-                        backend: b,
-                        trial: false,
-                    })
-                }
-                Admit::Trial => {
-                    return Some(Picked {
-                        backend: b,
-                        trial: true,
-                    })
-                }
+                Admit::Yes | Admit::Trial => return Some(b),
                 Admit::No => continue,
             }
         }
@@ -265,7 +250,7 @@ mod tests {
 
     fn pick_addr(list: &[Arc<Backend>], w: &Want<'_>) -> SocketAddr {
         let rr = AtomicUsize::new(0);
-        pick(list, &rr, w).unwrap().backend.addr()
+        pick(list, &rr, w).unwrap().addr()
     }
 
     #[test]
@@ -296,24 +281,14 @@ mod tests {
             let tenant = format!("tenant{t}");
             let rr = AtomicUsize::new(0);
             let used: HashSet<_> = (0..100)
-                .map(|_| {
-                    pick(&list, &rr, &want(2, &tenant, None))
-                        .unwrap()
-                        .backend
-                        .addr()
-                })
+                .map(|_| pick(&list, &rr, &want(2, &tenant, None)).unwrap().addr())
                 .collect();
             assert_eq!(used.len(), 2, "{tenant} used {used:?}");
         }
         // spread = 0: all of them.
         let rr = AtomicUsize::new(0);
         let used: HashSet<_> = (0..100)
-            .map(|_| {
-                pick(&list, &rr, &want(0, "x", None))
-                    .unwrap()
-                    .backend
-                    .addr()
-            })
+            .map(|_| pick(&list, &rr, &want(0, "x", None)).unwrap().addr())
             .collect();
         assert_eq!(used.len(), 8);
     }
@@ -404,7 +379,7 @@ mod tests {
         let w = want(2, "acme", None);
         let rr = AtomicUsize::new(0);
         let own: HashSet<_> = (0..20)
-            .map(|_| pick(&list, &rr, &w).unwrap().backend.addr())
+            .map(|_| pick(&list, &rr, &w).unwrap().addr())
             .collect();
         assert_eq!(own.len(), 2);
         let own: Vec<SocketAddr> = own.into_iter().collect();
@@ -412,13 +387,13 @@ mod tests {
         let b0 = list.iter().find(|b| b.addr() == own[0]).unwrap();
         b0.breaker.record(false, 1, 1, 15_000);
         for _ in 0..10 {
-            assert_eq!(pick(&list, &rr, &w).unwrap().backend.addr(), own[1]);
+            assert_eq!(pick(&list, &rr, &w).unwrap().addr(), own[1]);
         }
         // Both are out: spill to the others.
         let b1 = list.iter().find(|b| b.addr() == own[1]).unwrap();
         b1.health.record(false, 1, 1);
         for _ in 0..10 {
-            let a = pick(&list, &rr, &w).unwrap().backend.addr();
+            let a = pick(&list, &rr, &w).unwrap().addr();
             assert!(!own.contains(&a));
         }
         // Everything out: nothing.
@@ -438,7 +413,10 @@ mod tests {
         w.now = 50;
         assert!(pick(&list, &rr, &w).is_none());
         w.now = 200;
-        assert!(pick(&list, &rr, &w).unwrap().trial);
+        assert_eq!(
+            pick(&list, &rr, &w).map(|b| b.breaker.state()),
+            Some(crate::health::BreakerState::HalfOpen)
+        );
         assert!(pick(&list, &rr, &w).is_none());
     }
 

@@ -79,8 +79,6 @@ pub struct Ctx {
     /// Backends already tried for this request.
     tried: Vec<std::net::SocketAddr>,
     attempts: u32,
-    /// The current attempt is its backend's half-open breaker trial.
-    trial: bool,
     /// The current attempt's outcome was fed to the breaker.
     outcome_recorded: bool,
     /// A 502-504 answer is being retried on another backend.
@@ -107,6 +105,14 @@ impl Ctx {
 
     fn pool<'a>(&self, snap: &'a Snapshot) -> Option<&'a Arc<PoolRt>> {
         self.tenant(snap).and_then(|t| snap.pools.get(t.pool))
+    }
+
+    /// A retry of a request that already reached a worker is allowed: attempts
+    /// left, an idempotent method, and the whole body still buffered for a replay.
+    fn may_resend(&self, session: &Session) -> bool {
+        self.attempts <= self.retries()
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
     }
 
     fn retries(&self) -> u32 {
@@ -356,7 +362,6 @@ impl ProxyHttp for Proxy {
             backend: None,
             tried: Vec::new(),
             attempts: 0,
-            trial: false,
             outcome_recorded: false,
             retry_on_status: false,
             tenant_hash: 0,
@@ -504,7 +509,7 @@ impl ProxyHttp for Proxy {
         ctx.tenant_name = Some(name);
         ctx.stats = Some(stats);
         let tenant = &snap.config.tenants[tenant_id];
-        let settings = tenant.settings.clone();
+        let settings = &tenant.settings;
 
         // 2. Class, from the normalised path.
         let path = normalize_path(session.req_header().uri.path());
@@ -644,7 +649,7 @@ impl ProxyHttp for Proxy {
             &pool.rr,
             &ctx.want(pool, health::now_ms()),
         );
-        let Some(balance::Picked { backend, trial }) = picked else {
+        let Some(backend) = picked else {
             if ctx.attempts == 0 {
                 ctx.refused = Some(Refusal::NoBackend);
                 return Err(Error::explain(
@@ -657,7 +662,6 @@ impl ProxyHttp for Proxy {
                 "backend failed and no other backend is left to retry on",
             ));
         };
-        ctx.trial = trial;
         ctx.outcome_recorded = false;
         ctx.retry_on_status = false;
         ctx.tried.push(backend.addr());
@@ -715,12 +719,8 @@ impl ProxyHttp for Proxy {
         if upstream_fault {
             ctx.record_outcome(false);
         }
-        let idempotent = session.req_header().method.is_idempotent();
-        let allowed = ctx.attempts <= ctx.retries()
-            && idempotent
-            && !session.as_ref().retry_buffer_truncated()
-            && session.response_written().is_none()
-            && !ctx.websocket;
+        let allowed =
+            ctx.may_resend(session) && session.response_written().is_none() && !ctx.websocket;
         if !allowed {
             e.set_retry(false);
         } else if upstream_fault
@@ -752,12 +752,7 @@ impl ProxyHttp for Proxy {
         }
         let failed = (502..=504).contains(&status);
         ctx.record_outcome(!failed);
-        if failed
-            && ctx.attempts <= ctx.retries()
-            && session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated()
-            && ctx.has_alternative()
-        {
+        if failed && ctx.may_resend(session) && ctx.has_alternative() {
             ctx.retry_on_status = true;
             let mut e = Error::explain(
                 ErrorType::HTTPStatus(status),

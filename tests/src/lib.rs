@@ -368,6 +368,16 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Result<Resp, Strin
     request(addr, "GET", host, path, &[], Bytes::new()).await
 }
 
+/// A GET with extra request headers, on a new connection.
+pub async fn get_with(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Resp, String> {
+    request(addr, "GET", host, path, headers, Bytes::new()).await
+}
+
 /// Writes raw bytes and reads until the server closes (or `wait` passes).
 /// Returns what was read and whether the server closed the connection.
 pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {

@@ -77,16 +77,9 @@ async fn a_session_cookie_sticks_to_one_worker() {
             .to_string();
         let mut seen = HashSet::new();
         for _ in 0..15 {
-            let r = request(
-                p.http,
-                "GET",
-                "acme.test",
-                "/web/dataset",
-                &[("cookie", &cookie)],
-                Bytes::new(),
-            )
-            .await
-            .unwrap();
+            let r = get_with(p.http, "acme.test", "/web/dataset", &[("cookie", &cookie)])
+                .await
+                .unwrap();
             seen.insert(r.worker().unwrap().to_string());
         }
         assert_eq!(seen.len(), 1, "{cookie} went to {seen:?}");
@@ -115,13 +108,11 @@ async fn a_longpolling_session_stays_on_its_gevent_worker() {
         let cookie = format!("session_id=lp{s}abcdef");
         let mut seen = HashSet::new();
         for _ in 0..6 {
-            let r = request(
+            let r = get_with(
                 p.http,
-                "GET",
                 "acme.test",
                 "/longpolling/poll",
                 &[("cookie", &cookie)],
-                Bytes::new(),
             )
             .await
             .unwrap();
@@ -213,16 +204,9 @@ async fn retries_follow_method_safety() {
     );
     let p = Portier::start(&ports, &cfg).await;
     // GET answered 502 by a worker: retried once on the other one.
-    let r = request(
-        p.http,
-        "GET",
-        "acme.test",
-        "/web",
-        &[("x-sim-status", "502")],
-        Bytes::new(),
-    )
-    .await
-    .unwrap();
+    let r = get_with(p.http, "acme.test", "/web", &[("x-sim-status", "502")])
+        .await
+        .unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(http[0].hits() + http[1].hits(), 2);
     // POST that reached a worker: never retried.

@@ -162,9 +162,8 @@ async fn websocket_is_relayed_both_ways_to_a_gevent_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
     let s = setup("").await;
-    let r = request(
+    let r = get_with(
         s.p.http,
-        "GET",
         "acme.test:8080",
         "/web",
         &[
@@ -174,7 +173,6 @@ async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
             ("x-real-ip", "6.6.6.6"),
             ("x-forwarded-proto", "https"),
         ],
-        Bytes::new(),
     )
     .await
     .unwrap();
@@ -202,16 +200,14 @@ async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_headers_are_dropped_for_a_tenant_without_database() {
     let s = setup("[tenants.nodb]\nhosts = [\"nodb.test\"]\npool = \"main\"\n").await;
-    let r = request(
+    let r = get_with(
         s.p.http,
-        "GET",
         "nodb.test",
         "/web",
         &[
             ("x-odoo-database", "acme_db"),
             ("x-odoo-dbfilter", "acme_db"),
         ],
-        Bytes::new(),
     )
     .await
     .unwrap();
@@ -226,16 +222,14 @@ async fn trusted_proxies_keep_the_client_chain() {
         "[tenants.behindlb]\nhosts = [\"lb.test\"]\npool = \"main\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
     )
     .await;
-    let r = request(
+    let r = get_with(
         s.p.http,
-        "GET",
         "lb.test",
         "/web",
         &[
             ("x-forwarded-for", "198.51.100.7"),
             ("x-forwarded-proto", "https"),
         ],
-        Bytes::new(),
     )
     .await
     .unwrap();
@@ -256,13 +250,11 @@ async fn trusted_proxies_keep_the_client_chain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_is_kept_when_sent() {
     let s = setup("").await;
-    let r = request(
+    let r = get_with(
         s.p.http,
-        "GET",
         "acme.test",
         "/web",
         &[("x-request-id", "trace-42")],
-        Bytes::new(),
     )
     .await
     .unwrap();
@@ -274,16 +266,9 @@ async fn request_id_is_kept_when_sent() {
     let log = s.p.wait_access_log(|v| v["request_id"] == "trace-42").await;
     assert_eq!(log["tenant"], "acme");
     // A value that is not an id is replaced.
-    let r = request(
-        s.p.http,
-        "GET",
-        "acme.test",
-        "/web",
-        &[("x-request-id", "a b\"c")],
-        Bytes::new(),
-    )
-    .await
-    .unwrap();
+    let r = get_with(s.p.http, "acme.test", "/web", &[("x-request-id", "a b\"c")])
+        .await
+        .unwrap();
     assert_ne!(r.header("x-request-id"), Some("a b\"c"));
 }
 
