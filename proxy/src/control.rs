@@ -94,6 +94,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
+    let mut trimmer = crate::memory::Trimmer::default();
 
     loop {
         let due = [config_due, certs_due].into_iter().flatten().min();
@@ -137,6 +138,7 @@ pub async fn run(
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(&shared);
+                trimmer.tick();
                 ticks += 1;
                 if ticks.is_multiple_of(2) {
                     crate::tls::reload_if_changed(&shared);

@@ -8,6 +8,7 @@ mod discover;
 mod forward;
 mod health;
 mod limits;
+mod memory;
 mod reload;
 mod server;
 mod service;
