@@ -1,7 +1,7 @@
 //! The floor: a pingora proxy that only picks an upstream (no routing, headers,
 //! limits or logs), to measure how much of portier's per-request cost is pingora's.
 //! `cargo run --release -p portier --example bare_pingora -- 127.0.0.1:18080 127.0.0.1:18069 127.0.0.1:18070`
-//! (system allocator, like portier's default build)
+//! (system allocator, current-thread runtime, no L4 read buffer: like portier's default build)
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -30,6 +30,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let conf = pingora::server::configuration::ServerConf {
         threads: 1,
+        // The same runtime, pool and listener settings as portier, so the difference
+        // is portier's own work.
+        work_stealing: false,
+        upstream_keepalive_pool_size: 1024,
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -41,7 +45,11 @@ fn main() {
             rr: AtomicUsize::new(0),
         },
     );
-    svc.add_tcp(&args[0]);
+    svc.add_listener(
+        pingora::listeners::ListenerConfig::tcp(args[0].clone()).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(0, 1460),
+        ),
+    );
     server.add_service(svc);
     server.run_forever();
 }
