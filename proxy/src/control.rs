@@ -138,7 +138,7 @@ pub async fn run(
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(&shared);
-                trimmer.tick();
+                trimmer.tick(shared.inflight.load(Ordering::Relaxed));
                 ticks += 1;
                 if ticks.is_multiple_of(2) {
                     crate::tls::reload_if_changed(&shared);

@@ -4,51 +4,133 @@
 //! returns the top of a heap by itself. After a burst of connections (thousands of
 //! held longpolls, say) closes, the ~47 KiB each one used stays resident: 5 000 held
 //! requests left portier at 241 MiB RSS after they closed, where it started at 12.
-//! Once a second the control plane reads how much free memory the arenas hold; when
-//! that grew by more than [`TRIM_ABOVE`] over its lowest point since the last trim,
-//! it has glibc hand the free pages back (`malloc_trim`, which `madvise`s free pages
-//! anywhere in the heaps). The check reads counters; the trim runs only after a
-//! burst of memory was freed.
+//!
+//! The control plane calls [`Trimmer::tick`] once a second with the number of requests
+//! in flight. Two things make it hand the free pages back (`malloc_trim`, which
+//! `madvise`s free pages anywhere in the heaps):
+//! - a burst ended: [`BURST`] fewer requests in flight than the peak since the last
+//!   trim (one atomic read per second; the trim costs milliseconds, once per burst);
+//! - every [`LOOK_EVERY`] ticks, for what the in-flight count does not see (idle
+//!   keep-alive connections closing, say): the resident set grew by [`TRIM_ABOVE`]
+//!   since the last trim and the arenas hold at least that much free memory. Reading
+//!   the free bytes walks the allocator's free lists under its locks — about 4 ms
+//!   with 100 000 free chunks — so it is done only then, at most once a minute.
+//!   (The free byte count alone cannot tell: trimmed pages still count as free, so
+//!   memory used and freed again between two looks would not show.)
 
-/// Growth of the allocator's free bytes that triggers giving them back.
-#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
-const TRIM_ABOVE: usize = 16 * 1024 * 1024;
+/// Requests that must have ended since the peak for a trim.
+pub const BURST: u64 = 256;
+/// Ticks (seconds) between two looks at the allocator's free bytes.
+pub const LOOK_EVERY: u64 = 60;
+/// Growth of the resident set, and free bytes held, that make a look trim.
+pub const TRIM_ABOVE: usize = 16 * 1024 * 1024;
 
-/// Watches the allocator's free memory; see the module documentation.
-#[derive(Debug, Default)]
+/// What triggered a trim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    BurstEnded,
+    ResidentGrew,
+}
+
+/// Decides when to give freed memory back; see the module documentation.
+#[derive(Debug)]
 pub struct Trimmer {
-    /// Lowest free byte count seen since the last trim.
-    #[cfg_attr(
-        not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))),
-        allow(dead_code)
-    )]
-    low: usize,
+    look_every: u64,
+    ticks: u64,
+    peak_inflight: u64,
+    /// Resident set size right after the last trim.
+    rss_base: usize,
+}
+
+impl Default for Trimmer {
+    fn default() -> Self {
+        Trimmer {
+            look_every: LOOK_EVERY,
+            ticks: 0,
+            peak_inflight: 0,
+            rss_base: 0,
+        }
+    }
 }
 
 impl Trimmer {
-    /// Returns free heap pages to the system when more than [`TRIM_ABOVE`] bytes were
-    /// freed since the free count was last at its lowest. Returns whether it trimmed.
-    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
-    pub fn tick(&mut self) -> bool {
-        // SAFETY: mallinfo2 and malloc_trim are thread-safe glibc calls that take no
-        // pointers; they lock each arena while they read or trim it.
-        let free = unsafe { libc::mallinfo2() }.fordblks;
-        self.low = self.low.min(free);
-        if free <= self.low.saturating_add(TRIM_ABOVE) {
-            return false;
+    /// One tick of the control plane, with the requests now in flight. Returns what
+    /// made it trim, if it did.
+    pub fn tick(&mut self, inflight: u64) -> Option<Trim> {
+        if !alloc::SUPPORTED {
+            return None;
         }
-        // SAFETY: as above.
-        unsafe { libc::malloc_trim(0) };
-        // Trimmed pages still count as free: the next trim waits for new frees.
-        self.low = free;
-        tracing::debug!(free_bytes = free, "returned free heap memory to the system");
-        true
+        self.ticks += 1;
+        self.peak_inflight = self.peak_inflight.max(inflight);
+        if self.peak_inflight - inflight >= BURST {
+            alloc::trim();
+            self.peak_inflight = inflight;
+            self.rss_base = resident_bytes();
+            tracing::debug!(inflight, "a burst of requests ended: heap trimmed");
+            return Some(Trim::BurstEnded);
+        }
+        if !self.ticks.is_multiple_of(self.look_every)
+            || resident_bytes() <= self.rss_base.saturating_add(TRIM_ABOVE)
+        {
+            return None;
+        }
+        let free = alloc::free_bytes();
+        if free <= TRIM_ABOVE {
+            // In use, not free: look again next time.
+            return None;
+        }
+        alloc::trim();
+        self.peak_inflight = inflight;
+        self.rss_base = resident_bytes();
+        tracing::debug!(
+            free_bytes = free,
+            "resident memory grew and was free: heap trimmed"
+        );
+        Some(Trim::ResidentGrew)
+    }
+}
+
+/// This process's resident set size in bytes (0 if /proc cannot be read).
+fn resident_bytes() -> usize {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .unwrap_or(0);
+    pages * alloc::page_size()
+}
+
+/// glibc: the arenas' free bytes and `malloc_trim`.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
+mod alloc {
+    pub const SUPPORTED: bool = true;
+
+    pub fn free_bytes() -> usize {
+        // SAFETY: mallinfo2 is a thread-safe glibc call that takes no pointer; it
+        // locks each arena while it reads it.
+        unsafe { libc::mallinfo2() }.fordblks
     }
 
-    /// Other allocators (mimalloc, musl's) return memory by themselves.
-    #[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))))]
-    pub fn tick(&mut self) -> bool {
-        false
+    pub fn trim() {
+        // SAFETY: malloc_trim is thread-safe and takes no pointer.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    pub fn page_size() -> usize {
+        // SAFETY: sysconf takes no pointer.
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+    }
+}
+
+/// Other allocators (mimalloc, musl's) return memory by themselves.
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))))]
+mod alloc {
+    pub const SUPPORTED: bool = false;
+    pub fn free_bytes() -> usize {
+        0
+    }
+    pub fn trim() {}
+    pub fn page_size() -> usize {
+        4096
     }
 }
 
@@ -73,18 +155,52 @@ mod tests {
     }
 
     #[test]
-    fn trims_after_each_burst_of_frees_and_not_in_between() {
-        let mut t = Trimmer { low: usize::MAX };
-        let _ = t.tick();
-        assert!(!t.tick(), "nothing freed since the last look");
+    fn trims_when_a_burst_of_requests_ends() {
+        let mut t = Trimmer::default();
+        for inflight in [0, 100, 300, 280, 200] {
+            assert_eq!(t.tick(inflight), None, "at {inflight} in flight");
+        }
+        // 300 at the peak, 40 now: 260 ended.
+        assert_eq!(t.tick(40), Some(Trim::BurstEnded));
+        // The peak restarts from 40.
+        assert_eq!(t.tick(10), None);
+        assert_eq!(t.tick(290), None);
+        assert_eq!(t.tick(30), Some(Trim::BurstEnded));
+    }
+
+    #[test]
+    fn looks_only_every_look_every_ticks_and_trims_what_grew_and_is_free() {
+        let mut t = Trimmer {
+            look_every: 3,
+            ..Trimmer::default()
+        };
+        let _ = t.tick(0); // tick 1: no look
+        let _ = t.tick(0); // tick 2: no look
+        let _ = t.tick(0); // tick 3: a look, sets the resident base if it trims
+        let _ = t.tick(0);
+        let _ = t.tick(0);
+        let _ = t.tick(0); // tick 6: same
+                           // 64 MiB touched (resident), half of it freed in the middle of the heap.
         let kept = free_32_mib_in_the_middle();
-        assert!(t.tick(), "32 MiB freed in the middle of the heap");
-        assert!(!t.tick(), "the trimmed memory is not trimmed again");
-        // The freed memory is used again, then freed again: trimmed again.
-        let again = free_32_mib_in_the_middle();
-        let _ = t.tick();
-        drop(again);
+        assert_eq!(t.tick(0), None, "tick 7 does not look");
+        assert_eq!(t.tick(0), None, "tick 8 does not look");
+        assert_eq!(
+            t.tick(0),
+            Some(Trim::ResidentGrew),
+            "tick 9 looks and trims"
+        );
+        // Nothing grew since: the next look does not trim.
+        for _ in 0..3 {
+            assert_eq!(t.tick(0), None);
+        }
+        // The trimmed pages are used again (resident again) and half of it freed
+        // again in the middle: trimmed again.
+        let kept_too = free_32_mib_in_the_middle();
+        for _ in 0..2 {
+            assert_eq!(t.tick(0), None);
+        }
+        assert_eq!(t.tick(0), Some(Trim::ResidentGrew));
+        drop(kept_too);
         drop(kept);
-        assert!(t.tick(), "a second burst of frees is trimmed too");
     }
 }
