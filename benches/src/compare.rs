@@ -201,28 +201,15 @@ pub fn table(r: &Report, targets: &[String]) -> String {
             out.push_str(&format!(" {} |", fmt(f(t))));
         }
         let mine = f("portier");
-        for p in &peers {
-            let ratio = match (mine, f(p)) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
-            out.push_str(&format!(
-                " {} |",
-                ratio
-                    .map(|x| format!("{x:.2}"))
-                    .unwrap_or_else(|| "-".into())
-            ));
-        }
-        let ratio = match (mine, f("direct")) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
+        // portier / other, two decimals; "-" when either is missing.
+        let ratio = |other: Option<f64>| match (mine, other) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
         };
-        out.push_str(&format!(
-            " {} |\n",
-            ratio
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into())
-        ));
+        for p in &peers {
+            out.push_str(&format!(" {} |", ratio(f(p))));
+        }
+        out.push_str(&format!(" {} |\n", ratio(f("direct"))));
     }
     out.push_str("\nversions: ");
     out.push_str(

@@ -831,7 +831,7 @@ impl ProxyHttp for Proxy {
                 }
                 _ => {
                     // The common case: one address, formatted once.
-                    let ip = HeaderValue::from_str(&peer_ip.to_string())
+                    let ip = HeaderValue::try_from(peer_ip.to_string())
                         .map_err(|_| Error::explain(ErrorType::InternalError, "ip"))?;
                     out.insert_header("x-forwarded-for", ip.clone())?;
                     out.insert_header("x-real-ip", ip)?;

@@ -72,6 +72,25 @@ pub async fn websocket(
     headers: &[(&str, &str)],
 ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    websocket_over(stream, host, path, headers).await
+}
+
+/// The WebSocket upgrade of [`websocket`] over a stream already open (a TLS one, say).
+pub async fn websocket_over<S>(
+    stream: S,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        tokio_tungstenite::WebSocketStream<S>,
+        http::Response<Option<Vec<u8>>>,
+    ),
+    String,
+>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut b = http::Request::get(format!("ws://{host}{path}"))
         .header("host", host)
         .header("connection", "Upgrade")

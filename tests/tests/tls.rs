@@ -457,18 +457,10 @@ async fn websockets_work_over_tls() {
     let stream = tls_connect(s.https, "acme.test", s.pki.client(&[b"http/1.1"], ALL))
         .await
         .unwrap();
-    let req = http::Request::get("wss://acme.test/websocket")
-        .header("host", "acme.test")
-        .header("connection", "Upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header(
-            "sec-websocket-key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let (mut ws, resp) =
+        portier_sim::client::websocket_over(stream, "acme.test", "/websocket", &[])
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 101);
     use futures_util::{SinkExt, StreamExt};
     for i in 0..5 {
