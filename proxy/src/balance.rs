@@ -18,36 +18,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::health::Admit;
-use crate::state::Backend;
-
-/// FNV-1a: stable across processes and versions, so every portier replica maps a
-/// tenant or session to the same backend.
-pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    mix(h)
-}
-
-/// The SplitMix64 finaliser: a strong 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Rendezvous score of `key` on a backend.
-pub fn score(key: u64, backend: u64) -> u64 {
-    mix(key ^ backend.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
-/// The hash identifying a backend in rendezvous scores.
-pub fn backend_hash(addr: &SocketAddr) -> u64 {
-    hash_bytes(addr.to_string().as_bytes())
-}
+use crate::backend::Backend;
+use crate::breaker::Admit;
+use crate::hash::score;
 
 /// The value of the `session_id` cookie, if any.
 pub fn session_id<'a>(cookies: impl Iterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
@@ -216,7 +189,8 @@ pub fn least_inflight(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{BackendKey, Registry, Role};
+    use crate::backend::{BackendKey, Registry, Role};
+    use crate::hash::hash_bytes;
     use crate::telemetry::Metrics;
     use std::collections::{HashMap, HashSet};
 
@@ -415,7 +389,7 @@ mod tests {
         w.now = 200;
         assert_eq!(
             pick(&list, &rr, &w).map(|b| b.breaker.state()),
-            Some(crate::health::BreakerState::HalfOpen)
+            Some(crate::breaker::BreakerState::HalfOpen)
         );
         assert!(pick(&list, &rr, &w).is_none());
     }

@@ -20,9 +20,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::discover::Discoverers;
 use crate::health::Checkers;
 use crate::reload::{reload, ReloadResult};
-use crate::server::ReadyHook;
 use crate::state::Shared;
 use crate::watch::{self, Change};
+
+/// Something to run on the control plane once the listeners are ready (the demo's
+/// self-test uses it).
+pub type ReadyHook = Box<dyn FnOnce(Arc<Shared>) + Send + 'static>;
 
 /// Quiet time after a file event before acting (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(300);

@@ -121,7 +121,7 @@ pub fn run(port: u16, admin_port: u16) -> i32 {
             return 1;
         }
     };
-    let hook: crate::server::ReadyHook = Box::new(move |shared: Arc<Shared>| {
+    let hook: crate::control::ReadyHook = Box::new(move |shared: Arc<Shared>| {
         let _ = std::thread::Builder::new()
             .name("demo-selftest".into())
             .spawn(move || {

@@ -16,7 +16,8 @@ use hickory_resolver::TokioResolver;
 use portier_config::Discover;
 use tokio::task::AbortHandle;
 
-use crate::state::{BackendKey, Members, Role, Shared};
+use crate::backend::{BackendKey, Members, Role};
+use crate::state::Shared;
 
 /// Runs one discovery task per pool with `discover`, following reloads.
 #[derive(Default)]

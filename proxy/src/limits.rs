@@ -20,7 +20,7 @@ use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use portier_config::{Class, Limit, Rate};
 
-use crate::health::now_ms;
+use crate::breaker::now_ms;
 use crate::telemetry::Refusal;
 
 /// A refusal with the seconds the client should wait.

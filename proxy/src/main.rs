@@ -1,11 +1,14 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
+mod backend;
 mod balance;
+mod breaker;
 mod check;
 mod control;
 mod demo;
 mod discover;
 mod forward;
+mod hash;
 mod health;
 mod limits;
 mod memory;

@@ -18,16 +18,12 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use portier_config::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::control::{self, ControlMsg};
+use crate::control::{self, ControlMsg, ReadyHook};
 use crate::service::Proxy;
 use crate::state::Shared;
 
 /// L4 read buffer of a TLS connection: one maximal TLS record plus its header.
 const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
-
-/// Something to run on the control plane once the listeners are ready (the demo's
-/// self-test uses it).
-pub type ReadyHook = Box<dyn FnOnce(Arc<Shared>) + Send + 'static>;
 
 /// Runs portier until it is told to stop. Returns the process exit code.
 pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<ReadyHook>) -> i32 {

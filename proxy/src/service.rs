@@ -16,11 +16,14 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use portier_config::class::{is_database_manager, normalize_path};
 use portier_config::{normalize_host, Class, Tenant};
 
+use crate::backend::{InflightGuard, Role};
 use crate::balance;
+use crate::breaker;
 use crate::forward::{self, MAX_HEADER_BYTES};
+use crate::hash;
 use crate::health;
 use crate::limits;
-use crate::state::{InflightGuard, PoolRt, RequestGuard, Role, Shared, Snapshot};
+use crate::state::{PoolRt, RequestGuard, Shared, Snapshot};
 use crate::telemetry::{AccessRecord, Refusal, TenantStats};
 
 /// Keep-alive timeout for idle client connections (nginx's default).
@@ -160,7 +163,7 @@ impl Ctx {
         let cfg = pool.cfg.breaker;
         if let Some(state) = b.breaker.record(
             ok,
-            health::now_ms(),
+            breaker::now_ms(),
             cfg.failures,
             cfg.open_for.as_millis() as u64,
         ) {
@@ -175,7 +178,7 @@ impl Ctx {
             return false;
         };
         let members = pool.members.load();
-        let w = self.want(pool, health::now_ms());
+        let w = self.want(pool, breaker::now_ms());
         members.list(self.role()).iter().any(|b| {
             b.health.is_up() && b.breaker.peek(w.now, w.open_for) && !w.exclude.contains(&b.addr())
         })
@@ -495,7 +498,7 @@ impl ProxyHttp for Proxy {
                 (t.name.clone(), stats)
             }
         };
-        ctx.tenant_hash = balance::hash_bytes(name.as_bytes());
+        ctx.tenant_hash = hash::hash_bytes(name.as_bytes());
         ctx.session_hash = balance::session_id(
             session
                 .req_header()
@@ -504,7 +507,7 @@ impl ProxyHttp for Proxy {
                 .iter()
                 .map(|v| v.as_bytes()),
         )
-        .map(balance::hash_bytes);
+        .map(hash::hash_bytes);
         ctx.tenant = Some(tenant_id);
         ctx.tenant_name = Some(name);
         ctx.stats = Some(stats);
@@ -647,7 +650,7 @@ impl ProxyHttp for Proxy {
         let picked = balance::pick(
             members.list(ctx.role()),
             &pool.rr,
-            &ctx.want(pool, health::now_ms()),
+            &ctx.want(pool, breaker::now_ms()),
         );
         let Some(backend) = picked else {
             if ctx.attempts == 0 {
