@@ -1,6 +1,6 @@
 //! Pure helpers for "What goes upstream": forwarding headers, request ids and the
 //! request-smuggling checks that need the raw header block. Unit-tested here; wired
-//! into pingora in `service.rs`.
+//! into pingora in `upstream.rs` and `request.rs`.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +101,15 @@ pub fn is_own_header(name: &http::HeaderName) -> bool {
             | "x-real-ip"
             | "x-request-id"
     )
+}
+
+/// The request's declared `Content-Length`, if any.
+pub fn content_length(req: &pingora::http::RequestHeader) -> Option<u64> {
+    req.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// True when the `Expect` header asks for `100-continue`.

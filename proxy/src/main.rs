@@ -1,10 +1,13 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
+mod answer;
 mod backend;
 mod balance;
+mod body;
 mod breaker;
 mod check;
 mod control;
+mod ctx;
 mod demo;
 mod discover;
 mod forward;
@@ -13,11 +16,13 @@ mod health;
 mod limits;
 mod memory;
 mod reload;
+mod request;
 mod server;
 mod service;
 mod state;
 mod telemetry;
 mod tls;
+mod upstream;
 mod watch;
 
 use std::path::PathBuf;

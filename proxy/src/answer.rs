@@ -1,0 +1,186 @@
+//! Responses portier writes itself: refusals, redirects and error pages. Every phase
+//! of the request path that stops a request returns a typed [`Answer`]; this module
+//! turns it into a response, in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use portier_config::Class;
+
+use crate::ctx::Ctx;
+use crate::forward;
+use crate::limits;
+use crate::telemetry::Refusal;
+
+/// A refused request's unread body up to this size is drained to keep the connection.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+const MAINTENANCE_PAGE: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body style=\"font-family:sans-serif;text-align:center;margin-top:15%\">\n<h1>Back in a moment</h1>\n<p>This service is briefly unavailable. Please try again in a few seconds.</p>\n</body></html>\n";
+
+/// A response portier sends instead of proxying.
+#[derive(Debug)]
+pub enum Answer {
+    /// A short text body; `why` is logged as `refused` (none for plain errors).
+    Text {
+        status: u16,
+        why: Option<Refusal>,
+        text: &'static str,
+        close: bool,
+    },
+    /// `308` to the https listener.
+    Redirect { location: String },
+    /// `429` from a tenant limit, with the contract's JSON body.
+    Limited {
+        refused: limits::Refused,
+        tenant: Arc<str>,
+        class: Class,
+    },
+    /// `503` with `Retry-After` and the maintenance page: no usable backend.
+    Unavailable,
+}
+
+impl Answer {
+    pub fn refuse(status: u16, why: Refusal, text: &'static str, close: bool) -> Answer {
+        Answer::Text {
+            status,
+            why: Some(why),
+            text,
+            close,
+        }
+    }
+
+    /// A bare error status (after a failed proxy attempt); the connection closes.
+    pub fn error(status: u16) -> Answer {
+        let text = match status {
+            400 => "bad request",
+            408 => "request timeout",
+            413 => "request body too large",
+            502 => "bad gateway",
+            504 => "gateway timeout",
+            _ => "error",
+        };
+        Answer::Text {
+            status,
+            why: None,
+            text,
+            close: true,
+        }
+    }
+
+    fn refusal(&self) -> Option<Refusal> {
+        match self {
+            Answer::Text { why, .. } => *why,
+            Answer::Redirect { .. } => None,
+            Answer::Limited { refused, .. } => Some(refused.why),
+            Answer::Unavailable => Some(Refusal::NoBackend),
+        }
+    }
+}
+
+/// The parts of a response portier writes.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Bytes,
+    extra: Option<(&'static str, String)>,
+    close: bool,
+}
+
+impl From<Answer> for Reply {
+    fn from(a: Answer) -> Reply {
+        match a {
+            Answer::Text {
+                status,
+                text,
+                close,
+                ..
+            } => Reply {
+                status,
+                content_type: "text/plain; charset=utf-8",
+                body: Bytes::from(format!("{text}\n")),
+                extra: None,
+                close,
+            },
+            Answer::Redirect { location } => Reply {
+                status: 308,
+                content_type: "text/plain; charset=utf-8",
+                body: Bytes::from_static(b"moved to https\n"),
+                extra: Some(("location", location)),
+                close: false,
+            },
+            Answer::Limited {
+                refused,
+                tenant,
+                class,
+            } => Reply {
+                status: 429,
+                content_type: "application/json",
+                body: Bytes::from(limits::refusal_body(&refused, &tenant, class)),
+                extra: Some(("retry-after", refused.retry_after.to_string())),
+                close: false,
+            },
+            Answer::Unavailable => Reply {
+                status: 503,
+                content_type: "text/html; charset=utf-8",
+                body: Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
+                extra: Some(("retry-after", "5".to_string())),
+                close: false,
+            },
+        }
+    }
+}
+
+/// Sends `answer` to the client and records its refusal reason for the access log.
+pub async fn send(session: &mut Session, ctx: &mut Ctx, answer: Answer) -> Result<()> {
+    if let Some(why) = answer.refusal() {
+        ctx.refused = Some(why);
+    }
+    let Reply {
+        status,
+        content_type,
+        body,
+        extra,
+        mut close,
+    } = Reply::from(answer);
+    if !close && !session.is_body_done() {
+        // An unread body would be taken for the next request: read and drop a
+        // small one to keep the connection; close it otherwise.
+        let small = forward::content_length(session.req_header()).is_some_and(|n| n <= DRAIN_LIMIT);
+        close = !small
+            || !matches!(
+                tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await,
+                Ok(Ok(()))
+            );
+    }
+    if close {
+        session.set_keepalive(None);
+    }
+    let mut h = ResponseHeader::build(status, Some(6))?;
+    h.insert_header(header::CONTENT_TYPE, content_type)?;
+    h.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    h.insert_header("x-request-id", ctx.request_id.clone())?;
+    h.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if let Some((k, v)) = extra {
+        h.insert_header(k, v)?;
+    }
+    if let Some(hsts) = ctx.hsts() {
+        h.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+    }
+    if close {
+        h.insert_header(header::CONNECTION, "close")?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The request phases before a worker is picked (DESIGN.md, "The request path"):
+//! framing checks, the https redirect, the tenant by host, the class by path, the
+//! database-manager block and the tenant's limits. Each is a short step that either
+//! lets the request go on or returns the [`Answer`] to send instead.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::header;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use portier_config::class::{is_database_manager, normalize_path};
+use portier_config::{normalize_host, Class, HostMatch};
+
+use crate::answer::Answer;
+use crate::balance;
+use crate::ctx::Ctx;
+use crate::forward::{self, MAX_HEADER_BYTES};
+use crate::hash;
+use crate::state::{Shared, Snapshot};
+use crate::telemetry::Refusal;
+
+/// Where ACME HTTP-01 challenges are answered: never redirected.
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// The request's host as sent: the authority of an absolute URI or `:authority`
+/// (HTTP/2), else the `Host` header.
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.as_str());
+    }
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+}
+
+fn is_websocket(req: &RequestHeader) -> bool {
+    req.headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Framing checks that need the raw HTTP/1 header block: oversized header blocks
+/// (431) and `Content-Length` together with `Transfer-Encoding` (400).
+pub fn check_framing(session: &Session) -> Result<(), Answer> {
+    let Some(h1) = session.as_http1() else {
+        return Ok(());
+    };
+    let raw = h1.get_headers_raw_bytes();
+    if raw.len() > MAX_HEADER_BYTES {
+        return Err(Answer::refuse(
+            431,
+            Refusal::BadRequest,
+            "request header fields too large",
+            true,
+        ));
+    }
+    if session
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING)
+        && forward::raw_has_content_length(&raw)
+    {
+        return Err(Answer::refuse(
+            400,
+            Refusal::BadRequest,
+            "both Content-Length and Transfer-Encoding",
+            true,
+        ));
+    }
+    Ok(())
+}
+
+/// The normalised host (port and case dropped).
+pub fn host(session: &Session) -> Result<Cow<'_, str>, Answer> {
+    request_host(session.req_header())
+        .map(normalize_host)
+        .ok_or_else(|| Answer::refuse(400, Refusal::BadRequest, "missing Host", true))
+}
+
+/// Plain HTTP for a host a certificate covers: 308 to https (ACME challenges pass,
+/// so certificates can be issued and renewed over HTTP).
+pub fn https_redirect(
+    shared: &Shared,
+    snap: &Snapshot,
+    session: &Session,
+    ctx: &Ctx,
+    host: &str,
+) -> Result<(), Answer> {
+    if ctx.tls {
+        return Ok(());
+    }
+    let (Some(tls), Some(https)) = (&snap.config.tls, snap.config.listen.https) else {
+        return Ok(());
+    };
+    let uri = &session.req_header().uri;
+    if !tls.redirect_http || uri.path().starts_with(ACME_CHALLENGE) || !shared.certs.covers(host) {
+        return Ok(());
+    }
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Err(Answer::Redirect {
+        location: forward::https_location(host, https.port(), target),
+    })
+}
+
+/// The tenant by host: sets the tenant, its effective name, its metric handles and
+/// the rendezvous keys. Unknown hosts get 404.
+pub fn tenant<'h>(
+    shared: &Shared,
+    snap: &Snapshot,
+    session: &Session,
+    ctx: &mut Ctx,
+    host: &'h str,
+) -> Result<HostMatch<'h>, Answer> {
+    let Some(m) = snap.config.hosts.lookup(host) else {
+        return Err(Answer::refuse(
+            404,
+            Refusal::UnknownHost,
+            "unknown host",
+            false,
+        ));
+    };
+    let (name, stats) = match m.captured {
+        Some(label) => (Arc::from(label), shared.metrics.tenant_stats(label)),
+        None => {
+            let t = &snap.tenants[m.tenant];
+            let stats = t
+                .stats
+                .get_or_init(|| shared.metrics.tenant_stats(&t.name))
+                .clone();
+            (t.name.clone(), stats)
+        }
+    };
+    ctx.tenant_hash = hash::hash_bytes(name.as_bytes());
+    ctx.session_hash = balance::session_id(
+        session
+            .req_header()
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+    .map(hash::hash_bytes);
+    ctx.tenant = Some(m.tenant);
+    ctx.tenant_name = Some(name);
+    ctx.stats = Some(stats);
+    Ok(m)
+}
+
+/// The class from the normalised path, and the database-manager block (decided on
+/// the path as the worker will see it).
+pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Class, Answer> {
+    let path = normalize_path(session.req_header().uri.path());
+    let class = Class::of(&path);
+    ctx.class = Some(class);
+    ctx.websocket = class == Class::Longpolling && is_websocket(session.req_header());
+    let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
+        return Ok(class);
+    };
+    if settings.block_database_manager
+        && is_database_manager(&path)
+        && !ctx.client_ip.is_some_and(|ip| settings.is_admin(ip))
+    {
+        return Err(Answer::refuse(
+            403,
+            Refusal::DatabaseManager,
+            "the database manager is not available from this address",
+            false,
+        ));
+    }
+    Ok(class)
+}
+
+/// The tenant's rate and concurrency limits on integration (and optionally
+/// interactive) traffic; the concurrency slot is held in `ctx` until the request ends.
+pub fn tenant_limits(
+    shared: &Shared,
+    snap: &Snapshot,
+    ctx: &mut Ctx,
+    m: &HostMatch<'_>,
+    class: Class,
+) -> Result<(), Answer> {
+    let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
+        return Ok(());
+    };
+    let limit = match class {
+        Class::Integration => settings.integration,
+        Class::Interactive => settings.interactive,
+        Class::Static | Class::Longpolling => None,
+    };
+    let Some(limit) = limit else { return Ok(()) };
+    let limiter = match m.captured {
+        Some(label) => shared.limits.get(label),
+        None => {
+            let t = &snap.tenants[m.tenant];
+            t.limiter.get_or_init(|| shared.limits.get(&t.name)).clone()
+        }
+    };
+    match limiter.admit(class, &limit) {
+        Ok(permit) => {
+            ctx.permit = permit;
+            Ok(())
+        }
+        Err(refused) => {
+            if let Some(stats) = &ctx.stats {
+                stats.rate_limited(class);
+            }
+            Err(Answer::Limited {
+                refused,
+                tenant: ctx.tenant_name.clone().unwrap_or_else(|| Arc::from("")),
+                class,
+            })
+        }
+    }
+}

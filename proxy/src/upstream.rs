@@ -1,0 +1,249 @@
+//! The upstream phases: picking the backend of an attempt, deciding whether a failed
+//! attempt is retried (DESIGN.md; contract "Health and circuit breaking"), and the
+//! request and response headers as they cross portier ("What goes upstream").
+
+use std::time::Duration;
+
+use http::{header, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use portier_config::Class;
+
+use crate::backend::InflightGuard;
+use crate::balance;
+use crate::breaker;
+use crate::ctx::Ctx;
+use crate::forward;
+use crate::request::request_host;
+use crate::telemetry::Refusal;
+
+/// How long an idle upstream connection stays in the pool.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+
+/// Picks the backend of the next attempt and describes the connection to it.
+pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    let snap = ctx
+        .snap
+        .clone()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no snapshot"))?;
+    let tenant = ctx
+        .tenant(&snap)
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no tenant"))?;
+    let pool = ctx
+        .pool(&snap)
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no pool"))?;
+    let members = pool.members.load();
+    let picked = balance::pick(
+        members.list(ctx.role()),
+        &pool.rr,
+        &ctx.want(pool, breaker::now_ms()),
+    );
+    let Some(backend) = picked else {
+        if ctx.attempts == 0 {
+            ctx.refused = Some(Refusal::NoBackend);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(503),
+                "no backend available",
+            ));
+        }
+        return Err(Error::explain(
+            ErrorType::HTTPStatus(502),
+            "backend failed and no other backend is left to retry on",
+        ));
+    };
+    ctx.outcome_recorded = false;
+    ctx.retry_on_status = false;
+    ctx.tried.push(backend.addr());
+    ctx.attempts += 1;
+    let addr = backend.addr();
+    ctx.backend = Some(InflightGuard::new(backend));
+
+    let s = &tenant.settings;
+    let timeout = if ctx.websocket {
+        s.websocket_idle
+    } else if ctx.class == Some(Class::Longpolling) {
+        s.longpolling_timeout
+    } else {
+        s.request_timeout
+    };
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(s.connect_timeout);
+    peer.options.total_connection_timeout = Some(s.connect_timeout);
+    peer.options.read_timeout = Some(timeout);
+    peer.options.write_timeout = Some(timeout);
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+    Ok(Box::new(peer))
+}
+
+/// `fail_to_connect`: nothing reached the worker, so another one may always be tried.
+pub fn connect_failed(ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+    ctx.record_outcome(false);
+    if ctx.attempts <= ctx.retries() && ctx.has_alternative() {
+        e.set_retry(true);
+    }
+    e
+}
+
+/// `error_while_proxy`: whether an attempt that failed after connecting is retried.
+pub fn proxy_failed(
+    ctx: &mut Ctx,
+    session: &Session,
+    peer: &HttpPeer,
+    e: Box<Error>,
+    client_reused: bool,
+) -> Box<Error> {
+    let mut e = e.more_context(format!("backend {peer}"));
+    if ctx.retry_on_status {
+        // upstream_response_filter asked for this retry (and checked it is allowed).
+        e.set_retry(true);
+        return e;
+    }
+    let upstream_fault = *e.esource() == ErrorSource::Upstream;
+    if upstream_fault {
+        ctx.record_outcome(false);
+    }
+    let allowed = ctx.may_resend(session) && session.response_written().is_none() && !ctx.websocket;
+    if !allowed {
+        e.set_retry(false);
+    } else if upstream_fault
+        && matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        )
+        && ctx.class != Some(Class::Longpolling)
+        && ctx.has_alternative()
+    {
+        // A worker that timed out (504) is retried on another, as for a 504 answer.
+        e.set_retry(true);
+    } else {
+        // A stale pooled connection is retried; anything else on a fresh one is not.
+        e.retry.decide_reuse(client_reused);
+    }
+    e
+}
+
+/// `upstream_response_filter`: feeds the breaker and turns a 502-504 answer into a
+/// retry on another backend when the request may be sent again.
+pub fn response_status(ctx: &mut Ctx, session: &Session, status: u16) -> Result<()> {
+    if status < 200 && status != 101 {
+        return Ok(());
+    }
+    let failed = (502..=504).contains(&status);
+    ctx.record_outcome(!failed);
+    if failed && ctx.may_resend(session) && ctx.has_alternative() {
+        ctx.retry_on_status = true;
+        let mut e = Error::explain(
+            ErrorType::HTTPStatus(status),
+            format!("backend answered {status}; retrying on another backend"),
+        );
+        e.as_up();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The request as it goes upstream.
+///
+/// It is rebuilt once, with room for the headers portier sets and no case-preserving
+/// name map (names are case-insensitive): pingora's per-header inserts into the
+/// case-preserving copy cost more than the whole rebuild. Client copies of the
+/// headers portier sets never pass (so a client cannot pick another tenant's database).
+pub fn request_headers(
+    ctx: &Ctx,
+    client: &RequestHeader,
+    upstream: &mut RequestHeader,
+) -> Result<()> {
+    let Some(snap) = ctx.snap.as_ref() else {
+        return Ok(());
+    };
+    let Some(tenant) = ctx.tenant(snap) else {
+        return Ok(());
+    };
+    let settings = &tenant.settings;
+    let mut out = RequestHeader::build_no_case(
+        upstream.method.clone(),
+        upstream.raw_path(),
+        Some(upstream.headers.len() + 8),
+    )?;
+    out.set_version(upstream.version);
+    let mut has_host = false;
+    for (name, value) in upstream.headers.iter() {
+        if forward::is_own_header(name) || (ctx.body_preread && name == header::EXPECT) {
+            continue;
+        }
+        has_host |= name == header::HOST;
+        out.append_header(name.clone(), value.clone())?;
+    }
+    if let Some(name) = ctx.tenant_name.as_deref() {
+        if let Some(db) = tenant.database_for(name) {
+            let db = HeaderValue::from_str(&db)
+                .map_err(|_| Error::explain(ErrorType::InternalError, "database name"))?;
+            out.insert_header("x-odoo-dbfilter", db.clone())?;
+            out.insert_header("x-odoo-database", db)?;
+        }
+    }
+    if let Some(h) = request_host(client) {
+        let h = HeaderValue::from_str(h)
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "host"))?;
+        if !has_host {
+            out.insert_header(header::HOST, h.clone())?;
+        }
+        out.insert_header("x-forwarded-host", h)?;
+    }
+    if let Some(peer_ip) = ctx.client_ip {
+        let trusted = settings.is_trusted_proxy(peer_ip);
+        let mut sent = client.headers.get_all("x-forwarded-for").iter();
+        let proto = if ctx.tls { "https" } else { "http" };
+        let mut proto = HeaderValue::from_static(proto);
+        match (trusted, sent.next()) {
+            (true, Some(first)) => {
+                let mut chain = String::from_utf8_lossy(first.as_bytes()).into_owned();
+                for v in sent {
+                    chain.push_str(", ");
+                    chain.push_str(&String::from_utf8_lossy(v.as_bytes()));
+                }
+                let (xff, real) = forward::forwarded_for(peer_ip, Some(&chain), settings);
+                out.insert_header("x-forwarded-for", xff)?;
+                out.insert_header("x-real-ip", real.to_string())?;
+            }
+            _ => {
+                // The common case: one address, formatted once.
+                let ip = HeaderValue::try_from(peer_ip.to_string())
+                    .map_err(|_| Error::explain(ErrorType::InternalError, "ip"))?;
+                out.insert_header("x-forwarded-for", ip.clone())?;
+                out.insert_header("x-real-ip", ip)?;
+            }
+        }
+        if trusted {
+            if let Some(p) = client.headers.get("x-forwarded-proto") {
+                if p == "http" || p == "https" {
+                    proto = p.clone();
+                }
+            }
+        }
+        out.insert_header("x-forwarded-proto", proto)?;
+    }
+    out.insert_header("x-request-id", ctx.request_id.clone())?;
+    *upstream = out;
+    Ok(())
+}
+
+/// The response as it goes to the client: the request id echoed, HSTS on TLS.
+/// As for the request, one rebuild without the case map beats inserting.
+pub fn response_headers(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+    let mut out = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))?;
+    out.set_version(resp.version);
+    for (name, value) in resp.headers.iter() {
+        if name != "x-request-id" {
+            out.append_header(name.clone(), value.clone())?;
+        }
+    }
+    out.insert_header("x-request-id", ctx.request_id.clone())?;
+    if let Some(hsts) = ctx.hsts() {
+        out.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+    }
+    *resp = out;
+    Ok(())
+}
