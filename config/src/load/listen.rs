@@ -1,0 +1,134 @@
+//! `[listen]`, `[log]` and `[tls]`.
+
+use super::*;
+
+pub(super) fn read_listen(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Listen> {
+    let mut tbl = Tbl::new(t, "[listen]", LISTEN_KEYS);
+    let mut ok = true;
+    let mut addr = |cx: &mut Cx<'_>, tbl: &mut Tbl<'_, '_>, key: &str| -> Option<SocketAddr> {
+        let v = tbl.get(key)?;
+        let a = want_addr(cx, key, v);
+        if a.is_none() {
+            ok = false;
+        }
+        a
+    };
+    let http = addr(cx, &mut tbl, "http");
+    let https = addr(cx, &mut tbl, "https");
+    let admin = addr(cx, &mut tbl, "admin");
+    let mut listen = Listen {
+        http,
+        https,
+        admin,
+        drain: Duration::from_secs(30),
+        threads: 0,
+    };
+    if let Some(v) = tbl.get("drain") {
+        match want_duration(cx, "drain", v) {
+            Some(d) => listen.drain = d,
+            None => ok = false,
+        }
+    }
+    if let Some(v) = tbl.get("threads") {
+        match want_uint(cx, "threads", v, 0, 1024) {
+            Some(n) => listen.threads = n as usize,
+            None => ok = false,
+        }
+    }
+    let addrs: Vec<(&str, Option<SocketAddr>)> = vec![
+        ("http", listen.http),
+        ("https", listen.https),
+        ("admin", listen.admin),
+    ];
+    for (i, (a_name, a)) in addrs.iter().enumerate() {
+        for (b_name, b) in addrs.iter().skip(i + 1) {
+            if let (Some(a), Some(b)) = (a, b) {
+                if a == b {
+                    if let Some(v) = tbl.get(b_name) {
+                        cx.error(
+                            &v.span(),
+                            format!("`{b_name}` uses the same address as `{a_name}` ({a})"),
+                        );
+                    }
+                    ok = false;
+                }
+            }
+        }
+    }
+    tbl.finish(cx);
+    ok.then_some(listen)
+}
+
+pub(super) fn read_log(cx: &mut Cx<'_>, t: &DeTable<'_>) -> LogSettings {
+    let mut tbl = Tbl::new(t, "[log]", LOG_KEYS);
+    let mut log = LogSettings { access: true };
+    if let Some(v) = tbl.get("access") {
+        if let Some(b) = want_bool(cx, "access", v) {
+            log.access = b;
+        }
+    }
+    tbl.finish(cx);
+    log
+}
+
+pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
+    let mut tbl = Tbl::new(t, "[tls]", TLS_KEYS);
+    let certs = match tbl.get("certs") {
+        Some(v) => want_str(cx, "certs", v).map(|s| {
+            let p = PathBuf::from(s);
+            let p = if p.is_absolute() { p } else { base_dir.join(p) };
+            (p, cx.pos(v.span().start))
+        }),
+        None => {
+            cx.error(
+                &(0..0),
+                "[tls] needs `certs`, the directory of NAME.crt + NAME.key pairs",
+            );
+            None
+        }
+    };
+    let mut default = None;
+    let mut default_pos = None;
+    if let Some(v) = tbl.get("default") {
+        if let Some(s) = want_str(cx, "default", v) {
+            if s.is_empty() || s.contains('/') {
+                cx.error(
+                    &v.span(),
+                    "`default` must be the NAME of a NAME.crt/NAME.key pair",
+                );
+            } else {
+                default = Some(s.to_string());
+                default_pos = Some(cx.pos(v.span().start));
+            }
+        }
+    }
+    let mut redirect_http = false;
+    if let Some(v) = tbl.get("redirect_http") {
+        redirect_http = want_bool(cx, "redirect_http", v).unwrap_or(false);
+    }
+    let mut hsts = None;
+    if let Some(v) = tbl.get("hsts") {
+        if let Some(s) = want_str(cx, "hsts", v) {
+            if s.is_empty() || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                cx.error(
+                    &v.span(),
+                    "`hsts` must be a non-empty header value such as \"max-age=31536000\"",
+                );
+            } else if !s.to_ascii_lowercase().contains("max-age=") {
+                cx.error(&v.span(), "`hsts` must contain max-age=SECONDS");
+            } else {
+                hsts = Some(s.to_string());
+            }
+        }
+    }
+    tbl.finish(cx);
+    let (certs, certs_pos) = certs?;
+    Some(Tls {
+        certs,
+        certs_pos,
+        default,
+        default_pos,
+        redirect_http,
+        hsts,
+    })
+}

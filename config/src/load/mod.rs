@@ -1,0 +1,281 @@
+//! Reading a TOML file into the validated [`Config`], collecting every problem as a
+//! [`Diagnostic`] with the line and column of the offending key or value.
+//!
+//! `cx` holds the diagnostics and the typed readers of single values; each section of
+//! the file has a module of its own: `listen` (`[listen]`, `[log]`, `[tls]`), `pool`
+//! (`[pools.*]`), `tenant` (`[defaults]` and `[tenants.*]`).
+
+mod cx;
+mod listen;
+mod pool;
+mod tenant;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::de::{DeString, DeTable, DeValue};
+use toml::Spanned;
+
+use crate::hosts::{HostIndex, HostPattern};
+use crate::model::*;
+use crate::units::{parse_duration, parse_rate, parse_size};
+use crate::{Diagnostic, Pos};
+
+use cx::*;
+use listen::{read_listen, read_log, read_tls};
+use pool::read_pool;
+use tenant::{read_settings, read_tenant};
+
+/// Reads and validates a configuration file.
+pub fn load_file(path: &Path) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| {
+        vec![Diagnostic::error(
+            &file,
+            Pos { line: 1, col: 1 },
+            format!("cannot read the configuration file: {e}"),
+        )]
+    })?;
+    let text = String::from_utf8(bytes.clone()).map_err(|e| {
+        let pos = Pos::of_offset(
+            &String::from_utf8_lossy(&bytes[..e.utf8_error().valid_up_to()]),
+            e.utf8_error().valid_up_to(),
+        );
+        vec![Diagnostic::error(&file, pos, "the file is not valid UTF-8")]
+    })?;
+    load_str(&text, path)
+}
+
+/// Parses and validates configuration text; `path` names it in diagnostics and is the
+/// base for relative paths in it.
+pub fn load_str(text: &str, path: &Path) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let mut cx = Cx::new(path.display().to_string(), text);
+    let (doc, syntax_errors) = DeTable::parse_recoverable(text);
+    for e in syntax_errors {
+        let span = e.span().unwrap_or(0..0);
+        cx.error(&span, e.message().trim().to_string());
+    }
+    let base_dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let config = read_document(&mut cx, doc.get_ref(), path, &base_dir, text);
+    if cx.has_errors() {
+        return Err(cx.diags);
+    }
+    match config {
+        Some(c) => Ok((c, cx.diags)),
+        None => Err(cx.diags),
+    }
+}
+
+pub(super) const ROOT_KEYS: &[&str] = &["listen", "log", "tls", "defaults", "pools", "tenants"];
+pub(super) const LISTEN_KEYS: &[&str] = &["http", "https", "admin", "drain", "threads"];
+pub(super) const LOG_KEYS: &[&str] = &["access"];
+pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts"];
+pub(super) const SETTINGS_KEYS: &[&str] = &[
+    "connect_timeout",
+    "request_timeout",
+    "longpolling_timeout",
+    "websocket_idle",
+    "max_body",
+    "buffer_body",
+    "block_database_manager",
+    "admin_cidrs",
+    "trusted_proxies",
+    "integration",
+    "interactive",
+];
+pub(super) const TENANT_KEYS: &[&str] = &[
+    "hosts",
+    "pool",
+    "database",
+    "connect_timeout",
+    "request_timeout",
+    "longpolling_timeout",
+    "websocket_idle",
+    "max_body",
+    "buffer_body",
+    "block_database_manager",
+    "admin_cidrs",
+    "trusted_proxies",
+    "integration",
+    "interactive",
+];
+pub(super) const POOL_KEYS: &[&str] = &[
+    "http",
+    "longpolling",
+    "discover",
+    "spread",
+    "health",
+    "breaker",
+    "retries",
+];
+pub(super) const LIMIT_KEYS: &[&str] = &["rate", "burst", "concurrency"];
+pub(super) const HEALTH_KEYS: &[&str] = &["path", "every", "timeout", "rise", "fall"];
+pub(super) const BREAKER_KEYS: &[&str] = &["failures", "open_for"];
+pub(super) const DISCOVER_KEYS: &[&str] =
+    &["dns", "http_port", "longpolling_port", "every", "resolver"];
+
+fn read_document(
+    cx: &mut Cx<'_>,
+    doc: &DeTable<'_>,
+    path: &Path,
+    base_dir: &Path,
+    text: &str,
+) -> Option<Config> {
+    let mut root = Tbl::new(doc, "the top level", ROOT_KEYS);
+
+    let listen = match root.get("listen") {
+        Some(v) => want_table(cx, "listen", v).and_then(|t| read_listen(cx, t)),
+        None => {
+            cx.error(
+                &(0..0),
+                "missing [listen] section: at least `http` or `https` is needed",
+            );
+            None
+        }
+    };
+    let log = match root.get("log") {
+        Some(v) => want_table(cx, "log", v).map(|t| read_log(cx, t)),
+        None => Some(LogSettings { access: true }),
+    };
+    let tls_val = root.get("tls");
+    let tls =
+        tls_val.and_then(|v| want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, base_dir)));
+    let defaults = match root.get("defaults") {
+        Some(v) => want_table(cx, "defaults", v)
+            .map(|t| {
+                let mut tbl = Tbl::new(t, "[defaults]", SETTINGS_KEYS);
+                let s = read_settings(cx, &mut tbl, &Settings::default());
+                tbl.finish(cx);
+                s
+            })
+            .unwrap_or_default(),
+        None => Settings::default(),
+    };
+    let defaults = Arc::new(defaults);
+
+    // Pools.
+    let mut pools: Vec<Pool> = Vec::new();
+    let mut pool_names: Vec<String> = Vec::new();
+    if let Some(v) = root.get("pools") {
+        if let Some(t) = want_table(cx, "pools", v) {
+            for (name, pv) in t.iter() {
+                let name_str = name.get_ref().to_string();
+                pool_names.push(name_str.clone());
+                if let Some(pt) = want_table(cx, &format!("pools.{name_str}"), pv) {
+                    if let Some(p) = read_pool(cx, &name_str, &name.span(), pt) {
+                        pools.push(p);
+                    } else {
+                        // Keep indices aligned with names even when a pool is invalid.
+                        pools.push(placeholder_pool(&name_str));
+                    }
+                } else {
+                    pools.push(placeholder_pool(&name_str));
+                }
+            }
+        }
+    }
+
+    // Tenants.
+    let mut tenants: Vec<Tenant> = Vec::new();
+    let mut tenant_names: Vec<String> = Vec::new();
+    let mut hosts = HostIndex::default();
+    let tenants_val = root.get("tenants");
+    if let Some(v) = tenants_val {
+        if let Some(t) = want_table(cx, "tenants", v) {
+            for (name, tv) in t.iter() {
+                let name_str = name.get_ref().to_string();
+                // Ids are attempt positions: equal to positions in `tenants` whenever the
+                // whole file is valid (any failed tenant rejects the file).
+                tenant_names.push(name_str.clone());
+                let Some(tt) = want_table(cx, &format!("tenants.{name_str}"), tv) else {
+                    continue;
+                };
+                if let Some(tenant) = read_tenant(
+                    cx,
+                    &name_str,
+                    &name.span(),
+                    tt,
+                    &pool_names,
+                    &defaults,
+                    &mut hosts,
+                    tenant_names.len() - 1,
+                    &tenant_names,
+                ) {
+                    tenants.push(tenant);
+                }
+            }
+        }
+    }
+    root.finish(cx);
+
+    if tenants.is_empty() && tenants_val.is_none() {
+        cx.warn(
+            &(0..0),
+            "no [tenants.*] configured: every request will get 404",
+        );
+    }
+
+    // Cross-section checks.
+    if let Some(l) = &listen {
+        if l.https.is_some() && tls.is_none() && tls_val.is_none() {
+            cx.error(
+                &(0..0),
+                "`listen.https` is set but there is no [tls] section",
+            );
+        }
+        if l.http.is_none() && l.https.is_none() {
+            cx.error(&(0..0), "[listen] needs at least one of `http` or `https`");
+        }
+    }
+
+    let version = sha256_hex(text.as_bytes());
+    Some(Config {
+        path: path.to_path_buf(),
+        version,
+        listen: listen?,
+        log: log?,
+        tls,
+        pools,
+        tenants,
+        hosts,
+    })
+}
+
+fn placeholder_pool(name: &str) -> Pool {
+    Pool {
+        name: name.to_string(),
+        http: Vec::new(),
+        longpolling: Vec::new(),
+        discover: None,
+        spread: 0,
+        health: None,
+        breaker: Breaker::default(),
+        retries: 1,
+    }
+}
+
+/// Hex SHA-256 of bytes: the version of a configuration file.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("htpp", LISTEN_KEYS), Some("http"));
+        assert_eq!(suggest("spred", POOL_KEYS), Some("spread"));
+        assert_eq!(suggest("completely_else", POOL_KEYS), None);
+    }
+}
