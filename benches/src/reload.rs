@@ -51,7 +51,7 @@ fn config(port: u16, admin: u16, workers: &[SocketAddr], tenants: usize, extra: 
 }
 
 async fn answers(addr: SocketAddr, host: &str) -> bool {
-    portier_sim::client::request(addr, "GET", host, "/web", &[], Bytes::new())
+    portier_sim::client::request(addr, "GET", host, "/web/dataset/call_kw", &[], Bytes::new())
         .await
         .map(|r| r.status() == 200)
         .unwrap_or(false)
@@ -75,7 +75,7 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_at_rest_kib = proc::status_kib(proxy.pid(), "VmRSS");
 
-    let mut req = Req::get("t0.test", "/web?size=1024");
+    let mut req = Req::get("t0.test", "/web/dataset/call_kw?size=1024");
     req.hosts = (0..opts.tenants.min(1000))
         .map(|i| format!("t{}.test", i * (opts.tenants / opts.tenants.min(1000))))
         .collect();

@@ -100,6 +100,13 @@ where
             "sec-websocket-key",
             tokio_tungstenite::tungstenite::handshake::client::generate_key(),
         );
+    // A browser always sends `Origin` (Odoo 17+ refuses a handshake without it).
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("origin"))
+    {
+        b = b.header("origin", format!("http://{host}"));
+    }
     for (k, v) in headers {
         b = b.header(*k, *v);
     }

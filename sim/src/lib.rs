@@ -1,39 +1,51 @@
-//! A simulated Odoo 17 worker, for portier's tests, demo and benches.
+//! A simulated Odoo server port (16, 17, 18 or 19), for portier's tests, demo and benches.
 //!
-//! It answers the way an Odoo worker does where a proxy can tell the difference:
-//! `GET /web/health` -> `{"status":"pass"}`, `/web/login` sets a `session_id` cookie,
-//! `/longpolling/poll` is held, `/websocket` upgrades and echoes, `/xmlrpc/2/*` and
-//! `/jsonrpc` answer in their formats. Every answer names the worker (`x-sim-worker`
-//! header and `"worker"` field) and, for ordinary paths, echoes the request headers it
-//! received, so tests can assert what went upstream.
+//! It behaves like Odoo where a proxy can tell the difference, each behaviour modelled
+//! on Odoo's source (cited where it is implemented) and switchable so a test can pick
+//! an Odoo version and a kind of port ([`Server`]):
 //!
-//! Failure injection: [`Mode`] for the whole worker (500s, refused connections, reset
-//! connections, slow answers), and per request the `x-sim-status: CODE` header and the
-//! `sleep_ms=N` query parameter (or `x-sim-sleep-ms` header).
+//! - database selection and sessions ([`odoo`]): `odoo/http.py`
+//!   `_get_session_and_dbname` / `_save_session`, OCA `dbfilter_from_header`;
+//! - `/web/login` (GET sets `session_id` when the session may be saved, POST logs in
+//!   and rotates it), `/web` and `/odoo` answer as the logged-in user or redirect to
+//!   the login page, `/json/2/...` (Odoo 19) works on the selected database;
+//! - prefork HTTP workers (`odoo/service/server.py`, `WorkerHTTP`): a client silent for
+//!   `ODOO_HTTP_SOCKET_TIMEOUT` (2 s) loses its request, `workers` processes serve one
+//!   request each at a time (the rest wait), a process is recycled after
+//!   `limit_request` requests (its connection closes without an answer), and a
+//!   WebSocket upgrade fails (the prefork handler has no socket for the bus);
+//! - the bus WebSocket (`addons/bus/websocket.py`): the handshake checks of Odoo 17+,
+//!   no extensions negotiated, served on the gevent port (and in threaded mode);
+//! - `/web/health` and `?db_server_status=1` (`addons/web/controllers/webclient.py`).
+//!
+//! Every answer names the worker (`x-sim-worker` header and `"worker"` field) and,
+//! for ordinary paths, echoes the request headers it received, so tests can assert
+//! what went upstream. Failure injection: [`Mode`] for the whole worker (500s, refused
+//! connections, reset connections, slow answers), and per request the
+//! `x-sim-status: CODE` header and the `sleep_ms=N` query parameter (or
+//! `x-sim-sleep-ms` header).
 
 pub mod client;
+pub mod odoo;
+mod ws;
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+
+pub use odoo::{Odoo, OdooVersion};
 
 /// How the whole worker behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +62,62 @@ pub enum Mode {
     Slow(Duration),
 }
 
+/// Which Odoo port this worker is (`odoo/service/server.py`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `workers = 0`: one threaded server on one port serves everything, the bus
+    /// WebSocket included (`ThreadedServer`, its `RequestHandler` hands the socket over).
+    Threaded,
+    /// The HTTP port of a prefork server (`workers = N`, `PreforkServer`/`WorkerHTTP`).
+    Http,
+    /// The gevent (longpolling) port (`GeventServer`): the bus and longpolling, many at once.
+    Gevent,
+}
+
+/// How a simulated worker behaves; [`SimConfig::default`] is a threaded Odoo 17 that
+/// holds whichever database portier names.
+#[derive(Clone)]
+pub struct SimConfig {
+    pub server: Server,
+    /// The server behind this port: version, databases, session store. Ports of one
+    /// Odoo server (its HTTP and gevent ports) share it.
+    pub odoo: Arc<Odoo>,
+    /// `ODOO_HTTP_SOCKET_TIMEOUT` (`WorkerHTTP.__init__`, default 2 s): a connection
+    /// silent this long, mid-body or between requests, is dropped. `None`: never.
+    pub socket_timeout: Option<Duration>,
+    /// `limit_request`: requests a worker process serves before it is recycled.
+    pub limit_request: Option<u64>,
+    /// `workers`: requests worked on at once (longpolls and WebSockets excepted).
+    pub workers: Option<usize>,
+    /// werkzeug's prefork handler (`BaseWSGIServerNoBind` with `CommonRequestHandler`,
+    /// neither threaded nor forking for werkzeug) speaks HTTP/1.0: every response
+    /// closes its connection.
+    pub close_each: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig::new(
+            Server::Threaded,
+            Arc::new(Odoo::new(OdooVersion::V17, None)),
+        )
+    }
+}
+
+impl SimConfig {
+    /// The defaults of an Odoo port of this kind for `odoo`.
+    pub fn new(server: Server, odoo: Arc<Odoo>) -> SimConfig {
+        SimConfig {
+            server,
+            odoo,
+            socket_timeout: (server == Server::Http).then_some(Duration::from_secs(2)),
+            limit_request: None,
+            workers: None,
+            close_each: false,
+        }
+    }
+}
+
 /// One request as the worker received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -58,6 +126,11 @@ pub struct Recorded {
     pub target: String,
     pub headers: HeaderMap,
     pub body_len: usize,
+    /// The database Odoo selected for it, on the paths that select one.
+    pub db: Option<String>,
+    /// When the request head arrived, and when its body was complete.
+    pub head_at: Instant,
+    pub body_at: Instant,
 }
 
 impl Recorded {
@@ -79,13 +152,17 @@ const MAX_RECORDED: usize = 4096;
 
 struct Shared {
     name: String,
+    cfg: SimConfig,
     mode_tx: watch::Sender<Mode>,
     longpoll_hold: Mutex<Duration>,
     recording: AtomicBool,
     hits: AtomicU64,
     accepted: AtomicU64,
     open: AtomicU64,
-    session_seq: AtomicU64,
+    recycled: AtomicU64,
+    stalled: AtomicU64,
+    busy: AtomicU64,
+    peak_busy: AtomicU64,
     recorded: Mutex<VecDeque<Recorded>>,
     /// Like an Odoo prefork pool: at most this many requests are worked on at once;
     /// the others wait their turn. `None`: unlimited.
@@ -106,22 +183,38 @@ pub struct SimWorker {
 }
 
 impl SimWorker {
-    /// Binds `addr` (port 0 picks a free port) and starts answering.
+    /// Binds `addr` (port 0 picks a free port) as a threaded Odoo 17 and starts answering.
     pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<SimWorker> {
+        SimWorker::start_with(name, addr, SimConfig::default()).await
+    }
+
+    /// Binds `addr` and answers as `cfg` says.
+    pub async fn start_with(
+        name: &str,
+        addr: SocketAddr,
+        cfg: SimConfig,
+    ) -> std::io::Result<SimWorker> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (mode_tx, _) = watch::channel(Mode::Normal);
+        let capacity = cfg
+            .workers
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1))));
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            cfg,
             mode_tx,
             longpoll_hold: Mutex::new(Duration::from_secs(50)),
             recording: AtomicBool::new(true),
             hits: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
-            session_seq: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            peak_busy: AtomicU64::new(0),
             recorded: Mutex::new(VecDeque::new()),
-            capacity: Mutex::new(None),
+            capacity: Mutex::new(capacity),
         });
         let task = tokio::spawn(accept_loop(listener, addr, shared.clone()));
         Ok(SimWorker { addr, shared, task })
@@ -133,6 +226,11 @@ impl SimWorker {
 
     pub fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// The Odoo server behind this port.
+    pub fn odoo(&self) -> &Arc<Odoo> {
+        &self.shared.cfg.odoo
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -178,8 +276,28 @@ impl SimWorker {
         self.shared.open.load(Ordering::Relaxed)
     }
 
+    /// Requests dropped unanswered because their worker process was recycled.
+    pub fn recycled(&self) -> u64 {
+        self.shared.recycled.load(Ordering::Relaxed)
+    }
+
+    /// Connections dropped because the client stalled past the socket timeout.
+    pub fn stalled(&self) -> u64 {
+        self.shared.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Requests being worked on now, and the most seen at once.
+    pub fn busy(&self) -> u64 {
+        self.shared.busy.load(Ordering::Relaxed)
+    }
+
+    pub fn peak_busy(&self) -> u64 {
+        self.shared.peak_busy.load(Ordering::Relaxed)
+    }
+
     pub fn reset_counters(&self) {
         self.shared.hits.store(0, Ordering::Relaxed);
+        self.shared.peak_busy.store(0, Ordering::Relaxed);
         if let Ok(mut r) = self.shared.recorded.lock() {
             r.clear();
         }
@@ -265,14 +383,42 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Why a request gets no answer: hyper closes the connection without a response.
+#[derive(Debug)]
+enum Dropped {
+    /// The worker process serving the connection was recycled (`limit_request`).
+    Recycled,
+    /// The client stalled past `ODOO_HTTP_SOCKET_TIMEOUT` while sending its body.
+    Stalled,
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dropped::Recycled => "worker process recycled",
+            Dropped::Stalled => "client stalled",
+        })
+    }
+}
+
+impl std::error::Error for Dropped {}
+
 async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     shared.open.fetch_add(1, Ordering::Relaxed);
     let _guard = OpenGuard(shared.clone());
     let mut mode_rx = shared.mode_tx.subscribe();
+    // A keep-alive connection is served by one worker process, which counts the
+    // requests it serves toward `limit_request`.
+    let served = Arc::new(AtomicU64::new(0));
     let svc_shared = shared.clone();
-    let service = service_fn(move |req| handle(req, svc_shared.clone()));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
+    let service = service_fn(move |req| handle(req, svc_shared.clone(), served.clone()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(!shared.cfg.close_each);
+    if let Some(t) = shared.cfg.socket_timeout {
+        // Odoo's socket timeout also bounds the wait for a request head.
+        builder.timer(TokioTimer::new()).header_read_timeout(t);
+    }
+    let conn = builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -314,6 +460,18 @@ fn json_response(status: StatusCode, worker: &str, body: String) -> Resp {
     resp
 }
 
+fn redirect(worker: &str, location: &str) -> Resp {
+    let mut r = json_response(
+        StatusCode::SEE_OTHER,
+        worker,
+        serde_json::json!({"worker": worker, "location": location}).to_string(),
+    );
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
 fn headers_json(headers: &HeaderMap) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     for name in headers.keys() {
@@ -330,9 +488,58 @@ fn headers_json(headers: &HeaderMap) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
-async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Infallible> {
+/// Counts a request as worked on (for `busy`/`peak_busy`).
+struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn new(shared: &Arc<Shared>) -> Busy {
+        let now = shared.busy.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.peak_busy.fetch_max(now, Ordering::AcqRel);
+        Busy(shared.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads a request body as an Odoo worker does: with the socket timeout on every read.
+async fn read_body(body: Incoming, timeout: Option<Duration>) -> Result<Bytes, Dropped> {
+    let Some(t) = timeout else {
+        return Ok(body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default());
+    };
+    let mut body = body;
+    let mut out = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(t, body.frame()).await {
+            Err(_) => return Err(Dropped::Stalled),
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            // The client went away: nothing to answer.
+            Ok(Some(Err(_))) => return Err(Dropped::Stalled),
+        }
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    served: Arc<AtomicU64>,
+) -> Result<Resp, Dropped> {
+    let head_at = Instant::now();
     let worker = shared.name.clone();
     let mode = shared.mode();
+    let cfg = &shared.cfg;
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let target = req
@@ -341,6 +548,16 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| path.clone());
     let method = req.method().clone();
+
+    // `limit_request` (`Worker.check_limits`): the process has served its share and
+    // exits; the request on its connection gets no answer, as from a killed worker.
+    if let Some(limit) = cfg.limit_request {
+        if served.load(Ordering::Relaxed) >= limit {
+            shared.recycled.fetch_add(1, Ordering::Relaxed);
+            return Err(Dropped::Recycled);
+        }
+    }
+    served.fetch_add(1, Ordering::Relaxed);
 
     let sleep_ms = query_param(&query, "sleep_ms")
         .and_then(|v| v.parse::<u64>().ok())
@@ -357,20 +574,14 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|c| StatusCode::from_u16(c).ok());
 
-    if path == "/websocket" && is_websocket_upgrade(req.headers()) {
+    if path == "/websocket" && req.headers().contains_key(header::UPGRADE) {
         shared.hits.fetch_add(1, Ordering::Relaxed);
-        record(&shared, &method, &target, req.headers(), 0);
-        return Ok(websocket(req, worker));
+        record(&shared, &method, &target, req.headers(), 0, None, head_at);
+        return Ok(ws::open(req, &worker, cfg));
     }
 
-    let headers = req.headers().clone();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => Bytes::new(),
-    };
-    shared.hits.fetch_add(1, Ordering::Relaxed);
-    record(&shared, &method, &target, &headers, body.len());
-
+    // A prefork process works on one request at a time, from the moment it accepts
+    // the connection: a slow upload holds it. Longpolls are gevent's.
     let semaphore = if path.starts_with("/longpolling/") {
         None
     } else {
@@ -380,57 +591,115 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
         Some(s) => s.clone().acquire_owned().await.ok(),
         None => None,
     };
+    let _busy = Busy::new(&shared);
+
+    let headers = req.headers().clone();
+    let body = match read_body(req.into_body(), cfg.socket_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            shared.stalled.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+    };
+    let body_at = Instant::now();
+    shared.hits.fetch_add(1, Ordering::Relaxed);
+    // Recorded on arrival (a held longpoll is visible while held), with the database
+    // Odoo selects on the paths that select one.
+    let db = selects_database(&path)
+        .then(|| cfg.odoo.resolve(&headers).ok().and_then(|r| r.db))
+        .flatten();
+    record_full(
+        &shared,
+        Recorded {
+            method: method.as_str().to_string(),
+            target,
+            headers: headers.clone(),
+            body_len: body.len(),
+            db,
+            head_at,
+            body_at,
+        },
+    );
+
     if let Mode::Slow(d) = mode {
         tokio::time::sleep(d).await;
     }
     if let Some(ms) = sleep_ms {
         tokio::time::sleep(Duration::from_millis(ms.min(600_000))).await;
     }
-    if let Mode::Status(code) = mode {
+    let resp = if let Mode::Status(code) = mode {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Ok(json_response(
+        json_response(
             status,
             &worker,
             serde_json::json!({"worker": worker, "error": "simulated failure"}).to_string(),
-        ));
-    }
-    if let Some(status) = forced_status {
-        return Ok(json_response(
+        )
+    } else if let Some(status) = forced_status {
+        json_response(
             status,
             &worker,
             serde_json::json!({"worker": worker, "forced_status": status.as_u16()}).to_string(),
-        ));
-    }
+        )
+    } else {
+        route(&shared, &method, &path, &query, &headers, &body).await
+    };
+    Ok(resp)
+}
 
-    let resp = match path.as_str() {
+/// The paths whose controller needs a database (and so runs Odoo's selection).
+fn selects_database(path: &str) -> bool {
+    matches!(path, "/web/login" | "/web" | "/odoo") || path.starts_with("/json/2/")
+}
+
+/// The controllers.
+async fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Resp {
+    let worker = shared.name.as_str();
+    let odoo = &shared.cfg.odoo;
+    match path {
+        // addons/web/controllers/webclient.py, `health` (auth="none", save_session=False).
         "/web/health" => {
-            json_response(StatusCode::OK, &worker, r#"{"status": "pass"}"#.to_string())
-        }
-        "/web/login" => {
-            let mut r = json_response(
-                StatusCode::OK,
-                &worker,
-                serde_json::json!({"worker": worker, "page": "login", "headers": headers_json(&headers)}).to_string(),
-            );
-            let has_session = headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|c| c.split(';').any(|p| p.trim().starts_with("session_id=")));
-            if !has_session {
-                let n = shared.session_seq.fetch_add(1, Ordering::Relaxed);
-                let sid = format!("{:016x}{:024x}", fastrand_u64(), n);
-                let cookie = format!(
-                    "session_id={sid}; Expires=Thu, 01 Jan 2099 00:00:00 GMT; Max-Age=604800; HttpOnly; Path=/; SameSite=Lax"
-                );
-                if let Ok(v) = HeaderValue::from_str(&cookie) {
-                    r.headers_mut().insert(header::SET_COOKIE, v);
-                }
+            if query_param(query, "db_server_status").is_some_and(|v| !v.is_empty() && v != "0") {
+                let up = odoo.db_server_up.load(Ordering::Relaxed);
+                let (status, text) = if up {
+                    (StatusCode::OK, "pass")
+                } else {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "fail")
+                };
+                json_response(
+                    status,
+                    worker,
+                    serde_json::json!({"status": text, "db_server_status": up}).to_string(),
+                )
+            } else {
+                json_response(StatusCode::OK, worker, r#"{"status": "pass"}"#.to_string())
             }
-            r
+        }
+        "/web/login" | "/web" | "/odoo" => login_and_home(shared, method, path, headers, body),
+        p if p.starts_with("/json/2/") => {
+            if !odoo.version.has_json2() {
+                return json_response(StatusCode::NOT_FOUND, worker, "{}".to_string());
+            }
+            match odoo.resolve(headers) {
+                Err(_) => forbidden(worker),
+                Ok(r) => match r.db {
+                    Some(db) => json_response(
+                        StatusCode::OK,
+                        worker,
+                        serde_json::json!({"worker": worker, "db": db}).to_string(),
+                    ),
+                    None => json_response(StatusCode::NOT_FOUND, worker, "{}".to_string()),
+                },
+            }
         }
         "/longpolling/poll" => {
-            if sleep_ms.is_none() {
+            if query_param(query, "sleep_ms").is_none() && !headers.contains_key("x-sim-sleep-ms") {
                 let hold = shared
                     .longpoll_hold
                     .lock()
@@ -438,17 +707,17 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
                     .unwrap_or(Duration::from_secs(50));
                 tokio::time::sleep(hold).await;
             }
-            json_response(StatusCode::OK, &worker, "[]".to_string())
+            json_response(StatusCode::OK, worker, "[]".to_string())
         }
         "/jsonrpc" => {
-            let id = serde_json::from_slice::<serde_json::Value>(&body)
+            let id = serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|v| v.get("id").cloned())
                 .unwrap_or(serde_json::Value::Null);
             json_response(
                 StatusCode::OK,
-                &worker,
-                serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"worker": worker, "headers": headers_json(&headers)}})
+                worker,
+                serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"worker": worker, "headers": headers_json(headers)}})
                     .to_string(),
             )
         }
@@ -461,7 +730,7 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/xml; charset=utf-8"),
             );
-            if let Ok(v) = HeaderValue::from_str(&worker) {
+            if let Ok(v) = HeaderValue::from_str(worker) {
                 r.headers_mut().insert("x-sim-worker", v);
             }
             r
@@ -470,22 +739,113 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Resp, Inf
             let mut v = serde_json::json!({
                 "worker": worker,
                 "method": method.as_str(),
-                "target": target,
-                "headers": headers_json(&headers),
+                "target": if query.is_empty() { path.to_string() } else { format!("{path}?{query}") },
+                "headers": headers_json(headers),
                 "body_len": body.len(),
             });
-            if let Some(size) = query_param(&query, "size").and_then(|s| s.parse::<usize>().ok()) {
+            if let Some(size) = query_param(query, "size").and_then(|s| s.parse::<usize>().ok()) {
                 let base = v.to_string().len() + 12;
                 let pad = size.saturating_sub(base).min(16 << 20);
                 v["pad"] = serde_json::Value::from("x".repeat(pad));
             }
-            json_response(StatusCode::OK, &worker, v.to_string())
+            json_response(StatusCode::OK, worker, v.to_string())
         }
-    };
-    Ok(resp)
+    }
 }
 
-fn record(shared: &Shared, method: &Method, target: &str, headers: &HeaderMap, body_len: usize) {
+fn forbidden(worker: &str) -> Resp {
+    json_response(
+        StatusCode::FORBIDDEN,
+        worker,
+        serde_json::json!({"error": "Cannot use both the session_id cookie and the x-odoo-database header."})
+            .to_string(),
+    )
+}
+
+/// `/web/login` (addons/web/controllers/home.py `web_login`) and the home page.
+fn login_and_home(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Resp {
+    let worker = shared.name.as_str();
+    let odoo = &shared.cfg.odoo;
+    let mut r = match odoo.resolve(headers) {
+        Ok(r) => r,
+        Err(_) => return forbidden(worker),
+    };
+    let Some(db) = r.db.clone() else {
+        // No database: Odoo sends the browser to the database selector.
+        return redirect(worker, "/web/database/selector");
+    };
+    let mut cookie = None;
+    let resp = if path == "/web/login" && method == Method::POST {
+        let form = String::from_utf8_lossy(body);
+        let login = odoo::form_field(&form, "login").unwrap_or("");
+        let password = odoo::form_field(&form, "password").unwrap_or("");
+        if login.is_empty() || password != "admin" {
+            json_response(
+                StatusCode::OK,
+                worker,
+                serde_json::json!({"worker": worker, "page": "login", "db": db, "error": "Wrong login/password"}).to_string(),
+            )
+        } else {
+            // `session.authenticate` then `_save_session`: the session id rotates.
+            r.session.login = Some(login.to_string());
+            cookie = odoo.save(&r, true);
+            redirect(worker, odoo.version.home())
+        }
+    } else if path == "/web/login" {
+        // The login form stores its CSRF secret in the session: saved, if it may be.
+        cookie = odoo.save(&r, false);
+        json_response(
+            StatusCode::OK,
+            worker,
+            serde_json::json!({"worker": worker, "page": "login", "db": db, "user": r.session.login, "headers": headers_json(headers)}).to_string(),
+        )
+    } else {
+        match r.session.login.clone() {
+            Some(user) => json_response(
+                StatusCode::OK,
+                worker,
+                serde_json::json!({"worker": worker, "page": "home", "db": db, "user": user, "headers": headers_json(headers)}).to_string(),
+            ),
+            None => redirect(worker, "/web/login"),
+        }
+    };
+    let mut resp = resp;
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    resp
+}
+
+fn record(
+    shared: &Shared,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body_len: usize,
+    db: Option<String>,
+    at: Instant,
+) {
+    record_full(
+        shared,
+        Recorded {
+            method: method.as_str().to_string(),
+            target: target.to_string(),
+            headers: headers.clone(),
+            body_len,
+            db,
+            head_at: at,
+            body_at: at,
+        },
+    );
+}
+
+fn record_full(shared: &Shared, rec: Recorded) {
     if !shared.recording.load(Ordering::Relaxed) {
         return;
     }
@@ -493,78 +853,8 @@ fn record(shared: &Shared, method: &Method, target: &str, headers: &HeaderMap, b
         if r.len() >= MAX_RECORDED {
             r.pop_front();
         }
-        r.push_back(Recorded {
-            method: method.as_str().to_string(),
-            target: target.to_string(),
-            headers: headers.clone(),
-            body_len,
-        });
+        r.push_back(rec);
     }
-}
-
-fn fastrand_u64() -> u64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(std::process::id() as u64);
-    h.finish()
-}
-
-fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    let upgrade = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let connection = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    upgrade && connection && headers.contains_key(header::SEC_WEBSOCKET_KEY)
-}
-
-/// Answers the upgrade with 101 and echoes every message; `whoami` gets the worker name.
-fn websocket(req: Request<Incoming>, worker: String) -> Resp {
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .map(|k| derive_accept_key(k.as_bytes()))
-        .unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&key) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&worker) {
-        h.insert("x-sim-worker", v);
-    }
-    tokio::spawn(async move {
-        let Ok(upgraded) = hyper::upgrade::on(req).await else {
-            return;
-        };
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        while let Some(Ok(msg)) = ws.next().await {
-            let reply = match msg {
-                Message::Text(t) if t.as_str() == "whoami" => Message::text(worker.clone()),
-                Message::Text(t) => Message::Text(t),
-                Message::Binary(b) => Message::Binary(b),
-                Message::Close(_) => break,
-                _ => continue,
-            };
-            if ws.send(reply).await.is_err() {
-                break;
-            }
-        }
-        let _ = ws.close(None).await;
-    });
-    resp
 }
 
 #[cfg(test)]
@@ -578,6 +868,18 @@ mod tests {
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The first bytes of the answer (for answers on connections left open).
+    async fn first(addr: SocketAddr, req: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
     fn local() -> SocketAddr {
@@ -645,5 +947,187 @@ mod tests {
             .await
             .unwrap();
         assert!(r.starts_with("HTTP/1.1 502"), "{r}");
+    }
+
+    fn cfg(server: Server, version: OdooVersion, dbs: Option<&[&str]>) -> SimConfig {
+        SimConfig::new(server, Arc::new(Odoo::new(version, dbs)))
+    }
+
+    fn set_cookie(r: &str) -> Option<String> {
+        r.lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: "))
+            .map(|l| l[12..].split(';').next().unwrap_or("").to_string())
+    }
+
+    #[tokio::test]
+    async fn login_flow_and_odoo19_stateless_header() {
+        let w = SimWorker::start_with(
+            "w",
+            local(),
+            cfg(Server::Http, OdooVersion::V19, Some(&["acme", "beta"])),
+        )
+        .await
+        .unwrap();
+        let a = w.addr();
+        let r = raw(a, "GET /web/login HTTP/1.1\r\nHost: x\r\nX-Odoo-dbfilter: ^acme$\r\nConnection: close\r\n\r\n").await.unwrap();
+        let c = set_cookie(&r).expect("a session cookie");
+        let post = format!("POST /web/login HTTP/1.1\r\nHost: x\r\nX-Odoo-dbfilter: ^acme$\r\nCookie: {c}\r\nContent-Length: 26\r\nConnection: close\r\n\r\nlogin=bob&password=admin&x");
+        let r = raw(a, &post).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 303"), "{r}");
+        let c2 = set_cookie(&r).expect("the rotated session cookie");
+        assert_ne!(c, c2);
+        let r = raw(a, &format!("GET /odoo HTTP/1.1\r\nHost: x\r\nX-Odoo-dbfilter: ^acme$\r\nCookie: {c2}\r\nConnection: close\r\n\r\n")).await.unwrap();
+        assert!(
+            r.contains(r#""user":"bob""#) && r.contains(r#""db":"acme""#),
+            "{r}"
+        );
+        // With X-Odoo-Database and no cookie: the session is never saved.
+        let r = raw(a, "GET /web/login HTTP/1.1\r\nHost: x\r\nX-Odoo-Database: acme\r\nConnection: close\r\n\r\n").await.unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && set_cookie(&r).is_none(),
+            "{r}"
+        );
+        // With a session of acme and the header naming beta: 403.
+        let r = raw(a, &format!("GET /odoo HTTP/1.1\r\nHost: x\r\nX-Odoo-Database: beta\r\nCookie: {c2}\r\nConnection: close\r\n\r\n")).await.unwrap();
+        assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+        // Odoo 19's JSON-2 API on the header's database.
+        let r = raw(a, "POST /json/2/res.partner/search HTTP/1.1\r\nHost: x\r\nX-Odoo-Database: beta\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").await.unwrap();
+        assert!(r.contains(r#""db":"beta""#), "{r}");
+    }
+
+    #[tokio::test]
+    async fn unanchored_filter_admits_prefixed_databases() {
+        let w = SimWorker::start_with(
+            "w",
+            local(),
+            cfg(Server::Http, OdooVersion::V17, Some(&["acme", "acme2"])),
+        )
+        .await
+        .unwrap();
+        let r = raw(w.addr(), "GET /web/login HTTP/1.1\r\nHost: x\r\nX-Odoo-dbfilter: acme\r\nConnection: close\r\n\r\n").await.unwrap();
+        // Two databases pass `re.match("acme", ...)`: no monodb, the selector.
+        assert!(
+            r.starts_with("HTTP/1.1 303") && r.contains("/web/database/selector"),
+            "{r}"
+        );
+    }
+
+    #[tokio::test]
+    async fn recycled_process_drops_the_next_request_unanswered() {
+        let mut c = cfg(Server::Http, OdooVersion::V17, None);
+        c.limit_request = Some(2);
+        let w = SimWorker::start_with("w", local(), c).await.unwrap();
+        let mut s = TcpStream::connect(w.addr()).await.unwrap();
+        let req = b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /x HTTP/1.1\r\nHost: x\r\n\r\n";
+        s.write_all(req).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+        assert_eq!(w.recycled(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_stalled_past_the_socket_timeout_is_dropped() {
+        let mut c = cfg(Server::Http, OdooVersion::V17, None);
+        c.socket_timeout = Some(Duration::from_millis(200));
+        let w = SimWorker::start_with("w", local(), c).await.unwrap();
+        let mut s = TcpStream::connect(w.addr()).await.unwrap();
+        s.write_all(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = s.write_all(b"defghij").await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+        assert_eq!(w.stalled(), 1);
+        assert_eq!(w.hits(), 0);
+    }
+
+    #[tokio::test]
+    async fn websocket_handshake_checks() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let hs = |extra: &str, upgrade: &str| {
+            format!("GET /websocket HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{extra}\r\n")
+        };
+        let gevent =
+            SimWorker::start_with("g", local(), cfg(Server::Gevent, OdooVersion::V17, None))
+                .await
+                .unwrap();
+        let r = first(gevent.addr(), &hs("", "websocket")).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "no Origin: {r}");
+        let r = first(gevent.addr(), &hs("Origin: http://x\r\n", "WebSocket")).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "Upgrade spelling: {r}");
+        let mut s = TcpStream::connect(gevent.addr()).await.unwrap();
+        s.write_all(
+            hs(
+                "Origin: http://x\r\nSec-WebSocket-Extensions: permessage-deflate\r\n",
+                "websocket",
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(!head.contains("sec-websocket-extensions"), "{head}");
+        // Odoo 16 does not require Origin; a prefork HTTP worker cannot serve the bus.
+        let g16 = SimWorker::start_with("g", local(), cfg(Server::Gevent, OdooVersion::V16, None))
+            .await
+            .unwrap();
+        let r = first(g16.addr(), &hs("", "websocket")).await;
+        assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+        let http = SimWorker::start_with("h", local(), cfg(Server::Http, OdooVersion::V17, None))
+            .await
+            .unwrap();
+        let r = first(http.addr(), &hs("Origin: http://x\r\n", "websocket")).await;
+        assert!(
+            r.starts_with("HTTP/1.1 500") && r.contains("evented port"),
+            "{r}"
+        );
+    }
+
+    #[tokio::test]
+    async fn health_with_db_server_status() {
+        let w = SimWorker::start("w", local()).await.unwrap();
+        let get =
+            "GET /web/health?db_server_status=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let r = raw(w.addr(), get).await.unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains(r#""db_server_status":true"#),
+            "{r}"
+        );
+        w.odoo().db_server_up.store(false, Ordering::Relaxed);
+        let r = raw(w.addr(), get).await.unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 500") && r.contains(r#""status":"fail""#),
+            "{r}"
+        );
+    }
+
+    #[tokio::test]
+    async fn prefork_workers_serve_one_request_each_at_a_time() {
+        let mut c = cfg(Server::Http, OdooVersion::V17, None);
+        c.workers = Some(2);
+        let w = SimWorker::start_with("w", local(), c).await.unwrap();
+        let a = w.addr();
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                tokio::spawn(async move {
+                    raw(
+                        a,
+                        "GET /x?sleep_ms=150 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    )
+                    .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap().starts_with("HTTP/1.1 200"));
+        }
+        assert_eq!(w.peak_busy(), 2);
     }
 }

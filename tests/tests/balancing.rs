@@ -42,9 +42,16 @@ async fn spread_bounds_the_workers_a_tenant_touches() {
         let mut conn = connect(p.http).await;
         let mut used = HashSet::new();
         for _i in 0..40 {
-            let r = send(&mut conn, "GET", host, "/web", &[], Bytes::new())
-                .await
-                .unwrap_or_else(|e| panic!("{host} #{_i}: {e}"));
+            let r = send(
+                &mut conn,
+                "GET",
+                host,
+                "/web/dataset/call_kw",
+                &[],
+                Bytes::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{host} #{_i}: {e}"));
             assert_eq!(r.status, 200);
             used.insert(r.worker().unwrap().to_string());
         }
@@ -140,7 +147,9 @@ async fn a_failing_worker_is_ejected_while_gets_keep_succeeding() {
     let p = Portier::start(&ports, &cfg).await;
     http[1].set_mode(Mode::Status(502));
     for i in 0..60 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "request {i}");
         assert_ne!(r.worker(), Some("w1"));
     }
@@ -178,7 +187,9 @@ async fn refused_and_reset_connections_open_the_breaker_too() {
     http[0].set_mode(Mode::Reset);
     for _ in 0..20 {
         // A reset after the request was sent fails that attempt (502) unless it was retried.
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert!(r.status == 200 || r.status == 502, "{}", r.status);
     }
     let st = status(p.admin).await;
@@ -187,7 +198,9 @@ async fn refused_and_reset_connections_open_the_breaker_too() {
         "open"
     );
     for _ in 0..10 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.worker(), Some("w1"));
     }
@@ -204,9 +217,14 @@ async fn retries_follow_method_safety() {
     );
     let p = Portier::start(&ports, &cfg).await;
     // GET answered 502 by a worker: retried once on the other one.
-    let r = get_with(p.http, "acme.test", "/web", &[("x-sim-status", "502")])
-        .await
-        .unwrap();
+    let r = get_with(
+        p.http,
+        "acme.test",
+        "/web/dataset/call_kw",
+        &[("x-sim-status", "502")],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(http[0].hits() + http[1].hits(), 2);
     // POST that reached a worker: never retried.
@@ -225,7 +243,9 @@ async fn retries_follow_method_safety() {
     // A GET whose first worker answers 504 and the second 200: the client gets 200.
     http[0].set_mode(Mode::Status(504));
     for _ in 0..6 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
 }
@@ -240,7 +260,13 @@ async fn all_backends_down_gives_the_503_maintenance_page() {
         toml_list(&addrs(&http))
     );
     let p = Portier::start(&ports, &cfg).await;
-    assert_eq!(get(p.http, "acme.test", "/web").await.unwrap().status, 200);
+    assert_eq!(
+        get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     for w in &http {
         w.set_mode(Mode::Status(500));
     }
@@ -259,7 +285,9 @@ async fn all_backends_down_gives_the_503_maintenance_page() {
     }
     assert!(down, "health checks did not mark the workers down");
     let before: u64 = http.iter().map(|w| w.hits()).sum();
-    let r = get(p.http, "acme.test", "/web").await.unwrap();
+    let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());
     assert!(r.header("content-type").unwrap().starts_with("text/html"));
@@ -268,7 +296,7 @@ async fn all_backends_down_gives_the_503_maintenance_page() {
     let after_hits: Vec<_> = http
         .iter()
         .flat_map(|w| w.requests())
-        .filter(|r| r.target == "/web")
+        .filter(|r| r.target == "/web/dataset/call_kw")
         .collect();
     assert_eq!(after_hits.len(), 1, "{before}");
     let log = p.wait_access_log(|v| v["status"] == 503).await;
@@ -293,7 +321,9 @@ async fn a_recovered_worker_gets_traffic_back() {
     http[0].set_mode(Mode::Refuse);
     // Traffic keeps flowing on w1 while w0 is dead.
     for _ in 0..20 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.worker(), Some("w1"));
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -302,7 +332,9 @@ async fn a_recovered_worker_gets_traffic_back() {
     let back = Instant::now();
     let mut recovered = None;
     while back.elapsed() < Duration::from_secs(6) {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         if r.worker() == Some("w0") {
             recovered = Some(back.elapsed());
@@ -340,7 +372,9 @@ async fn health_checks_take_a_failing_worker_out_and_back() {
     http[1].set_mode(Mode::Normal);
     http[1].reset_counters();
     for _ in 0..20 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.worker(), Some("w0"));
     }
     let mut up = false;
@@ -355,7 +389,7 @@ async fn health_checks_take_a_failing_worker_out_and_back() {
     let mut served = HashSet::new();
     for _ in 0..20 {
         served.insert(
-            get(p.http, "acme.test", "/web")
+            get(p.http, "acme.test", "/web/dataset/call_kw")
                 .await
                 .unwrap()
                 .worker()
@@ -386,7 +420,7 @@ async fn spread_spills_to_the_pool_when_the_tenants_workers_are_out() {
     let mut own = HashSet::new();
     for _ in 0..30 {
         own.insert(
-            get(p.http, "acme.test", "/web")
+            get(p.http, "acme.test", "/web/dataset/call_kw")
                 .await
                 .unwrap()
                 .worker()
@@ -402,7 +436,9 @@ async fn spread_spills_to_the_pool_when_the_tenants_workers_are_out() {
     }
     let mut spill = HashSet::new();
     for _ in 0..30 {
-        let r = get(p.http, "acme.test", "/web").await.unwrap();
+        let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
         spill.insert(r.worker().unwrap().to_string());
     }
@@ -438,7 +474,7 @@ async fn dns_discovery_follows_the_record_set() {
     async fn served(p: &Portier, n: usize) -> HashSet<String> {
         let mut s = HashSet::new();
         for _ in 0..n {
-            if let Ok(r) = get(p.http, "acme.test", "/web").await {
+            if let Ok(r) = get(p.http, "acme.test", "/web/dataset/call_kw").await {
                 if let Some(w) = r.worker() {
                     s.insert(w.to_string());
                 }

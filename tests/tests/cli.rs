@@ -191,7 +191,9 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         ports.http
     )));
     // And it really serves those tenants.
-    let r = get(p.http, "acme.localhost", "/web").await.unwrap();
+    let r = get(p.http, "acme.localhost", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
         r.upstream_header("x-odoo-database").as_deref(),

@@ -151,6 +151,8 @@ async fn mutated_framings_are_refused_or_forwarded_whole() {
         "refused {refused}, forwarded {forwarded}"
     );
     // Still serving.
-    let r = get(p.http, "acme.test", "/web").await.unwrap();
+    let r = get(p.http, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
 }

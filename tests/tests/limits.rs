@@ -83,7 +83,7 @@ async fn other_tenants_and_interactive_traffic_are_not_limited() {
     assert_eq!(rpc(&p, "acme.test", "/jsonrpc").await.status, 429);
     // The same tenant's interactive and static traffic.
     for path in [
-        "/web",
+        "/web/dataset/call_kw",
         "/web/dataset/call_kw/res.partner/read",
         "/web/static/x.js",
     ] {
@@ -186,7 +186,13 @@ async fn limiter_state_survives_a_reload_and_changed_limits_apply_at_once() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(get(p.http, "new.test", "/web").await.unwrap().status, 200);
+    assert_eq!(
+        get(p.http, "new.test", "/web/dataset/call_kw")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     assert_eq!(rpc(&p, "acme.test", "/jsonrpc").await.status, 429);
     // Raise the burst: applies at once.
     std::fs::write(p.config_path(), format!("{base}{}", tenant(5))).unwrap();

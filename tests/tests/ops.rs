@@ -21,7 +21,7 @@ fn config(ports: &Ports, w: &SimWorker, tenants: &[&str]) -> String {
 }
 
 async fn routes(p: &Portier, host: &str) -> bool {
-    get(p.http, host, "/web")
+    get(p.http, host, "/web/dataset/call_kw")
         .await
         .map(|r| r.status == 200)
         .unwrap_or(false)
@@ -198,7 +198,15 @@ async fn no_request_fails_while_20_reloads_happen() {
         let mut conn = connect(addr).await;
         let mut failures = Vec::new();
         while !d.load(Ordering::Relaxed) || s.load(Ordering::Relaxed) < 1000 {
-            let r = send(&mut conn, "GET", "a.test", "/web", &[], Bytes::new()).await;
+            let r = send(
+                &mut conn,
+                "GET",
+                "a.test",
+                "/web/dataset/call_kw",
+                &[],
+                Bytes::new(),
+            )
+            .await;
             s.fetch_add(1, Ordering::Relaxed);
             match r {
                 Ok(r) if r.status == 200 => {}
@@ -251,7 +259,10 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     let mut p = Portier::start(&ports, &config(&ports, &w, &["a"])).await;
     assert_eq!(get(p.admin, "admin", "/readyz").await.unwrap().status, 200);
     let addr = p.http;
-    let slow = tokio::spawn(async move { get(addr, "a.test", "/web?sleep_ms=1500").await });
+    let slow =
+        tokio::spawn(
+            async move { get(addr, "a.test", "/web/dataset/call_kw?sleep_ms=1500").await },
+        );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     p.signal("TERM");
@@ -271,7 +282,7 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
     // The listener stops accepting.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
-        get(p.http, "a.test", "/web").await.is_err(),
+        get(p.http, "a.test", "/web/dataset/call_kw").await.is_err(),
         "still accepting after SIGTERM"
     );
     let r = slow.await.unwrap().unwrap();
@@ -292,7 +303,7 @@ async fn term_int_and_quit_when_idle_exit_0_at_once() {
     for sig in ["TERM", "INT", "QUIT"] {
         let ports = Ports::new();
         let mut p = Portier::start(&ports, &config(&ports, &w, &["a"])).await;
-        get(p.http, "a.test", "/web").await.unwrap();
+        get(p.http, "a.test", "/web/dataset/call_kw").await.unwrap();
         let t0 = Instant::now();
         p.signal(sig);
         let status = p.wait_exit(Duration::from_secs(10)).expect("exits");
@@ -354,7 +365,7 @@ async fn status_and_metrics_show_what_the_contract_lists() {
     );
     let p = Portier::start(&ports, &cfg).await;
     let _held = connect(p.http).await;
-    get(p.http, "a.test", "/web").await.unwrap();
+    get(p.http, "a.test", "/web/dataset/call_kw").await.unwrap();
     request(
         p.http,
         "POST",
@@ -462,7 +473,7 @@ async fn tenant_labels_stop_at_1000() {
             &mut conn,
             "GET",
             &format!("n{i}.t.test"),
-            "/web",
+            "/web/dataset/call_kw",
             &[],
             Bytes::new(),
         )

@@ -50,19 +50,25 @@ fn hits(ws: &[SimWorker]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_hosts_and_templates_route_port_and_case_ignored() {
     let s = setup("").await;
-    let r = get(s.p.http, "ACME.test:8069", "/web").await.unwrap();
+    let r = get(s.p.http, "ACME.test:8069", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.upstream_header("x-odoo-database").as_deref(),
         Some("acme_db")
     );
-    let r = get(s.p.http, "erp.acme.test", "/web").await.unwrap();
+    let r = get(s.p.http, "erp.acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(
         r.upstream_header("x-odoo-dbfilter").as_deref(),
         Some("acme_db")
     );
     // Template: the captured label is the tenant and its database.
-    let r = get(s.p.http, "Beta.ERP.test", "/web").await.unwrap();
+    let r = get(s.p.http, "Beta.ERP.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
         r.upstream_header("x-odoo-database").as_deref(),
@@ -71,7 +77,9 @@ async fn exact_hosts_and_templates_route_port_and_case_ignored() {
     let log = s.p.wait_access_log(|v| v["tenant"] == "beta").await;
     assert_eq!(log["class"], "interactive");
     // Two labels do not match a one-label template.
-    let r = get(s.p.http, "a.b.erp.test", "/web").await.unwrap();
+    let r = get(s.p.http, "a.b.erp.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 404);
 }
 
@@ -102,7 +110,7 @@ async fn classes_choose_the_backend_list() {
     let cases = [
         ("/longpolling/poll", "g"),
         ("/websocket", "g"),
-        ("/web", "h"),
+        ("/web/dataset/call_kw", "h"),
         ("/web/login", "h"),
         ("/jsonrpc", "h"),
         ("/xmlrpc/2/common", "h"),
@@ -165,7 +173,7 @@ async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
     let r = get_with(
         s.p.http,
         "acme.test:8080",
-        "/web",
+        "/web/dataset/call_kw",
         &[
             ("x-odoo-database", "other_tenant"),
             ("x-odoo-dbfilter", "other_tenant"),
@@ -203,7 +211,7 @@ async fn database_headers_are_dropped_for_a_tenant_without_database() {
     let r = get_with(
         s.p.http,
         "nodb.test",
-        "/web",
+        "/web/dataset/call_kw",
         &[
             ("x-odoo-database", "acme_db"),
             ("x-odoo-dbfilter", "acme_db"),
@@ -225,7 +233,7 @@ async fn trusted_proxies_keep_the_client_chain() {
     let r = get_with(
         s.p.http,
         "lb.test",
-        "/web",
+        "/web/dataset/call_kw",
         &[
             ("x-forwarded-for", "198.51.100.7"),
             ("x-forwarded-proto", "https"),
@@ -253,7 +261,7 @@ async fn request_id_is_kept_when_sent() {
     let r = get_with(
         s.p.http,
         "acme.test",
-        "/web",
+        "/web/dataset/call_kw",
         &[("x-request-id", "trace-42")],
     )
     .await
@@ -266,16 +274,21 @@ async fn request_id_is_kept_when_sent() {
     let log = s.p.wait_access_log(|v| v["request_id"] == "trace-42").await;
     assert_eq!(log["tenant"], "acme");
     // A value that is not an id is replaced.
-    let r = get_with(s.p.http, "acme.test", "/web", &[("x-request-id", "a b\"c")])
-        .await
-        .unwrap();
+    let r = get_with(
+        s.p.http,
+        "acme.test",
+        "/web/dataset/call_kw",
+        &[("x-request-id", "a b\"c")],
+    )
+    .await
+    .unwrap();
     assert_ne!(r.header("x-request-id"), Some("a b\"c"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_removed() {
     let s = setup("").await;
-    let req = "GET /web HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
+    let req = "GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
     let (resp, _) = raw(s.p.http, req.as_bytes(), Duration::from_millis(500)).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let rec = s
@@ -295,9 +308,16 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     let s = setup("").await;
     let mut conn = connect(s.p.http).await;
     for _ in 0..40 {
-        let r = send(&mut conn, "GET", "acme.test", "/web", &[], Bytes::new())
-            .await
-            .unwrap();
+        let r = send(
+            &mut conn,
+            "GET",
+            "acme.test",
+            "/web/dataset/call_kw",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(r.status, 200);
     }
     let accepted: u64 = s.http.iter().map(|w| w.accepted_connections()).sum();
@@ -432,22 +452,22 @@ async fn malformed_requests_get_400_or_431_close_and_reach_no_worker() {
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "CL and TE",
-            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
             "400",
         ),
         (
             "differing duplicate CL",
-            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(),
+            b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde".to_vec(),
             "400",
         ),
         (
             "bad chunk size",
-            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
+            b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n".to_vec(),
             "400",
         ),
         (
             "non-chunked final TE",
-            b"POST /web HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_vec(),
+            b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: gzip\r\n\r\nabc".to_vec(),
             "400",
         ),
         (
@@ -457,13 +477,13 @@ async fn malformed_requests_get_400_or_431_close_and_reach_no_worker() {
         ),
         (
             "two hosts",
-            b"GET /web HTTP/1.1\r\nHost: acme.test\r\nHost: erp.acme.test\r\n\r\n".to_vec(),
+            b"GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nHost: erp.acme.test\r\n\r\n".to_vec(),
             "400",
         ),
         (
             "oversized header block",
             {
-                let mut r = b"GET /web HTTP/1.1\r\nHost: acme.test\r\n".to_vec();
+                let mut r = b"GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\n".to_vec();
                 for i in 0..20 {
                     r.extend(format!("X-Big-{i}: {}\r\n", "a".repeat(4000)).as_bytes());
                 }
@@ -538,7 +558,9 @@ pool = "p"
     let p = Portier::start(&ports, &cfg).await;
     // An interactive request slower than request_timeout: 504.
     let start = std::time::Instant::now();
-    let r = get(p.http, "t.test", "/web?sleep_ms=4000").await.unwrap();
+    let r = get(p.http, "t.test", "/web/dataset/call_kw?sleep_ms=4000")
+        .await
+        .unwrap();
     assert_eq!(r.status, 504);
     assert!(start.elapsed() < Duration::from_secs(3));
     // A longpoll held 1.5 s is fine under longpolling_timeout (2 s) though over request_timeout.
@@ -586,7 +608,7 @@ async fn connect_timeout_gives_504() {
     );
     let p = Portier::start(&ports, &cfg).await;
     let start = std::time::Instant::now();
-    let r = get(p.http, "t.test", "/web").await.unwrap();
+    let r = get(p.http, "t.test", "/web/dataset/call_kw").await.unwrap();
     assert_eq!(r.status, 504, "{}", r.text());
     assert!(start.elapsed() < Duration::from_secs(3));
     drop(listener);
@@ -646,7 +668,9 @@ async fn access_log_has_one_json_line_per_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_can_be_turned_off() {
     let s = setup("[log]\naccess = false\n").await;
-    get(s.p.http, "acme.test", "/web").await.unwrap();
+    get(s.p.http, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(s.p.access_log().is_empty());
 }
@@ -657,7 +681,7 @@ async fn head_http10_and_expect_continue_behave() {
     // HEAD: headers, no body.
     let (resp, _) = raw(
         s.p.http,
-        b"HEAD /web HTTP/1.1\r\nHost: acme.test\r\nConnection: close\r\n\r\n",
+        b"HEAD /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nConnection: close\r\n\r\n",
         Duration::from_secs(3),
     )
     .await;
@@ -679,7 +703,7 @@ async fn head_http10_and_expect_continue_behave() {
     // HTTP/1.0 without keep-alive: answered, then closed.
     let (resp, closed) = raw(
         s.p.http,
-        b"GET /web HTTP/1.0\r\nHost: acme.test\r\n\r\n",
+        b"GET /web/dataset/call_kw HTTP/1.0\r\nHost: acme.test\r\n\r\n",
         Duration::from_secs(3),
     )
     .await;

@@ -113,7 +113,9 @@ async fn sni_picks_exact_then_wildcard_then_default() {
     let stream = tls_connect(s.https, "acme.test", cfg.clone())
         .await
         .unwrap();
-    let r = h1_over(stream, "acme.test", "/web").await.unwrap();
+    let r = h1_over(stream, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
         r.upstream_header("x-forwarded-proto").as_deref(),
@@ -170,7 +172,9 @@ async fn replacing_a_certificate_changes_new_handshakes_without_a_restart() {
     }
     assert!(changed, "new handshakes still present the old certificate");
     // The connection opened before keeps working.
-    let r = h1_over(old_conn, "acme.test", "/web").await.unwrap();
+    let r = h1_over(old_conn, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     // A new pair appears: served without a restart.
     s.pki
@@ -255,7 +259,9 @@ async fn http2_is_negotiated_with_alpn() {
     .await
     .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let r = h2_over(stream, "acme.test:8443", "/web").await.unwrap();
+    let r = h2_over(stream, "acme.test:8443", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.upstream_header("x-forwarded-host").as_deref(),
@@ -360,7 +366,9 @@ async fn plain_http_is_redirected_for_covered_hosts_and_hsts_is_sent() {
     assert_eq!(r.status, 200);
     assert_eq!(r.worker(), Some("w"));
     // A host no certificate names (only the default would answer): proxied.
-    let r = get(s.p.http, "plain.test", "/web").await.unwrap();
+    let r = get(s.p.http, "plain.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     // HSTS on TLS responses, proxied and portier's own.
     let cfg = s.pki.client(&[b"http/1.1"], ALL);
@@ -369,7 +377,7 @@ async fn plain_http_is_redirected_for_covered_hosts_and_hsts_is_sent() {
             .await
             .unwrap(),
         "acme.test",
-        "/web",
+        "/web/dataset/call_kw",
     )
     .await
     .unwrap();
@@ -391,7 +399,9 @@ async fn plain_http_is_redirected_for_covered_hosts_and_hsts_is_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redirect_http_plain_http_is_proxied() {
     let s = setup(Some("fallback"), "redirect_http = false\n").await;
-    let r = get(s.p.http, "acme.test", "/web").await.unwrap();
+    let r = get(s.p.http, "acme.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
         r.upstream_header("x-forwarded-proto").as_deref(),
