@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use portier_sim::{client, SimWorker};
+use portier_sim::{client, Odoo, OdooVersion, Server, SimConfig, SimWorker};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::state::Shared;
+
+/// The databases on the demo's PostgreSQL: the tenants' own, and `acme2`, which an
+/// unanchored filter for `acme` would also admit.
+const DATABASES: &[&str] = &["acme", "acme2", "beta", "gamma", "zeta"];
 
 struct Workers {
     http: Vec<SocketAddr>,
@@ -38,16 +42,30 @@ fn start_workers() -> std::io::Result<Workers> {
             rt.block_on(async move {
                 let local: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
                 let mut workers = Vec::new();
-                for name in ["w1", "w1-gevent", "w2", "w2-gevent"] {
-                    match SimWorker::start(name, local).await {
-                        Ok(w) => {
-                            w.set_longpoll_hold(Duration::from_secs(10));
-                            w.set_recording(false);
-                            workers.push(w)
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
+                // Two Odoo 17 servers, each a prefork HTTP port (2 workers) and a gevent
+                // port, on one PostgreSQL and one sessions directory (the filestore
+                // volume multi-server Odoo deployments share): a session rotated at
+                // login may land on the other server.
+                let odoo = Arc::new(Odoo::new(OdooVersion::V17, Some(DATABASES)));
+                for server in ["w1", "w2"] {
+                    let odoo = odoo.clone();
+                    let mut http = SimConfig::new(Server::Http, odoo.clone());
+                    http.workers = Some(2);
+                    let gevent = SimConfig::new(Server::Gevent, odoo);
+                    for (name, cfg) in [
+                        (server.to_string(), http),
+                        (format!("{server}-gevent"), gevent),
+                    ] {
+                        match SimWorker::start_with(&name, local, cfg).await {
+                            Ok(w) => {
+                                w.set_longpoll_hold(Duration::from_secs(10));
+                                w.set_recording(false);
+                                workers.push(w)
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
                         }
                     }
                 }
@@ -141,40 +159,73 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-async fn get(port: u16, host: &str, path: &str) -> Result<(u16, String, String), String> {
-    let resp = client::request(local(port), "GET", host, path, &[], Bytes::new()).await?;
+struct Answer {
+    status: u16,
+    body: String,
+    cookie: String,
+}
+
+async fn call(
+    port: u16,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Result<Answer, String> {
+    let resp = client::request(
+        local(port),
+        method,
+        host,
+        path,
+        headers,
+        Bytes::from_static(body.as_bytes()),
+    )
+    .await?;
     let cookie = resp
         .headers()
         .get("set-cookie")
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
         .unwrap_or("")
         .to_string();
-    let status = resp.status().as_u16();
-    Ok((
-        status,
-        String::from_utf8_lossy(resp.body()).into_owned(),
+    Ok(Answer {
+        status: resp.status().as_u16(),
+        body: String::from_utf8_lossy(resp.body()).into_owned(),
         cookie,
-    ))
+    })
 }
 
-async fn websocket(port: u16, host: &str) -> Result<(String, String), String> {
-    let (mut ws, _) = client::websocket(local(port), host, "/websocket", &[]).await?;
-    ws.send(Message::text("hello through portier"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let echo = match ws.next().await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => return Err(format!("unexpected {other:?}")),
+async fn get(port: u16, host: &str, path: &str, cookie: &str) -> Result<Answer, String> {
+    let headers: &[(&str, &str)] = if cookie.is_empty() {
+        &[]
+    } else {
+        &[("cookie", cookie)]
     };
-    ws.send(Message::text("whoami"))
-        .await
-        .map_err(|e| e.to_string())?;
-    let who = match ws.next().await {
-        Some(Ok(Message::Text(t))) => t.to_string(),
-        other => return Err(format!("unexpected {other:?}")),
+    call(port, "GET", host, path, headers, "").await
+}
+
+async fn websocket(
+    port: u16,
+    host: &str,
+    cookie: &str,
+) -> Result<(String, String, String), String> {
+    let (mut ws, _) =
+        client::websocket(local(port), host, "/websocket", &[("cookie", cookie)]).await?;
+    let mut ask = async |text: &str| -> Result<String, String> {
+        ws.send(Message::text(text))
+            .await
+            .map_err(|e| e.to_string())?;
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => Ok(t.to_string()),
+            other => Err(format!("unexpected {other:?}")),
+        }
     };
+    let echo = ask("hello through portier").await?;
+    let who = ask("whoami").await?;
+    let session = ask("session").await?;
     let _ = ws.close(None).await;
-    Ok((echo, who))
+    Ok((echo, who, session))
 }
 
 fn field(body: &str, pointer: &str) -> String {
@@ -196,46 +247,104 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
         out.push_str(&text);
         out.push('\n');
     };
-    match get(port, "acme.localhost", "/web/login").await {
-        Ok((s, body, cookie)) => line(
-            s == 200 && cookie.starts_with("session_id="),
+    // A browser's login through portier: the login page, the form, the home page,
+    // then the bus WebSocket with the same session.
+    let host = "acme.localhost";
+    let mut cookie = String::new();
+    match get(port, host, "/web/login", "").await {
+        Ok(a) => {
+            line(
+                a.status == 200 && a.cookie.starts_with("session_id="),
+                format!(
+                    "{host} GET /web/login -> {} from worker {} (database {}), cookie {}",
+                    a.status,
+                    field(&a.body, "/worker"),
+                    field(&a.body, "/db"),
+                    a.cookie
+                ),
+            );
+            cookie = a.cookie;
+        }
+        Err(e) => line(false, format!("{host}: {e}")),
+    }
+    let form = [
+        ("cookie", cookie.as_str()),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    match call(
+        port,
+        "POST",
+        host,
+        "/web/login",
+        &form,
+        "login=admin&password=admin",
+    )
+    .await
+    {
+        Ok(a) => {
+            line(
+                a.status == 303 && a.cookie.starts_with("session_id="),
+                format!(
+                    "{host} POST /web/login -> {} (logged in, session rotated)",
+                    a.status
+                ),
+            );
+            if !a.cookie.is_empty() {
+                cookie = a.cookie;
+            }
+        }
+        Err(e) => line(false, format!("{host} login: {e}")),
+    }
+    match get(port, host, "/web", &cookie).await {
+        Ok(a) => line(
+            a.status == 200 && field(&a.body, "/user") == "admin",
             format!(
-                "acme.localhost /web/login -> {s} from worker {} (database {}), cookie {}",
-                field(&body, "/worker"),
-                field(&body, "/headers/x-odoo-database"),
-                cookie.split(';').next().unwrap_or("")
+                "{host} GET /web -> {} as {} on database {} (sticky worker {})",
+                a.status,
+                field(&a.body, "/user"),
+                field(&a.body, "/db"),
+                field(&a.body, "/worker")
             ),
         ),
-        Err(e) => line(false, format!("acme.localhost: {e}")),
+        Err(e) => line(false, format!("{host} home: {e}")),
+    }
+    match websocket(port, host, &cookie).await {
+        Ok((echo, who, session)) => line(
+            echo == "hello through portier"
+                && who.ends_with("-gevent")
+                && session.contains("\"admin\""),
+            format!("{host} /websocket -> echoed via gevent worker {who}, session {session}"),
+        ),
+        Err(e) => line(false, format!("websocket: {e}")),
     }
     for host in ["beta.saas.localhost", "gamma.saas.localhost"] {
-        match get(port, host, "/web").await {
-            Ok((s, body, _)) => line(
-                s == 200,
+        match get(port, host, "/web/login", "").await {
+            Ok(a) => line(
+                a.status == 200,
                 format!(
-                    "{host} /web -> {s} from worker {} (tenant template, database {})",
-                    field(&body, "/worker"),
-                    field(&body, "/headers/x-odoo-database")
+                    "{host} /web/login -> {} from worker {} (tenant template, database {})",
+                    a.status,
+                    field(&a.body, "/worker"),
+                    field(&a.body, "/db")
                 ),
             ),
             Err(e) => line(false, format!("{host}: {e}")),
         }
     }
-    match websocket(port, "acme.localhost").await {
-        Ok((echo, who)) => line(
-            echo == "hello through portier" && who.ends_with("-gevent"),
-            format!("acme.localhost /websocket -> echoed {echo:?} via gevent worker {who}"),
+    match get(port, "nobody.example", "/", "").await {
+        Ok(a) => line(
+            a.status == 404,
+            format!("nobody.example / -> {} (unknown host)", a.status),
         ),
-        Err(e) => line(false, format!("websocket: {e}")),
-    }
-    match get(port, "nobody.example", "/").await {
-        Ok((s, _, _)) => line(s == 404, format!("nobody.example / -> {s} (unknown host)")),
         Err(e) => line(false, format!("unknown host: {e}")),
     }
-    match get(port, "beta.saas.localhost", "/web/database/manager").await {
-        Ok((s, _, _)) => line(
-            s == 403,
-            format!("beta.saas.localhost /web/database/manager -> {s} (database manager blocked)"),
+    match get(port, "beta.saas.localhost", "/web/database/manager", "").await {
+        Ok(a) => line(
+            a.status == 403,
+            format!(
+                "beta.saas.localhost /web/database/manager -> {} (database manager blocked)",
+                a.status
+            ),
         ),
         Err(e) => line(false, format!("database manager: {e}")),
     }
@@ -245,18 +354,18 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
         r#"
 portier demo: proxy on http://127.0.0.1:{port}, admin on http://127.0.0.1:{admin_port}
 simulated Odoo workers: w1, w2 (http {http}), w1-gevent, w2-gevent (gevent {gevent})
-tenants: acme.localhost (database acme) and {{tenant}}.saas.localhost (database = the tenant)
+tenants: acme.localhost (database acme) and {{tenant}}.saas.localhost (database = the tenant);\ndatabases on the simulated Odoo 17 servers: acme, acme2, beta, gamma, zeta
 
 self-test:
 {out}
 try it (*.localhost resolves to 127.0.0.1; the workers answer with what reached them):
   curl -i http://acme.localhost:{port}/web/login
-  curl -s http://beta.saas.localhost:{port}/web
+  curl -s http://beta.saas.localhost:{port}/web/login
   curl -s http://acme.localhost:{port}/jsonrpc -H 'Content-Type: application/json' -d '{{"jsonrpc":"2.0","method":"call","params":{{}},"id":1}}'
-  curl -s http://acme.localhost:{port}/web -H 'X-Odoo-Database: other'       # ignored: the worker sees database acme
+  curl -s http://acme.localhost:{port}/web/login -H 'X-Odoo-Database: acme2' # dropped: the worker sees ^acme$ and picks acme
   curl -i http://127.0.0.1:{port}/ -H 'Host: nobody.example'                  # 404 unknown host
   curl -i http://beta.saas.localhost:{port}/web/database/manager              # 403
-  curl -i -N --max-time 2 http://acme.localhost:{port}/websocket -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=='
+  curl -i -N --max-time 2 http://acme.localhost:{port}/websocket -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Origin: http://acme.localhost:{port}'
   curl -s http://127.0.0.1:{admin_port}/status
   curl -s http://127.0.0.1:{admin_port}/metrics | grep portier_requests_total
 press Ctrl-C to stop."#,

@@ -103,6 +103,23 @@ pub fn is_own_header(name: &http::HeaderName) -> bool {
     )
 }
 
+/// The `X-Odoo-dbfilter` value that admits exactly `db`: `^NAME$` with NAME escaped
+/// as Python's `re.escape` does (Python 3.7+: the characters `()[]{}?*+-|^$\\.&~#`
+/// and whitespace). OCA's `dbfilter_from_header` applies the value with `re.match`,
+/// which anchors only the start: unanchored, `acme` would admit `acme2` too.
+pub fn dbfilter_for(db: &str) -> String {
+    let mut out = String::with_capacity(db.len() + 8);
+    out.push('^');
+    for c in db.chars() {
+        if "()[]{}?*+-|^$\\.&~# \t\n\r\x0b\x0c".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('$');
+    out
+}
+
 /// The request's declared `Content-Length`, if any.
 pub fn content_length(req: &pingora::http::RequestHeader) -> Option<u64> {
     req.headers
@@ -126,6 +143,13 @@ mod tests {
             trusted_proxies: trusted.iter().map(|s| s.parse().unwrap()).collect(),
             ..Settings::default()
         }
+    }
+
+    #[test]
+    fn dbfilter_is_anchored_and_escaped_like_python() {
+        assert_eq!(dbfilter_for("acme"), "^acme$");
+        assert_eq!(dbfilter_for("acme-prod.v2_x"), "^acme\\-prod\\.v2_x$");
+        assert_eq!(dbfilter_for("a b#c"), "^a\\ b\\#c$");
     }
 
     #[test]

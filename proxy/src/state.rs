@@ -30,6 +30,23 @@ pub struct TenantRt {
     pub stats: OnceLock<Arc<TenantStats>>,
     /// The tenant's limiters, resolved on its first limited request.
     pub limiter: OnceLock<Arc<crate::limits::TenantLimiter>>,
+    /// The database headers of a tenant whose database name is fixed, built once.
+    pub database: Option<DatabaseHeaders>,
+}
+
+/// The values of `X-Odoo-Database` and `X-Odoo-dbfilter` for one database.
+pub struct DatabaseHeaders {
+    pub database: http::HeaderValue,
+    pub dbfilter: http::HeaderValue,
+}
+
+impl DatabaseHeaders {
+    pub fn new(db: &str) -> Option<DatabaseHeaders> {
+        Some(DatabaseHeaders {
+            database: http::HeaderValue::from_str(db).ok()?,
+            dbfilter: http::HeaderValue::try_from(crate::forward::dbfilter_for(db)).ok()?,
+        })
+    }
 }
 
 /// Everything a request needs from the configuration, swapped as one.
@@ -111,6 +128,11 @@ impl Snapshot {
                 name: Arc::from(t.name.as_str()),
                 stats: OnceLock::new(),
                 limiter: OnceLock::new(),
+                database: t
+                    .database
+                    .as_deref()
+                    .filter(|d| !d.contains("{tenant}"))
+                    .and_then(DatabaseHeaders::new),
             })
             .collect();
         Snapshot {

@@ -17,6 +17,7 @@ use crate::breaker;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request::request_host;
+use crate::state::{DatabaseHeaders, Snapshot};
 use crate::telemetry::Refusal;
 
 /// How long an idle upstream connection stays in the pool.
@@ -176,14 +177,7 @@ pub fn request_headers(
         has_host |= name == header::HOST;
         out.append_header(name.clone(), value.clone())?;
     }
-    if let Some(name) = ctx.tenant_name.as_deref() {
-        if let Some(db) = tenant.database_for(name) {
-            let db = HeaderValue::from_str(&db)
-                .map_err(|_| Error::explain(ErrorType::InternalError, "database name"))?;
-            out.insert_header("x-odoo-dbfilter", db.clone())?;
-            out.insert_header("x-odoo-database", db)?;
-        }
-    }
+    database_headers(ctx, snap, &mut out)?;
     if let Some(h) = request_host(client) {
         let h = HeaderValue::from_str(h)
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "host"))?;
@@ -227,6 +221,41 @@ pub fn request_headers(
     }
     out.insert_header("x-request-id", ctx.request_id.clone())?;
     *upstream = out;
+    Ok(())
+}
+
+/// The tenant's database (contract r2, "What goes upstream"): `X-Odoo-dbfilter:
+/// ^NAME$` on every request; `X-Odoo-Database: NAME` only on integration requests
+/// without a `session_id` cookie. Odoo 19 (`odoo/http.py`, `_get_session_and_dbname`)
+/// treats a request with that header and no session as a stateless call whose
+/// session is never saved, so on browser traffic it would make logging in
+/// impossible, and with a session of another database Odoo answers 403.
+fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Result<()> {
+    let with_database = ctx.class == Some(Class::Integration) && ctx.session_hash.is_none();
+    let fixed = ctx
+        .tenant
+        .and_then(|t| snap.tenants.get(t))
+        .and_then(|t| t.database.as_ref());
+    if let Some(h) = fixed {
+        out.insert_header("x-odoo-dbfilter", h.dbfilter.clone())?;
+        if with_database {
+            out.insert_header("x-odoo-database", h.database.clone())?;
+        }
+        return Ok(());
+    }
+    let (Some(tenant), Some(name)) = (ctx.tenant(snap), ctx.tenant_name.as_deref()) else {
+        return Ok(());
+    };
+    let Some(h) = tenant
+        .database_for(name)
+        .and_then(|db| DatabaseHeaders::new(&db))
+    else {
+        return Ok(());
+    };
+    out.insert_header("x-odoo-dbfilter", h.dbfilter)?;
+    if with_database {
+        out.insert_header("x-odoo-database", h.database)?;
+    }
     Ok(())
 }
 

@@ -184,7 +184,7 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         .lines()
         .filter(|l| l.starts_with("  ok ") || l.starts_with("  FAIL "))
         .collect();
-    assert_eq!(checks.len(), 6, "{out}");
+    assert_eq!(checks.len(), 8, "{out}");
     assert!(checks.iter().all(|l| l.starts_with("  ok ")), "{out}");
     assert!(out.contains(&format!(
         "curl -i http://acme.localhost:{}/web/login",
@@ -196,8 +196,8 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
-        r.upstream_header("x-odoo-database").as_deref(),
-        Some("acme")
+        r.upstream_header("x-odoo-dbfilter").as_deref(),
+        Some("^acme$")
     );
     let (mut ws, _) = websocket(p.http, "zeta.saas.localhost", "/websocket", &[])
         .await

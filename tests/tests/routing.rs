@@ -55,15 +55,15 @@ async fn exact_hosts_and_templates_route_port_and_case_ignored() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
-        r.upstream_header("x-odoo-database").as_deref(),
-        Some("acme_db")
+        r.upstream_header("x-odoo-dbfilter").as_deref(),
+        Some("^acme_db$")
     );
     let r = get(s.p.http, "erp.acme.test", "/web/dataset/call_kw")
         .await
         .unwrap();
     assert_eq!(
         r.upstream_header("x-odoo-dbfilter").as_deref(),
-        Some("acme_db")
+        Some("^acme_db$")
     );
     // Template: the captured label is the tenant and its database.
     let r = get(s.p.http, "Beta.ERP.test", "/web/dataset/call_kw")
@@ -71,8 +71,8 @@ async fn exact_hosts_and_templates_route_port_and_case_ignored() {
         .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(
-        r.upstream_header("x-odoo-database").as_deref(),
-        Some("beta")
+        r.upstream_header("x-odoo-dbfilter").as_deref(),
+        Some("^beta$")
     );
     let log = s.p.wait_access_log(|v| v["tenant"] == "beta").await;
     assert_eq!(log["class"], "interactive");
@@ -160,7 +160,8 @@ async fn websocket_is_relayed_both_ways_to_a_gevent_worker() {
         .flat_map(|w| w.requests())
         .find(|r| r.target == "/websocket")
         .expect("gevent worker saw the upgrade");
-    assert_eq!(rec.header("x-odoo-database"), Some("acme_db"));
+    assert_eq!(rec.header("x-odoo-dbfilter"), Some("^acme_db$"));
+    assert_eq!(rec.header("x-odoo-database"), None, "never on the bus");
     assert_eq!(rec.header("upgrade"), Some("websocket"));
     drop(ws);
     let log = s.p.wait_access_log(|v| v["status"] == 101).await;
@@ -191,8 +192,9 @@ async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
         .flat_map(|w| w.requests())
         .last()
         .expect("a worker saw it");
-    assert_eq!(rec.header_all("x-odoo-database"), vec!["acme_db"]);
-    assert_eq!(rec.header_all("x-odoo-dbfilter"), vec!["acme_db"]);
+    // Interactive: only the filter, anchored; the client's copies are gone.
+    assert!(rec.header_all("x-odoo-database").is_empty());
+    assert_eq!(rec.header_all("x-odoo-dbfilter"), vec!["^acme_db$"]);
     assert_eq!(rec.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(rec.header("x-real-ip"), Some("127.0.0.1"));
     assert_eq!(rec.header("x-forwarded-proto"), Some("http"));
@@ -203,6 +205,60 @@ async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
         .to_string();
     assert_eq!(r.header("x-request-id"), Some(id.as_str()));
     assert!(id.len() >= 16);
+}
+
+/// Contract r2, "What goes upstream": `X-Odoo-Database` only on integration requests
+/// without a `session_id` cookie; the filter, anchored, on every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_odoo_database_only_on_integration_without_a_session() {
+    let s = setup("").await;
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: [Case; 6] = [
+        ("POST", "/jsonrpc", &[], Some("acme_db")),
+        ("POST", "/json/2/res.partner/search", &[], Some("acme_db")),
+        (
+            "POST",
+            "/xmlrpc/2/object",
+            &[("x-odoo-database", "other")],
+            Some("acme_db"),
+        ),
+        ("POST", "/jsonrpc", &[("cookie", "session_id=abc")], None),
+        ("GET", "/web/login", &[], None),
+        ("GET", "/web/assets/1/web.assets_web.min.js", &[], None),
+    ];
+    for (method, path, headers, want) in cases {
+        let r = request(
+            s.p.http,
+            method,
+            "acme.test",
+            path,
+            headers,
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .unwrap();
+        let rec = s
+            .http
+            .iter()
+            .flat_map(|w| w.requests())
+            .filter(|r| r.target == path)
+            .last()
+            .expect("a worker saw it");
+        assert_eq!(
+            rec.header("x-odoo-database"),
+            want,
+            "{method} {path} {headers:?}"
+        );
+        assert_eq!(
+            rec.header_all("x-odoo-dbfilter"),
+            vec!["^acme_db$"],
+            "{path}"
+        );
+        drop(r);
+        for w in &s.http {
+            w.reset_counters();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
