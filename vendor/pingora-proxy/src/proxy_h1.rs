@@ -1081,7 +1081,12 @@ pub(crate) async fn send_body_to1(
     if let Some(task) = recv_task {
         match task {
             HttpTask::Body(data, end) => {
-                body_done = end;
+                // A `Body` task was queued before the upgrade. When the 101 was read
+                // first (a reused upstream connection answers before the downstream
+                // half has queued the end of an empty request body), the end of the
+                // pre-upgrade body is not the end of the upgraded stream: treating it
+                // so would close the tunnel right after the 101.
+                body_done = end && !client_session.was_upgraded();
                 if let Some(d) = data {
                     let m = client_session.write_body(&d).await;
                     match m {
