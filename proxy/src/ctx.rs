@@ -38,6 +38,13 @@ pub struct Ctx {
     pub outcome_recorded: bool,
     /// A 502-504 answer is being retried on another backend.
     pub retry_on_status: bool,
+    /// The current attempt's response head arrived from the worker.
+    pub response_started: bool,
+    /// The next attempt goes out on a fresh connection, and may go to the backend
+    /// whose pooled connection just turned out stale.
+    pub retry_fresh: bool,
+    /// Attempts that failed on a stale pooled connection (they use up no retry).
+    pub stale: u32,
     /// Rendezvous keys: the effective tenant name and the `session_id` cookie.
     pub tenant_hash: u64,
     pub session_hash: Option<u64>,
@@ -69,6 +76,9 @@ impl Ctx {
             attempts: 0,
             outcome_recorded: false,
             retry_on_status: false,
+            response_started: false,
+            retry_fresh: false,
+            stale: 0,
             tenant_hash: 0,
             session_hash: None,
             tls: false,
@@ -100,7 +110,7 @@ impl Ctx {
     /// A retry of a request that already reached a worker is allowed: attempts
     /// left, an idempotent method, and the whole body still buffered for a replay.
     pub fn may_resend(&self, session: &Session) -> bool {
-        self.attempts <= self.retries()
+        self.attempts.saturating_sub(self.stale) <= self.retries()
             && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
     }
@@ -156,6 +166,12 @@ impl Ctx {
         ) {
             health::breaker_changed(b, state);
         }
+    }
+
+    /// The name of the request's pool (for metrics).
+    pub fn pool_name(&self) -> Option<&str> {
+        let snap = self.snap.as_ref()?;
+        self.pool(snap).map(|p| &*p.name)
     }
 
     /// True when another usable backend could take a retry of this request.

@@ -119,7 +119,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         e: Box<Error>,
     ) -> Box<Error> {
-        upstream::connect_failed(ctx, e)
+        upstream::connect_failed(ctx, &self.shared.metrics, e)
     }
 
     fn error_while_proxy(
@@ -130,7 +130,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
         client_reused: bool,
     ) -> Box<Error> {
-        upstream::proxy_failed(ctx, session, peer, e, client_reused)
+        upstream::proxy_failed(ctx, &self.shared.metrics, session, peer, e, client_reused)
     }
 
     async fn upstream_response_filter(

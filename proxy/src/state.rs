@@ -70,6 +70,7 @@ impl Snapshot {
             .pools
             .iter()
             .map(|p| {
+                metrics.declare_pool(&p.name);
                 let name: Arc<str> = Arc::from(p.name.as_str());
                 if p.discover.is_some() {
                     let members = discovered

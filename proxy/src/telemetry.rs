@@ -43,6 +43,7 @@ pub struct Metrics {
     pub connections_open: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
+    upstream_retries: IntCounterVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
@@ -194,6 +195,13 @@ impl Metrics {
             ),
             &["name"]
         ));
+        let upstream_retries = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_upstream_retries_total",
+                "Requests sent again to another backend, by pool and reason (connect, closed, status, timeout)"
+            ),
+            &["pool", "reason"]
+        ));
         let access_log_dropped = reg!(IntCounter::new(
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
@@ -215,9 +223,24 @@ impl Metrics {
             connections_open,
             config_reloads,
             cert_expiry,
+            upstream_retries,
             access_log_dropped,
             tenants: DashMap::new(),
             other: OnceLock::new(),
+        }
+    }
+
+    /// Counts one retry of a request of `pool`.
+    pub fn retried(&self, pool: &str, reason: Retry) {
+        self.upstream_retries
+            .with_label_values(&[pool, reason.as_str()])
+            .inc();
+    }
+
+    /// Makes the retry series of a pool visible (at 0) before its first retry.
+    pub fn declare_pool(&self, pool: &str) {
+        for r in Retry::ALL {
+            self.upstream_retries.with_label_values(&[pool, r.as_str()]);
         }
     }
 
@@ -301,6 +324,32 @@ impl Refusal {
             Refusal::DatabaseManager => "database_manager",
             Refusal::NoBackend => "no_backend",
             Refusal::BadRequest => "bad_request",
+        }
+    }
+}
+
+/// Why a request was sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The connection to the worker could not be made.
+    Connect,
+    /// The worker closed or reset the connection before any byte of its response.
+    Closed,
+    /// The worker answered 502, 503 or 504.
+    Status,
+    /// The worker said nothing for the request's timeout.
+    Timeout,
+}
+
+impl Retry {
+    pub const ALL: [Retry; 4] = [Retry::Connect, Retry::Closed, Retry::Status, Retry::Timeout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retry::Connect => "connect",
+            Retry::Closed => "closed",
+            Retry::Status => "status",
+            Retry::Timeout => "timeout",
         }
     }
 }

@@ -8,7 +8,7 @@ use http::{header, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use portier_config::Class;
 
 use crate::backend::InflightGuard;
@@ -19,9 +19,14 @@ use crate::forward;
 use crate::request::request_host;
 use crate::state::{DatabaseHeaders, Snapshot};
 use crate::telemetry::Refusal;
+use crate::telemetry::{Metrics, Retry};
 
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+/// Stale pooled connections a request may meet before such failures count as attempts.
+const MAX_STALE: u32 = 2;
+/// The pingora reuse key of connections opened for a retry after a stale one.
+const FRESH_GROUP: u64 = 0x0053_5441_4c45;
 
 /// Picks the backend of the next attempt and describes the connection to it.
 pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -35,6 +40,10 @@ pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     let pool = ctx
         .pool(&snap)
         .ok_or_else(|| Error::explain(ErrorType::InternalError, "no pool"))?;
+    let fresh = std::mem::take(&mut ctx.retry_fresh);
+    if fresh {
+        ctx.tried.pop();
+    }
     let members = pool.members.load();
     let picked = balance::pick(
         members.list(ctx.role()),
@@ -56,6 +65,7 @@ pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     };
     ctx.outcome_recorded = false;
     ctx.retry_on_status = false;
+    ctx.response_started = false;
     ctx.tried.push(backend.addr());
     ctx.attempts += 1;
     let addr = backend.addr();
@@ -75,21 +85,41 @@ pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     peer.options.read_timeout = Some(timeout);
     peer.options.write_timeout = Some(timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+    if fresh {
+        // A reuse key of its own finds no pooled connection; released with no idle
+        // time, the connection is not kept either.
+        peer.group_key = FRESH_GROUP;
+        peer.options.idle_timeout = Some(Duration::ZERO);
+    }
     Ok(Box::new(peer))
 }
 
+/// Marks `e` for a retry on another backend and counts it.
+fn retry(ctx: &Ctx, metrics: &Metrics, e: &mut Error, why: Retry) {
+    e.set_retry(true);
+    if let Some(pool) = ctx.pool_name() {
+        metrics.retried(pool, why);
+    }
+}
+
 /// `fail_to_connect`: nothing reached the worker, so another one may always be tried.
-pub fn connect_failed(ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+pub fn connect_failed(ctx: &mut Ctx, metrics: &Metrics, mut e: Box<Error>) -> Box<Error> {
     ctx.record_outcome(false);
     if ctx.attempts <= ctx.retries() && ctx.has_alternative() {
-        e.set_retry(true);
+        retry(ctx, metrics, &mut e, Retry::Connect);
     }
     e
 }
 
-/// `error_while_proxy`: whether an attempt that failed after connecting is retried.
+/// `error_while_proxy`: whether an attempt that failed after connecting is retried
+/// (contract r2, "Health and circuit breaking"). Idempotent requests are sent again
+/// to another backend after an upstream timeout (not longpolls) and after the worker
+/// closed or reset the connection before its response (an Odoo worker recycled by
+/// `limit_request`, or killed by `limit_time_real`/`limit_memory_hard`, does that).
+/// Every such failure counts toward the backend's breaker.
 pub fn proxy_failed(
     ctx: &mut Ctx,
+    metrics: &Metrics,
     session: &Session,
     peer: &HttpPeer,
     e: Box<Error>,
@@ -98,28 +128,43 @@ pub fn proxy_failed(
     let mut e = e.more_context(format!("backend {peer}"));
     if ctx.retry_on_status {
         // upstream_response_filter asked for this retry (and checked it is allowed).
-        e.set_retry(true);
+        retry(ctx, metrics, &mut e, Retry::Status);
         return e;
     }
     let upstream_fault = *e.esource() == ErrorSource::Upstream;
     if upstream_fault {
         ctx.record_outcome(false);
     }
-    let allowed = ctx.may_resend(session) && session.response_written().is_none() && !ctx.websocket;
-    if !allowed {
-        e.set_retry(false);
-    } else if upstream_fault
+    // pingora marks a connection closed or reset while the response head was awaited
+    // as retryable on reused connections only; before the head, nothing of the
+    // response reached portier.
+    let closed_early =
+        upstream_fault && !ctx.response_started && matches!(e.retry, RetryType::ReusedOnly);
+    let timed_out = upstream_fault
         && matches!(
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         )
-        && ctx.class != Some(Class::Longpolling)
-        && ctx.has_alternative()
-    {
-        // A worker that timed out (504) is retried on another, as for a 504 answer.
-        e.set_retry(true);
+        && ctx.class != Some(Class::Longpolling);
+    let allowed = ctx.may_resend(session) && session.response_written().is_none() && !ctx.websocket;
+    if !allowed {
+        e.set_retry(false);
+    } else if closed_early && client_reused && ctx.stale < MAX_STALE {
+        // A pooled connection the worker had closed (Odoo drops idle connections
+        // after its socket timeout, and a recycled process drops its own): that says
+        // nothing about the worker, so the request goes out again on a fresh
+        // connection, to any usable backend (its own included), using up no retry.
+        ctx.stale += 1;
+        ctx.retry_fresh = true;
+        retry(ctx, metrics, &mut e, Retry::Closed);
+    } else if (timed_out || closed_early) && ctx.has_alternative() {
+        let why = if timed_out {
+            Retry::Timeout
+        } else {
+            Retry::Closed
+        };
+        retry(ctx, metrics, &mut e, why);
     } else {
-        // A stale pooled connection is retried; anything else on a fresh one is not.
         e.retry.decide_reuse(client_reused);
     }
     e
@@ -128,6 +173,7 @@ pub fn proxy_failed(
 /// `upstream_response_filter`: feeds the breaker and turns a 502-504 answer into a
 /// retry on another backend when the request may be sent again.
 pub fn response_status(ctx: &mut Ctx, session: &Session, status: u16) -> Result<()> {
+    ctx.response_started = true;
     if status < 200 && status != 101 {
         return Ok(());
     }

@@ -60,6 +60,9 @@ pub enum Mode {
     Reset,
     /// Waits this long before every answer.
     Slow(Duration),
+    /// Reads each request and closes its connection without an answer, as a worker
+    /// killed mid-request does (`limit_time_real`, `limit_memory_hard`, OOM killer).
+    Drop,
 }
 
 /// Which Odoo port this worker is (`odoo/service/server.py`).
@@ -390,6 +393,8 @@ enum Dropped {
     Recycled,
     /// The client stalled past `ODOO_HTTP_SOCKET_TIMEOUT` while sending its body.
     Stalled,
+    /// The worker process was killed while working on the request.
+    Killed,
 }
 
 impl std::fmt::Display for Dropped {
@@ -397,6 +402,7 @@ impl std::fmt::Display for Dropped {
         f.write_str(match self {
             Dropped::Recycled => "worker process recycled",
             Dropped::Stalled => "client stalled",
+            Dropped::Killed => "worker killed",
         })
     }
 }
@@ -621,6 +627,9 @@ async fn handle(
         },
     );
 
+    if mode == Mode::Drop {
+        return Err(Dropped::Killed);
+    }
     if let Mode::Slow(d) = mode {
         tokio::time::sleep(d).await;
     }
