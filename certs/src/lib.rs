@@ -351,7 +351,10 @@ impl CertStore {
 
     /// True when a certificate names `host` (the default pair does not count).
     pub fn covers(&self, host: &str) -> bool {
-        self.index.load().covering(host).is_some()
+        let index = self.index.load();
+        index
+            .covering(host)
+            .is_some_and(|p| !index.default.as_ref().is_some_and(|d| Arc::ptr_eq(d, p)))
     }
 }
 

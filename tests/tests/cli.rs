@@ -77,6 +77,9 @@ hosts = ["a.test"]
 pool = "p"
 integration = { rate = "20/fortnight" }
 max_body = "12 parsecs"
+
+[pools.listless]
+http = []
 "#,
     )
     .unwrap();
@@ -93,6 +96,7 @@ max_body = "12 parsecs"
         (17, 10, "already claimed by tenant \"a\""),
         (19, 24, "unknown unit \"fortnight\""),
         (20, 12, "invalid size \"12 parsecs\""),
+        (23, 8, "pool \"listless\" has no backends: `http` is empty"),
     ];
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with(&file)).collect();
     for (line, col, text) in expected {

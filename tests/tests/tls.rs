@@ -48,6 +48,9 @@ pool = "p"
 [tenants.plain]
 hosts = ["plain.test"]
 pool = "p"
+[tenants.fb]
+hosts = ["fallback.test"]
+pool = "p"
 "#,
         http = ports.http,
         https = ports.https,
@@ -370,6 +373,11 @@ async fn plain_http_is_redirected_for_covered_hosts_and_hsts_is_sent() {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
+    // A host that only the default pair names: the default does not count either.
+    let r = get(s.p.http, "fallback.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "redirected: {:?}", r.header("location"));
     // HSTS on TLS responses, proxied and portier's own.
     let cfg = s.pki.client(&[b"http/1.1"], ALL);
     let r = h1_over(

@@ -71,9 +71,15 @@ pub(super) fn read_pool(
                 format!("pool \"{name}\" has no backends: give `http` (and `longpolling`) addresses or `discover`"),
             );
         }
-        (None, true) if http_v.is_none() => {
-            cx.error(name_span, format!("pool \"{name}\" has no `http` backends"));
-        }
+        (None, true) => match http_v {
+            None => cx.error(name_span, format!("pool \"{name}\" has no `http` backends")),
+            // `http = []`: a pool with no backends (the contract's validation errors).
+            Some(v) if matches!(v.get_ref(), DeValue::Array(a) if a.is_empty()) => cx.error(
+                &v.span(),
+                format!("pool \"{name}\" has no backends: `http` is empty; give addresses or `discover`"),
+            ),
+            Some(_) => {}
+        },
         _ => {}
     }
     if pool.spread > 0 && !pool.http.is_empty() && pool.spread > pool.http.len() {
