@@ -17,12 +17,17 @@ use crate::telemetry::Refusal;
 
 /// Timeout for reading a request body from the client.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bodies at most this large can be read before a worker is picked: pingora replays
-/// a pre-read body from its 64 KiB retry buffer (see README, "Request bodies").
-const PREREAD_LIMIT: u64 = 64 * 1024;
+/// The most one read of a request body returns (pingora's HTTP/1 body buffer, 64 KiB,
+/// plus the body bytes that came with the header block): room kept in the replay
+/// buffer so that the read crossing `buffer_body` still fits.
+const READ_SLACK: u64 = 128 * 1024;
 
 /// The body phase of `request_filter`: refuses a declared body over `max_body`, and
-/// reads a small enough body completely before a worker is picked.
+/// receives a body of up to `buffer_body` (Content-Length or chunked) completely before
+/// a worker is picked: a slow client never holds an Odoo worker, a body with bad
+/// chunking never reaches one, and the body can be sent again on a retry (pingora's
+/// replay buffer, given room for it: vendor/PATCHES.md, patch 2). Larger bodies stream
+/// after their first `buffer_body` bytes.
 pub async fn receive(
     session: &mut Session,
     ctx: &mut Ctx,
@@ -34,9 +39,9 @@ pub async fn receive(
     }
     session.set_read_timeout(Some(CLIENT_IO_TIMEOUT));
     let has_body = !session.is_body_empty();
-    let cap = settings.buffer_body.min(PREREAD_LIMIT);
+    let cap = settings.buffer_body.min(settings.max_body);
     if has_body && declared.is_none_or(|n| n <= cap) {
-        if let Err(answer) = preread(session, ctx, settings.max_body, declared).await? {
+        if let Err(answer) = preread(session, ctx, settings.max_body, cap).await? {
             return Ok(Err(answer));
         }
     }
@@ -50,15 +55,16 @@ fn too_large(close: bool) -> Answer {
     Answer::refuse(413, Refusal::BodyTooLarge, "request body too large", close)
 }
 
-/// Reads the request body before a worker is picked, when it is small enough to be
-/// replayed.
+/// Reads the request body before a worker is picked, into pingora's replay buffer:
+/// all of it, or (a chunked body larger than `cap`) its first `cap` bytes.
 async fn preread(
     session: &mut Session,
     ctx: &mut Ctx,
     max_body: u64,
-    declared: Option<u64>,
+    cap: u64,
 ) -> Result<Result<(), Answer>> {
-    session.enable_retry_buffering();
+    let room = usize::try_from(cap.saturating_add(READ_SLACK)).unwrap_or(usize::MAX);
+    session.as_mut().enable_retry_buffering_with_capacity(room);
     if forward::expects_continue(
         session
             .req_header()
@@ -68,20 +74,13 @@ async fn preread(
     ) {
         session.write_continue_response().await?;
     }
-    let chunked = declared.is_none();
-    let mut reads = 0u32;
     loop {
         if session.is_body_done() {
             ctx.body_preread = true;
             return Ok(Ok(()));
         }
-        // A chunked body of unknown size is read only until the first data arrives:
-        // a second read could overflow pingora's 64 KiB replay buffer.
-        if chunked && ctx.body_seen > 0 {
-            return Ok(Ok(()));
-        }
-        reads += 1;
-        if reads > 1024 {
+        // Past `cap` (a chunked body of unknown size), the rest streams.
+        if ctx.body_seen >= cap {
             return Ok(Ok(()));
         }
         match session.read_request_body().await {

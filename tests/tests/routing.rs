@@ -475,6 +475,67 @@ async fn bodies_of_every_size_arrive_intact() {
     }
 }
 
+/// A body under `buffer_body` is validated whole before a worker is picked: bad
+/// chunking after good chunks (small, and past pingora's own 64 KiB replay buffer) is a
+/// 400 and nothing reaches a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_chunk_after_good_ones_reaches_no_worker() {
+    let s = setup("").await;
+    for good in [5usize, 150 * 1024, 900 * 1024] {
+        let mut req = b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut left = good;
+        while left > 0 {
+            let n = left.min(16 * 1024);
+            req.extend(format!("{n:x}\r\n").as_bytes());
+            req.extend(vec![b'g'; n]);
+            req.extend(b"\r\n");
+            left -= n;
+        }
+        req.extend(b"zz\r\nbad\r\n0\r\n\r\n");
+        let (resp, closed) = raw(s.p.http, &req, Duration::from_secs(5)).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 400"),
+            "{good} good bytes: {resp}"
+        );
+        assert!(closed, "{good}: connection left open");
+    }
+    assert_eq!(hits(&s.http), 0, "a worker saw a badly chunked body");
+}
+
+/// A buffered body can be sent again: a PUT of 200 KiB (Content-Length and chunked)
+/// whose first worker answers 502 is retried on the other one, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_200_kib_put_is_retried_whole() {
+    let s = setup("").await;
+    s.http[1].set_mode(Mode::Status(502));
+    let size = 200 * 1024;
+    for i in 0..6 {
+        let r = request(
+            s.p.http,
+            "PUT",
+            "acme.test",
+            &format!("/web/dataset/call_kw?i={i}"),
+            &[],
+            Bytes::from(vec![b'p'; size]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "PUT {i}: {}", r.text());
+        assert_eq!(r.json()["body_len"], size);
+        let mut req = format!("PUT /web/dataset/call_kw?c={i} HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{size:x}\r\n").into_bytes();
+        req.extend(vec![b'q'; size]);
+        req.extend(b"\r\n0\r\n\r\n");
+        let (resp, _) = raw(s.p.http, &req, Duration::from_secs(5)).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "chunked PUT {i}: {resp}");
+        assert!(resp.contains(&format!("\"body_len\":{size}")), "{resp}");
+    }
+    assert!(
+        s.http[1].hits() >= 2,
+        "the failing worker was never tried first ({} hits)",
+        s.http[1].hits()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_manager_is_blocked_unless_admin_cidr() {
     let s = setup(
