@@ -41,6 +41,15 @@ pub struct Listen {
     pub drain: Duration,
     /// Worker threads for the listeners; 0 = one per CPU.
     pub threads: usize,
+    /// Where bodies and responses beyond memory are buffered (r2).
+    pub spool_dir: PathBuf,
+}
+
+/// The default `spool_dir`: `$PORTIER_SPOOL_DIR`, then the system temp dir.
+pub fn default_spool_dir() -> PathBuf {
+    std::env::var_os("PORTIER_SPOOL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +78,10 @@ pub struct Settings {
     pub websocket_idle: Duration,
     pub max_body: u64,
     pub buffer_body: u64,
+    /// Worker responses read ahead of the client, in memory (r2).
+    pub buffer_response: u64,
+    /// Beyond this much spooled, a response streams at the client's pace (r2).
+    pub max_response_spool: u64,
     pub block_database_manager: bool,
     pub admin_cidrs: Vec<IpNet>,
     pub trusted_proxies: Vec<IpNet>,
@@ -85,6 +98,8 @@ impl Default for Settings {
             websocket_idle: Duration::from_secs(3600),
             max_body: 128 << 20,
             buffer_body: 1 << 20,
+            buffer_response: 1 << 20,
+            max_response_spool: 1 << 30,
             block_database_manager: true,
             admin_cidrs: vec![
                 IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
@@ -135,6 +150,25 @@ pub struct Pool {
     pub health: Option<Health>,
     pub breaker: Breaker,
     pub retries: u32,
+    /// Requests in flight at once per HTTP backend (its Odoo `workers`); 0 = no cap (r2).
+    pub workers: u32,
+    pub queue: QueueCfg,
+}
+
+/// The pool's queue of requests waiting for a worker slot (r2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCfg {
+    pub max: usize,
+    pub timeout: Duration,
+}
+
+impl Default for QueueCfg {
+    fn default() -> Self {
+        QueueCfg {
+            max: 1000,
+            timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -43,6 +43,9 @@ pub enum Answer {
     },
     /// `503` with `Retry-After` and the maintenance page: no usable backend.
     Unavailable,
+    /// `503` with `Retry-After` and `{"error": "queue_full" | "queue_timeout"}`: no
+    /// worker slot.
+    NoSlot(Refusal),
 }
 
 impl Answer {
@@ -79,6 +82,7 @@ impl Answer {
             Answer::Redirect { .. } => None,
             Answer::Limited { refused, .. } => Some(refused.why),
             Answer::Unavailable => Some(Refusal::NoBackend),
+            Answer::NoSlot(why) => Some(*why),
         }
     }
 }
@@ -129,6 +133,13 @@ impl From<Answer> for Reply {
                 status: 503,
                 content_type: "text/html; charset=utf-8",
                 body: Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
+                extra: Some(("retry-after", "5".to_string())),
+                close: false,
+            },
+            Answer::NoSlot(why) => Reply {
+                status: 503,
+                content_type: "application/json",
+                body: Bytes::from(format!("{{\"error\":\"{}\"}}", why.as_str())),
                 extra: Some(("retry-after", "5".to_string())),
                 close: false,
             },

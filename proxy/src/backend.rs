@@ -3,11 +3,12 @@
 //! of a pool.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
 
+use crate::admission::PoolQueue;
 use crate::breaker::{Breaker, HealthState};
 use crate::hash::backend_hash;
 use crate::telemetry::{BackendStats, Metrics};
@@ -44,6 +45,8 @@ pub struct Backend {
     /// Identity in rendezvous hashing.
     pub hash: u64,
     pub inflight: AtomicU64,
+    /// Worker slots taken (`admission.rs`).
+    pub busy: AtomicU32,
     pub health: HealthState,
     pub breaker: Breaker,
     pub stats: BackendStats,
@@ -73,13 +76,26 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Every backend portier has seen, by identity; survives reloads.
+/// Every backend portier has seen, by identity, and every pool's worker queue, by
+/// name; both survive reloads.
 #[derive(Default)]
 pub struct Registry {
     backends: DashMap<BackendKey, Arc<Backend>>,
+    queues: DashMap<Arc<str>, Arc<PoolQueue>>,
 }
 
 impl Registry {
+    /// The worker queue of a pool (created on first use).
+    pub fn queue(&self, pool: &Arc<str>, metrics: &Metrics) -> Arc<PoolQueue> {
+        if let Some(q) = self.queues.get(pool) {
+            return q.clone();
+        }
+        self.queues
+            .entry(pool.clone())
+            .or_insert_with(|| Arc::new(PoolQueue::new(pool, metrics)))
+            .clone()
+    }
+
     pub fn get_or_create(&self, key: BackendKey, metrics: &Metrics) -> Arc<Backend> {
         if let Some(b) = self.backends.get(&key) {
             return b.clone();
@@ -94,6 +110,7 @@ impl Registry {
                     key,
                     addr_str,
                     inflight: AtomicU64::new(0),
+                    busy: AtomicU32::new(0),
                     health: Default::default(),
                     breaker: Default::default(),
                 })

@@ -149,6 +149,24 @@ pub fn pick(list: &[Arc<Backend>], rr: &AtomicUsize, w: &Want<'_>) -> Option<Arc
     None
 }
 
+/// The backends a request without a session may use, `picked` among them: the usable
+/// ones of the same set `pick` chose it from (the tenant's `spread` backends, or the
+/// rest of the pool when it spilled). For a request that must wait for a worker slot.
+pub fn candidates(list: &[Arc<Backend>], w: &Want<'_>, picked: &Backend) -> Vec<Arc<Backend>> {
+    let spread = if w.spread == 0 || w.spread >= list.len() {
+        list.len()
+    } else {
+        w.spread
+    };
+    let top = (spread < list.len()).then(|| TopK::new(list, w.tenant, spread));
+    let in_set = |b: &Backend| top.as_ref().is_none_or(|t| t.contains(b.hash));
+    let spilled = !in_set(picked);
+    list.iter()
+        .filter(|b| in_set(b) != spilled && (usable(b, w) || b.hash == picked.hash))
+        .cloned()
+        .collect()
+}
+
 fn best_by_score(
     list: &[Arc<Backend>],
     key: u64,

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::Role;
 use crate::discover::Discoverers;
 use crate::health::Checkers;
 use crate::reload::{reload, ReloadResult};
@@ -343,18 +344,27 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         let mut backends = Vec::new();
         for list in [&m.http, &m.longpolling] {
             for b in list.iter() {
-                backends.push(serde_json::json!({
+                let mut entry = serde_json::json!({
                     "address": &*b.addr_str,
                     "role": b.key.role.as_str(),
                     "up": b.health.is_up(),
                     "breaker": b.breaker.state().as_str(),
                     "inflight": b.inflight.load(Ordering::Relaxed),
-                }));
+                });
+                if p.cfg.workers > 0 && b.key.role == Role::Http {
+                    entry["slots"] = p.cfg.workers.into();
+                    entry["busy"] = b.busy.load(Ordering::Relaxed).into();
+                }
+                backends.push(entry);
             }
         }
+        let [interactive, statics, integration] = p.queue.depth();
         pools.insert(
             p.name.to_string(),
-            serde_json::json!({ "backends": backends }),
+            serde_json::json!({
+                "backends": backends,
+                "queue": {"interactive": interactive, "static": statics, "integration": integration},
+            }),
         );
     }
     serde_json::json!({

@@ -10,6 +10,7 @@ use http::HeaderValue;
 use pingora::proxy::Session;
 use portier_config::{Class, Tenant};
 
+use crate::admission;
 use crate::backend::{InflightGuard, Role};
 use crate::balance;
 use crate::breaker;
@@ -57,6 +58,13 @@ pub struct Ctx {
     pub client_ip: Option<IpAddr>,
     /// A concurrency slot of the tenant's limit, held until the request ends.
     pub permit: Option<limits::Permit>,
+    /// A worker slot of the current attempt's backend (pools with `workers`), held
+    /// until the worker's response has been read whole.
+    pub slot: Option<admission::Slot>,
+    /// Time spent waiting for worker slots.
+    pub queued: std::time::Duration,
+    /// The worker's response, read ahead of the client.
+    pub response: crate::spool::ResponseBuffer,
     pub guard: Option<RequestGuard>,
 }
 
@@ -87,6 +95,9 @@ impl Ctx {
             body_seen: 0,
             client_ip: None,
             permit: None,
+            slot: None,
+            queued: std::time::Duration::ZERO,
+            response: Default::default(),
             guard: None,
         }
     }

@@ -1,5 +1,6 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
+mod admission;
 mod answer;
 mod backend;
 mod balance;
@@ -19,6 +20,7 @@ mod reload;
 mod request;
 mod server;
 mod service;
+mod spool;
 mod state;
 mod telemetry;
 mod tls;

@@ -19,6 +19,7 @@ use crate::body;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request;
+use crate::spool;
 use crate::state::{RequestGuard, Shared};
 use crate::telemetry::{AccessRecord, Refusal};
 use crate::upstream;
@@ -109,7 +110,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        upstream::peer(ctx)
+        upstream::peer(ctx).await
     }
 
     fn fail_to_connect(
@@ -160,6 +161,17 @@ impl ProxyHttp for Proxy {
         upstream::response_headers(ctx, resp)
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        spool::read_ahead(ctx, body, end_of_stream);
+        Ok(None)
+    }
+
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
         // portier does not compress: no module at all (pingora's default adds a
         // disabled compression module that still costs work per request).
@@ -168,10 +180,12 @@ impl ProxyHttp for Proxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = error_status(e, ctx);
         if code > 0 && session.response_written().is_none() {
-            let answer = if code == 503 && ctx.refused == Some(Refusal::NoBackend) {
-                Answer::Unavailable
-            } else {
-                Answer::error(code)
+            let answer = match (code, ctx.refused) {
+                (503, Some(Refusal::NoBackend)) => Answer::Unavailable,
+                (503, Some(why @ (Refusal::QueueFull | Refusal::QueueTimeout))) => {
+                    Answer::NoSlot(why)
+                }
+                _ => Answer::error(code),
             };
             if let Err(err) = answer::send(session, ctx, answer).await {
                 tracing::debug!(error = %err, "cannot send error response");
@@ -212,6 +226,8 @@ impl ProxyHttp for Proxy {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 backend: ctx.backend.as_ref().map(|g| &*g.0.addr_str),
                 refused: ctx.refused,
+                queued_ms: ctx.queued.as_secs_f64() * 1000.0,
+                attempts: ctx.attempts,
             };
             if !log.log(&record) {
                 self.shared.metrics.access_log_dropped.inc();

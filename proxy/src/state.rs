@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use portier_config::{Config, Pool};
 
+use crate::admission::PoolQueue;
 use crate::backend::{BackendKey, Members, Registry, Role};
 use crate::telemetry::{Metrics, TenantStats};
 
@@ -20,6 +21,8 @@ pub struct PoolRt {
     pub members: ArcSwap<Members>,
     /// Round-robin cursor for breaking least-in-flight ties.
     pub rr: AtomicUsize,
+    /// Requests waiting for a worker slot (long-lived per pool name).
+    pub queue: Arc<PoolQueue>,
 }
 
 /// A tenant in a snapshot.
@@ -78,6 +81,7 @@ impl Snapshot {
                         .map(|m| m.clone())
                         .unwrap_or_default();
                     return Arc::new(PoolRt {
+                        queue: registry.queue(&name, metrics),
                         name,
                         cfg: p.clone(),
                         members: ArcSwap::new(members),
@@ -115,6 +119,7 @@ impl Snapshot {
                         .collect(),
                 };
                 Arc::new(PoolRt {
+                    queue: registry.queue(&name, metrics),
                     name,
                     cfg: p.clone(),
                     members: ArcSwap::from_pointee(members),

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub cert_expiry: GaugeVec,
     upstream_retries: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_wait: HistogramVec,
+    queue_refused: IntCounterVec,
+    backend_busy: IntGaugeVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
@@ -107,6 +111,16 @@ pub struct BackendStats {
     pub up: IntGauge,
     pub breaker_open: IntGauge,
     pub inflight: IntGauge,
+    /// Worker slots taken (pools with `workers`).
+    pub busy: IntGauge,
+}
+
+/// Metric handles of one pool's worker queue, per class: interactive, static, integration.
+pub struct QueueHandles {
+    pub depth: [IntGauge; 3],
+    pub wait: [Histogram; 3],
+    pub full: IntCounter,
+    pub timeout: IntCounter,
 }
 
 impl Default for Metrics {
@@ -202,6 +216,37 @@ impl Metrics {
             ),
             &["pool", "reason"]
         ));
+        let queue_depth = reg!(IntGaugeVec::new(
+            Opts::new(
+                "portier_queue_depth",
+                "Requests waiting for a worker slot, by pool and class"
+            ),
+            &["pool", "class"]
+        ));
+        let queue_wait = reg!(HistogramVec::new(
+            HistogramOpts::new(
+                "portier_queue_wait_seconds",
+                "Time requests waited for a worker slot, by pool and class"
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+            ]),
+            &["pool", "class"]
+        ));
+        let queue_refused = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_queue_refused_total",
+                "Requests refused for want of a worker slot, by pool and reason (queue_full, queue_timeout)"
+            ),
+            &["pool", "reason"]
+        ));
+        let backend_busy = reg!(IntGaugeVec::new(
+            Opts::new(
+                "portier_backend_busy",
+                "Worker slots taken on the backend (pools with workers)"
+            ),
+            &["pool", "backend"]
+        ));
         let access_log_dropped = reg!(IntCounter::new(
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
@@ -224,6 +269,10 @@ impl Metrics {
             config_reloads,
             cert_expiry,
             upstream_retries,
+            queue_depth,
+            queue_wait,
+            queue_refused,
+            backend_busy,
             access_log_dropped,
             tenants: DashMap::new(),
             other: OnceLock::new(),
@@ -235,6 +284,19 @@ impl Metrics {
         self.upstream_retries
             .with_label_values(&[pool, reason.as_str()])
             .inc();
+    }
+
+    /// The queue metrics of a pool (series created at 0).
+    pub fn queue_handles(&self, pool: &str) -> QueueHandles {
+        let names = ["interactive", "static", "integration"];
+        QueueHandles {
+            depth: names.map(|c| self.queue_depth.with_label_values(&[pool, c])),
+            wait: names.map(|c| self.queue_wait.with_label_values(&[pool, c])),
+            full: self.queue_refused.with_label_values(&[pool, "queue_full"]),
+            timeout: self
+                .queue_refused
+                .with_label_values(&[pool, "queue_timeout"]),
+        }
     }
 
     /// Makes the retry series of a pool visible (at 0) before its first retry.
@@ -281,6 +343,7 @@ impl Metrics {
             up,
             breaker_open,
             inflight: self.upstream_inflight.with_label_values(&labels),
+            busy: self.backend_busy.with_label_values(&labels),
         }
     }
 
@@ -289,6 +352,7 @@ impl Metrics {
         let _ = self.backend_up.remove_label_values(&labels);
         let _ = self.breaker_open.remove_label_values(&labels);
         let _ = self.upstream_inflight.remove_label_values(&labels);
+        let _ = self.backend_busy.remove_label_values(&labels);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -312,6 +376,8 @@ pub enum Refusal {
     DatabaseManager,
     NoBackend,
     BadRequest,
+    QueueFull,
+    QueueTimeout,
 }
 
 impl Refusal {
@@ -324,6 +390,8 @@ impl Refusal {
             Refusal::DatabaseManager => "database_manager",
             Refusal::NoBackend => "no_backend",
             Refusal::BadRequest => "bad_request",
+            Refusal::QueueFull => "queue_full",
+            Refusal::QueueTimeout => "queue_timeout",
         }
     }
 }
@@ -366,6 +434,10 @@ pub struct AccessRecord<'a> {
     pub duration_ms: f64,
     pub backend: Option<&'a str>,
     pub refused: Option<Refusal>,
+    /// Time spent waiting for a worker slot.
+    pub queued_ms: f64,
+    /// Backends tried.
+    pub attempts: u32,
 }
 
 const LOG_QUEUE: usize = 65_536;
@@ -519,7 +591,11 @@ pub fn format_record(r: &AccessRecord<'_>, now: SystemTime) -> String {
     push_opt(&mut out, r.backend);
     out.push_str(",\"refused\":");
     push_opt(&mut out, r.refused.map(Refusal::as_str));
-    out.push_str("}\n");
+    let _ = writeln!(
+        out,
+        ",\"queued_ms\":{:.3},\"attempts\":{}}}",
+        r.queued_ms, r.attempts
+    );
     out
 }
 
@@ -577,6 +653,8 @@ mod tests {
                 duration_ms: 12.5,
                 backend: Some("10.0.1.11:8069"),
                 refused: None,
+                queued_ms: 3.25,
+                attempts: 2,
             },
             SystemTime::UNIX_EPOCH,
         );
@@ -590,8 +668,10 @@ mod tests {
         assert_eq!(v["bytes"], 1234);
         assert_eq!(v["duration_ms"], 12.5);
         assert_eq!(v["refused"], serde_json::Value::Null);
+        assert_eq!(v["queued_ms"], 3.25);
+        assert_eq!(v["attempts"], 2);
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys.len(), 11);
+        assert_eq!(keys.len(), 13);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! attempt is retried (DESIGN.md; contract "Health and circuit breaking"), and the
 //! request and response headers as they cross portier ("What goes upstream").
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -11,15 +12,15 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use portier_config::Class;
 
-use crate::backend::InflightGuard;
+use crate::admission::{self, NoSlot};
+use crate::backend::{Backend, InflightGuard, Role};
 use crate::balance;
 use crate::breaker;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request::request_host;
-use crate::state::{DatabaseHeaders, Snapshot};
-use crate::telemetry::Refusal;
-use crate::telemetry::{Metrics, Retry};
+use crate::state::{DatabaseHeaders, PoolRt, Snapshot};
+use crate::telemetry::{Metrics, Refusal, Retry};
 
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
@@ -28,8 +29,9 @@ const MAX_STALE: u32 = 2;
 /// The pingora reuse key of connections opened for a retry after a stale one.
 const FRESH_GROUP: u64 = 0x0053_5441_4c45;
 
-/// Picks the backend of the next attempt and describes the connection to it.
-pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+/// Picks the backend of the next attempt (waiting for a worker slot on pools with
+/// `workers`) and describes the connection to it.
+pub async fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     let snap = ctx
         .snap
         .clone()
@@ -63,6 +65,22 @@ pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
             "backend failed and no other backend is left to retry on",
         ));
     };
+    // The previous attempt's slot goes back before this one takes one.
+    ctx.slot = None;
+    let backend = if ctx.role() == Role::Http && pool.cfg.workers > 0 {
+        match worker_slot(ctx, pool, members.list(Role::Http), backend).await {
+            Ok(b) => b,
+            Err(why) => {
+                ctx.refused = Some(why);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no worker slot for the request",
+                ));
+            }
+        }
+    } else {
+        backend
+    };
     ctx.outcome_recorded = false;
     ctx.retry_on_status = false;
     ctx.response_started = false;
@@ -92,6 +110,60 @@ pub fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         peer.options.idle_timeout = Some(Duration::ZERO);
     }
     Ok(Box::new(peer))
+}
+
+/// A worker slot for the request: on `picked` (the session's backend, or the least
+/// busy of the tenant's) if free, else on any backend the request may use (not a
+/// session's), else in the pool's queue. Returns the backend of the slot, held in
+/// `ctx.slot`.
+async fn worker_slot(
+    ctx: &mut Ctx,
+    pool: &PoolRt,
+    list: &[Arc<Backend>],
+    picked: Arc<Backend>,
+) -> std::result::Result<Arc<Backend>, Refusal> {
+    let cap = pool.cfg.workers;
+    let granted = if admission::try_acquire(&picked, cap) {
+        picked
+    } else {
+        let targets = match ctx.session_hash {
+            Some(_) => vec![picked],
+            None => balance::candidates(list, &ctx.want(pool, breaker::now_ms()), &picked),
+        };
+        let free = match ctx.session_hash {
+            Some(_) => None,
+            None => targets
+                .iter()
+                .find(|b| admission::try_acquire(b, cap))
+                .cloned(),
+        };
+        match free {
+            Some(b) => b,
+            None => {
+                let start = Instant::now();
+                let q = &pool.cfg.queue;
+                let waited = pool
+                    .queue
+                    .wait(
+                        ctx.class.unwrap_or(Class::Interactive),
+                        ctx.tenant_hash,
+                        targets,
+                        cap,
+                        q.max,
+                        q.timeout,
+                    )
+                    .await;
+                ctx.queued += start.elapsed();
+                match waited {
+                    Ok(b) => b,
+                    Err(NoSlot::Full) => return Err(Refusal::QueueFull),
+                    Err(NoSlot::Timeout) => return Err(Refusal::QueueTimeout),
+                }
+            }
+        }
+    };
+    ctx.slot = Some(admission::Slot::taken(granted.clone(), pool.queue.clone()));
+    Ok(granted)
 }
 
 /// Marks `e` for a retry on another backend and counts it.

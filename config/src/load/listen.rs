@@ -22,7 +22,23 @@ pub(super) fn read_listen(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Listen> {
         admin,
         drain: Duration::from_secs(30),
         threads: 0,
+        spool_dir: default_spool_dir(),
     };
+    if let Some(v) = tbl.get("spool_dir") {
+        if let Some(s) = want_str(cx, "spool_dir", v) {
+            listen.spool_dir = PathBuf::from(s);
+        }
+        if let Err(e) = check_writable_dir(&listen.spool_dir) {
+            cx.error(
+                &v.span(),
+                format!(
+                    "`spool_dir` \"{}\" cannot be written: {e}",
+                    listen.spool_dir.display()
+                ),
+            );
+            ok = false;
+        }
+    }
     if let Some(v) = tbl.get("drain") {
         match want_duration(cx, "drain", v) {
             Some(d) => listen.drain = d,
@@ -131,4 +147,12 @@ pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Opt
         redirect_http,
         hsts,
     })
+}
+
+/// A directory portier can create files in (it is created if missing).
+fn check_writable_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".portier-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
 }

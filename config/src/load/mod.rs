@@ -75,7 +75,8 @@ pub fn load_str(text: &str, path: &Path) -> Result<(Config, Vec<Diagnostic>), Ve
 }
 
 pub(super) const ROOT_KEYS: &[&str] = &["listen", "log", "tls", "defaults", "pools", "tenants"];
-pub(super) const LISTEN_KEYS: &[&str] = &["http", "https", "admin", "drain", "threads"];
+pub(super) const LISTEN_KEYS: &[&str] =
+    &["http", "https", "admin", "drain", "threads", "spool_dir"];
 pub(super) const LOG_KEYS: &[&str] = &["access"];
 pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts"];
 pub(super) const SETTINGS_KEYS: &[&str] = &[
@@ -85,6 +86,8 @@ pub(super) const SETTINGS_KEYS: &[&str] = &[
     "websocket_idle",
     "max_body",
     "buffer_body",
+    "buffer_response",
+    "max_response_spool",
     "block_database_manager",
     "admin_cidrs",
     "trusted_proxies",
@@ -101,6 +104,8 @@ pub(super) const TENANT_KEYS: &[&str] = &[
     "websocket_idle",
     "max_body",
     "buffer_body",
+    "buffer_response",
+    "max_response_spool",
     "block_database_manager",
     "admin_cidrs",
     "trusted_proxies",
@@ -115,7 +120,10 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "health",
     "breaker",
     "retries",
+    "workers",
+    "queue",
 ];
+pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout"];
 pub(super) const LIMIT_KEYS: &[&str] = &["rate", "burst", "concurrency"];
 pub(super) const HEALTH_KEYS: &[&str] = &["path", "every", "timeout", "rise", "fall"];
 pub(super) const BREAKER_KEYS: &[&str] = &["failures", "open_for"];
@@ -259,6 +267,8 @@ fn placeholder_pool(name: &str) -> Pool {
         health: None,
         breaker: Breaker::default(),
         retries: 1,
+        workers: 0,
+        queue: QueueCfg::default(),
     }
 }
 

@@ -52,6 +52,25 @@ pub(super) fn read_pool(
             b.finish(cx);
         }
     }
+    if let Some(v) = tbl.get("workers") {
+        pool.workers = want_uint(cx, "workers", v, 0, 100_000).unwrap_or(0) as u32;
+    }
+    if let Some(v) = tbl.get("queue") {
+        if let Some(qt) = want_table(cx, "queue", v) {
+            let mut q = Tbl::new(qt, "`queue`", QUEUE_KEYS);
+            if let Some(mv) = q.get("max") {
+                if let Some(n) = want_uint(cx, "max", mv, 0, 10_000_000) {
+                    pool.queue.max = n as usize;
+                }
+            }
+            if let Some(tv) = q.get("timeout") {
+                if let Some(d) = want_positive_duration(cx, "timeout", tv) {
+                    pool.queue.timeout = d;
+                }
+            }
+            q.finish(cx);
+        }
+    }
     if let Some(v) = tbl.get("retries") {
         pool.retries = want_uint(cx, "retries", v, 0, 10).unwrap_or(1) as u32;
     }

@@ -25,6 +25,8 @@ pub(super) fn read_settings(cx: &mut Cx<'_>, tbl: &mut Tbl<'_, '_>, base: &Setti
     field!("websocket_idle", want_positive_duration, websocket_idle);
     field!("max_body", want_size, max_body);
     field!("buffer_body", want_size, buffer_body);
+    field!("buffer_response", want_size, buffer_response);
+    field!("max_response_spool", want_size, max_response_spool);
     field!("block_database_manager", want_bool, block_database_manager);
     field!("admin_cidrs", want_cidrs, admin_cidrs);
     field!("trusted_proxies", want_cidrs, trusted_proxies);
