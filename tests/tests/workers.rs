@@ -1,0 +1,280 @@
+//! Protecting Odoo workers, end to end (contract r2, "Worker slots and the queue",
+//! "Bodies and buffering"): at most `workers` requests per HTTP backend, a fair priority
+//! queue for the rest, and responses read ahead of slow clients.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use portier_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Setup {
+    p: Portier,
+    w: SimWorker,
+}
+
+/// One HTTP backend behind a pool with `pool_extra` (e.g. `workers = 2`), tenants
+/// `a`, `b`, `c` and `d`.
+async fn setup(pool_extra: &str, defaults: &str) -> Setup {
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let mut cfg = format!(
+        "{}\n[defaults]\n{defaults}\n[pools.p]\nhttp = [\"{}\"]\n{pool_extra}\n",
+        ports.listen(),
+        w.addr()
+    );
+    for t in ["a", "b", "c", "d"] {
+        cfg.push_str(&format!(
+            "[tenants.{t}]\nhosts = [\"{t}.test\"]\npool = \"p\"\n"
+        ));
+    }
+    let p = Portier::start(&ports, &cfg).await;
+    Setup { p, w }
+}
+
+fn spawn_get(addr: std::net::SocketAddr, host: &str, path: &str) -> tokio::task::JoinHandle<Resp> {
+    let (host, path) = (host.to_string(), path.to_string());
+    tokio::spawn(async move { get(addr, &host, &path).await.expect("an answer") })
+}
+
+/// Waits (up to 5 s) until the pool's queue depths are `want`; returns the last status.
+async fn queue_reaches(admin: std::net::SocketAddr, want: (u64, u64, u64)) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = status(admin).await;
+        if pool_queue(&st) == want || Instant::now() > deadline {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to 5 s) until the worker has `n` requests at work.
+async fn worker_busy(w: &SimWorker, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.busy() != n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.busy(), n);
+}
+
+fn pool_queue(st: &serde_json::Value) -> (u64, u64, u64) {
+    let q = &st["pools"]["p"]["queue"];
+    (
+        q["interactive"].as_u64().unwrap_or(99),
+        q["static"].as_u64().unwrap_or(99),
+        q["integration"].as_u64().unwrap_or(99),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_more_than_workers_at_a_backend_and_status_shows_the_queue() {
+    let s = setup("workers = 2", "").await;
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            spawn_get(
+                s.p.http,
+                "a.test",
+                &format!("/web/dataset/call_kw?sleep_ms=400&i={i}"),
+            )
+        })
+        .collect();
+    let st = queue_reaches(s.p.admin, (8, 0, 0)).await;
+    let b = backend_status(&st, "p", &s.w.addr()).expect("listed");
+    assert_eq!(b["slots"], 2, "{st}");
+    assert_eq!(b["busy"], 2, "{st}");
+    assert_eq!(pool_queue(&st), (8, 0, 0), "{st}");
+    assert_eq!(s.w.busy(), 2);
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(s.w.peak_busy(), 2, "the worker saw more than 2 at once");
+    let st = status(s.p.admin).await;
+    assert_eq!(backend_status(&st, "p", &s.w.addr()).unwrap()["busy"], 0);
+    assert_eq!(pool_queue(&st), (0, 0, 0));
+    let logs = s.p.access_log();
+    let queued = logs
+        .iter()
+        .filter(|l| l["queued_ms"].as_f64().unwrap_or(0.0) > 100.0)
+        .count();
+    assert!(queued >= 6, "queued_ms not logged: {logs:?}");
+    assert!(logs.iter().all(|l| l["attempts"] == 1));
+    let m = get(s.p.admin, "admin", "/metrics").await.unwrap().text();
+    assert!(
+        m.contains("portier_queue_wait_seconds_count{class=\"interactive\",pool=\"p\"} 8"),
+        "{m}"
+    );
+    assert!(m.contains("portier_backend_busy{"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_and_a_long_wait_get_503_with_json() {
+    let s = setup("workers = 1\nqueue = { max = 2, timeout = \"500ms\" }", "").await;
+    let slow = spawn_get(s.p.http, "a.test", "/web/dataset/call_kw?sleep_ms=1500");
+    worker_busy(&s.w, 1).await;
+    let waiting: Vec<_> = (0..2)
+        .map(|i| spawn_get(s.p.http, "b.test", &format!("/web/dataset/call_kw?w={i}")))
+        .collect();
+    assert_eq!(
+        pool_queue(&queue_reaches(s.p.admin, (2, 0, 0)).await),
+        (2, 0, 0)
+    );
+    // The queue holds 2: the next one is refused at once.
+    let started = Instant::now();
+    let r = get(s.p.http, "c.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(r.json()["error"], "queue_full");
+    assert!(r.header("retry-after").is_some());
+    // The two waiting give up after queue.timeout.
+    for t in waiting {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json()["error"], "queue_timeout");
+    }
+    assert_eq!(slow.await.unwrap().status, 200);
+    let logs = s.p.access_log();
+    assert_eq!(
+        logs.iter().filter(|l| l["refused"] == "queue_full").count(),
+        1
+    );
+    assert_eq!(
+        logs.iter()
+            .filter(|l| l["refused"] == "queue_timeout")
+            .count(),
+        2
+    );
+    let m = get(s.p.admin, "admin", "/metrics").await.unwrap().text();
+    assert!(
+        m.contains("portier_queue_refused_total{pool=\"p\",reason=\"queue_full\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("portier_queue_refused_total{pool=\"p\",reason=\"queue_timeout\"} 2"),
+        "{m}"
+    );
+    // Only the slow request reached the worker.
+    assert_eq!(s.w.hits(), 1);
+}
+
+/// Tenant A has 40 integration calls queued; tenant B's interactive request is served
+/// next, and tenant C's single integration call is served before A's 40 finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_go_first_and_tenants_take_turns() {
+    let s = setup("workers = 1", "").await;
+    let hold = spawn_get(s.p.http, "d.test", "/web/dataset/call_kw?sleep_ms=2500");
+    worker_busy(&s.w, 1).await;
+    let mut a = Vec::new();
+    for i in 0..40 {
+        let addr = s.p.http;
+        a.push(tokio::spawn(async move {
+            request(
+                addr,
+                "POST",
+                "a.test",
+                &format!("/jsonrpc?a={i}&sleep_ms=10"),
+                &[],
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect("an answer")
+        }));
+    }
+    assert_eq!(
+        pool_queue(&queue_reaches(s.p.admin, (0, 0, 40)).await),
+        (0, 0, 40)
+    );
+    let addr = s.p.http;
+    let c = tokio::spawn(async move {
+        request(
+            addr,
+            "POST",
+            "c.test",
+            "/jsonrpc?c=1&sleep_ms=10",
+            &[],
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .expect("an answer")
+    });
+    let b = spawn_get(s.p.http, "b.test", "/web/dataset/call_kw?b=1&sleep_ms=10");
+    assert_eq!(
+        pool_queue(&queue_reaches(s.p.admin, (1, 0, 41)).await),
+        (1, 0, 41)
+    );
+    assert_eq!(hold.await.unwrap().status, 200);
+    assert_eq!(b.await.unwrap().status, 200);
+    assert_eq!(c.await.unwrap().status, 200);
+    for t in a {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let order: Vec<String> = s.w.requests().iter().map(|r| r.target.clone()).collect();
+    let pos = |needle: &str| {
+        order
+            .iter()
+            .position(|t| t.contains(needle))
+            .unwrap_or(usize::MAX)
+    };
+    let first_a = order.iter().position(|t| t.contains("?a=")).unwrap();
+    let last_a = order.iter().rposition(|t| t.contains("?a=")).unwrap();
+    assert_eq!(pos("b=1"), 1, "the click was not served next: {order:?}");
+    assert!(
+        pos("c=1") < last_a,
+        "C waited for all of A's calls: {order:?}"
+    );
+    assert!(
+        pos("c=1") <= first_a + 1,
+        "C did not get the next turn: {order:?}"
+    );
+}
+
+/// A 16 MiB response to a client reading slowly: portier reads it from the worker at
+/// once (within `buffer_response`), so the worker's slot is free while the client is
+/// still reading; the client gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_does_not_hold_the_worker() {
+    let s = setup("workers = 1", "buffer_response = \"32MiB\"").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let mut conn = socket.connect(s.p.http).await.unwrap();
+    conn.write_all(b"GET /web/content/report?size=16777216 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::with_capacity(17 << 20);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut freed_while_reading = false;
+    loop {
+        let n = conn.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        // About 4 MiB/s: four seconds for the whole response. Kernel buffers hold a
+        // few MiB between the worker and the client; without the read-ahead, the
+        // worker is still sending while the client has read less than 4 MiB.
+        tokio::time::sleep(Duration::from_millis(16)).await;
+        if !freed_while_reading
+            && started.elapsed() > Duration::from_millis(300)
+            && got.len() < 4 << 20
+        {
+            let st = status(s.p.admin).await;
+            freed_while_reading = backend_status(&st, "p", &s.w.addr()).unwrap()["busy"] == 0;
+        }
+    }
+    assert!(
+        freed_while_reading,
+        "the worker's slot was held while the client read"
+    );
+    let text = String::from_utf8_lossy(&got);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).expect("the whole JSON body");
+    assert!(v["pad"].as_str().unwrap().len() > 16_000_000);
+    // Another request gets the worker while nothing is in flight.
+    let r = get(s.p.http, "b.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
