@@ -7,6 +7,7 @@ mod noisy;
 mod peers;
 mod proc;
 mod reload;
+mod saturation;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,26 @@ enum Command {
         /// Requests each simulated worker works on at once.
         #[arg(long, default_value_t = 3)]
         capacity: usize,
+    },
+    /// Worker protection: tenant A's import would take every Odoo worker while tenant
+    /// B browses; B's latency and A's throughput without and with worker slots.
+    Saturation {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// B's interactive requests per second.
+        #[arg(long, default_value_t = 20.0)]
+        b_rate: f64,
+        /// A's import: calls in flight at once.
+        #[arg(long, default_value_t = 16)]
+        a_parallel: usize,
+        /// Time each of A's calls takes at the worker, ms.
+        #[arg(long, default_value_t = 200)]
+        a_call_ms: u64,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        /// Odoo workers per pod (the pool's `workers` in the last phase).
+        #[arg(long, default_value_t = 4)]
+        workers_per_pod: usize,
     },
     /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
     Reload {
@@ -285,6 +306,31 @@ fn main() -> ExitCode {
                 rt.block_on(noisy::run(&opts)),
                 |p| noisy::table(p),
                 |p| noisy::json(p, &opts),
+                out,
+            )
+        }
+        Command::Saturation {
+            seconds,
+            b_rate,
+            a_parallel,
+            a_call_ms,
+            pods,
+            workers_per_pod,
+        } => {
+            let opts = saturation::Opts {
+                portier,
+                seconds,
+                b_rate,
+                a_parallel,
+                a_call_ms,
+                pods,
+                workers_per_pod,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(saturation::run(&opts)),
+                |p| saturation::table(p, &opts),
+                |p| saturation::json(p, &opts),
                 out,
             )
         }
