@@ -360,7 +360,7 @@ async fn status_and_metrics_show_what_the_contract_lists() {
     let w = sim("w").await;
     let ports = Ports::new();
     let cfg = format!(
-        "[listen]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\n[tls]\ncerts = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\nintegration = {{ rate = \"1/h\", burst = 1 }}\n",
+        "[listen]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\n[tls]\ncerts = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\nworkers = 4\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\nintegration = {{ rate = \"1/h\", burst = 1 }}\n",
         ports.http, ports.https, ports.admin, certs.path().display(), w.addr(), w.addr()
     );
     let p = Portier::start(&ports, &cfg).await;
@@ -406,6 +406,11 @@ async fn status_and_metrics_show_what_the_contract_lists() {
         "portier_connections_open{listener=\"https\"} 0",
         "portier_config_reloads_total{result=\"ok\"} 1",
         "portier_cert_expiry_seconds{name=\"acme\"}",
+        "portier_upstream_retries_total{pool=\"p\",reason=\"closed\"} 0",
+        "portier_queue_depth{class=\"integration\",pool=\"p\"} 0",
+        "portier_queue_wait_seconds_count{class=\"interactive\",pool=\"p\"} 0",
+        "portier_queue_refused_total{pool=\"p\",reason=\"queue_full\"} 0",
+        "portier_backend_busy{backend=",
     ] {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
