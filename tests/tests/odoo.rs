@@ -598,3 +598,29 @@ async fn health_checks_use_odoos_health_route() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Odoo 16-18's prefork workers close the connection after every response (werkzeug's
+/// handler there speaks HTTP/1.0): nothing is pooled, and every request still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_close_after_each_response_are_served() {
+    let s = setup(OdooVersion::V16, 2, |c| c.close_each = true, false, "").await;
+    let mut conn = connect(s.p.http).await;
+    for i in 0..20 {
+        let r = send(
+            &mut conn,
+            "GET",
+            "acme.test",
+            "/web/dataset/call_kw",
+            &[],
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let accepted: u64 = s.http.iter().map(|w| w.accepted_connections()).sum();
+    assert_eq!(
+        accepted, 20,
+        "a closed connection was reused, or a request retried"
+    );
+}
