@@ -20,6 +20,8 @@ pub struct FixedBuffer {
     buffer: BytesMut,
     capacity: usize,
     truncated: bool,
+    /// A whole body handed over by the caller (see [`FixedBuffer::from_body`]).
+    body: Option<Bytes>,
 }
 
 impl FixedBuffer {
@@ -28,12 +30,31 @@ impl FixedBuffer {
             buffer: BytesMut::new(),
             capacity,
             truncated: false,
+            body: None,
+        }
+    }
+
+    /// A buffer holding `body`, read by the caller: replayed as it is, without a copy.
+    /// Anything written to it afterwards truncates it (the body was not whole).
+    pub fn from_body(body: Bytes) -> Self {
+        FixedBuffer {
+            buffer: BytesMut::new(),
+            capacity: body.len(),
+            truncated: false,
+            body: Some(body),
         }
     }
 
     // TODO: maybe store a Vec of Bytes for zero-copy
     pub fn write_to_buffer(&mut self, data: &Bytes) {
         if self.truncated {
+            return;
+        }
+        if self.body.is_some() {
+            if !data.is_empty() {
+                self.body = None;
+                self.truncated = true;
+            }
             return;
         }
 
@@ -49,14 +70,18 @@ impl FixedBuffer {
     pub fn clear(&mut self) {
         self.truncated = false;
         self.buffer.clear();
+        self.body = None;
     }
     pub fn is_empty(&self) -> bool {
-        self.buffer.len() == 0
+        self.buffer.len() == 0 && self.body.as_ref().is_none_or(|b| b.is_empty())
     }
     pub fn is_truncated(&self) -> bool {
         self.truncated
     }
     pub fn get_buffer(&self) -> Option<Bytes> {
+        if let Some(body) = self.body.as_ref().filter(|b| !b.is_empty()) {
+            return Some(body.clone());
+        }
         // TODO: return None if truncated?
         if !self.is_empty() {
             Some(self.buffer.clone().freeze())

@@ -676,6 +676,17 @@ impl Session {
         }
     }
 
+    /// Hands over a request body read by the caller, to be sent first and replayed on
+    /// a retry (HTTP/1 and HTTP/2; other sessions keep their own buffer). See
+    /// `v1::server::HttpSession::set_retry_buffer()`.
+    pub fn set_retry_buffer(&mut self, body: Bytes) {
+        match self {
+            Self::H1(s) => s.set_retry_buffer(body),
+            Self::H2(s) => s.set_retry_buffer(body),
+            Self::Subrequest(_) | Self::Custom(_) => {}
+        }
+    }
+
     /// Enables retry buffering with room for `capacity` bytes of request body (HTTP/1
     /// and HTTP/2; other sessions get their default). See
     /// `v1::server::HttpSession::enable_retry_buffering_with_capacity()`.

@@ -901,6 +901,15 @@ impl HttpSession {
         }
     }
 
+    /// Hands over a request body the caller has read itself (with
+    /// [`Self::read_body_bytes()`]), to be sent to the upstream first and replayed on a
+    /// retry as it is, without a copy: a body of any size, held wherever the caller
+    /// keeps it (a `Bytes` over a memory-mapped file, say). Replaces the retry buffer.
+    /// If more body is read afterwards, the buffer counts as truncated.
+    pub fn set_retry_buffer(&mut self, body: Bytes) {
+        self.retry_buffer = Some(FixedBuffer::from_body(body));
+    }
+
     pub fn get_retry_buffer(&self) -> Option<Bytes> {
         self.retry_buffer.as_ref().and_then(|b| {
             if b.is_truncated() {
