@@ -888,16 +888,8 @@ impl HttpSession {
     }
 
     pub fn enable_retry_buffering(&mut self) {
-        self.enable_retry_buffering_with_capacity(BODY_BUF_LIMIT)
-    }
-
-    /// Like [`Self::enable_retry_buffering()`], with room for `capacity` bytes of
-    /// request body instead of the default 64 KiB: a body of up to `capacity` bytes read
-    /// before the upstream is chosen can be replayed whole. Does nothing if retry
-    /// buffering is already enabled.
-    pub fn enable_retry_buffering_with_capacity(&mut self, capacity: usize) {
         if self.retry_buffer.is_none() {
-            self.retry_buffer = Some(FixedBuffer::new(capacity))
+            self.retry_buffer = Some(FixedBuffer::new(BODY_BUF_LIMIT))
         }
     }
 
