@@ -2,6 +2,7 @@
 //! picked (so a slow client never holds an Odoo worker and a bad body never reaches
 //! one).
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,35 +14,32 @@ use portier_config::Settings;
 use crate::answer::Answer;
 use crate::ctx::Ctx;
 use crate::forward;
-use crate::telemetry::Refusal;
+use crate::spool::{self, BodySpool};
+use crate::telemetry::{Direction, Metrics, Refusal};
 
 /// Timeout for reading a request body from the client.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
-/// The most one read of a request body returns (pingora's HTTP/1 body buffer, 64 KiB,
-/// plus the body bytes that came with the header block): room kept in the replay
-/// buffer so that the read crossing `buffer_body` still fits.
-const READ_SLACK: u64 = 128 * 1024;
-
 /// The body phase of `request_filter`: refuses a declared body over `max_body`, and
-/// receives a body of up to `buffer_body` (Content-Length or chunked) completely before
-/// a worker is picked: a slow client never holds an Odoo worker, a body with bad
-/// chunking never reaches one, and the body can be sent again on a retry (pingora's
-/// replay buffer, given room for it: vendor/PATCHES.md, patch 2). Larger bodies stream
-/// after their first `buffer_body` bytes.
+/// receives every body (Content-Length or chunked) completely before a worker is
+/// picked — in memory up to `buffer_body`, beyond that in a file under `spool_dir` — so
+/// a slow client never holds an Odoo worker and a body with bad chunking never reaches
+/// one. The whole body is handed to pingora to send at full speed and to replay on a
+/// retry (vendor/PATCHES.md, patch 3). When it cannot be spooled (disk full, directory
+/// gone), what was received is sent and the rest streams.
 pub async fn receive(
     session: &mut Session,
     ctx: &mut Ctx,
     settings: &Settings,
+    spool_dir: &Path,
+    metrics: &Metrics,
 ) -> Result<Result<(), Answer>> {
     let declared = forward::content_length(session.req_header());
     if declared.is_some_and(|n| n > settings.max_body) {
         return Ok(Err(too_large(true)));
     }
     session.set_read_timeout(Some(CLIENT_IO_TIMEOUT));
-    let has_body = !session.is_body_empty();
-    let cap = settings.buffer_body.min(settings.max_body);
-    if has_body && declared.is_none_or(|n| n <= cap) {
-        if let Err(answer) = preread(session, ctx, settings.max_body, cap).await? {
+    if !session.is_body_empty() && !ctx.websocket {
+        if let Err(answer) = read_whole(session, ctx, settings, spool_dir, metrics).await? {
             return Ok(Err(answer));
         }
     }
@@ -55,16 +53,13 @@ fn too_large(close: bool) -> Answer {
     Answer::refuse(413, Refusal::BodyTooLarge, "request body too large", close)
 }
 
-/// Reads the request body before a worker is picked, into pingora's replay buffer:
-/// all of it, or (a chunked body larger than `cap`) its first `cap` bytes.
-async fn preread(
+async fn read_whole(
     session: &mut Session,
     ctx: &mut Ctx,
-    max_body: u64,
-    cap: u64,
+    settings: &Settings,
+    spool_dir: &Path,
+    metrics: &Metrics,
 ) -> Result<Result<(), Answer>> {
-    let room = usize::try_from(cap.saturating_add(READ_SLACK)).unwrap_or(usize::MAX);
-    session.as_mut().enable_retry_buffering_with_capacity(room);
     if forward::expects_continue(
         session
             .req_header()
@@ -74,26 +69,25 @@ async fn preread(
     ) {
         session.write_continue_response().await?;
     }
+    let mut body = BodySpool::new(settings.buffer_body.min(settings.max_body), spool_dir);
     loop {
         if session.is_body_done() {
-            ctx.body_preread = true;
-            return Ok(Ok(()));
-        }
-        // Past `cap` (a chunked body of unknown size), the rest streams.
-        if ctx.body_seen >= cap {
-            return Ok(Ok(()));
+            break;
         }
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 ctx.body_seen += chunk.len() as u64;
-                if ctx.body_seen > max_body {
+                if ctx.body_seen > settings.max_body {
                     return Ok(Err(too_large(true)));
                 }
+                if let Err(e) = body.push(&chunk).await {
+                    // No room to spool: send what came, stream the rest.
+                    spool::log_spool_error(&e);
+                    session.as_mut().set_retry_buffer(body.so_far(&chunk).await);
+                    return Ok(Ok(()));
+                }
             }
-            Ok(None) => {
-                ctx.body_preread = true;
-                return Ok(Ok(()));
-            }
+            Ok(None) => break,
             Err(e) => {
                 return Ok(Err(match e.etype() {
                     ErrorType::ReadTimedout => Answer::refuse(
@@ -105,6 +99,20 @@ async fn preread(
                     _ => Answer::refuse(400, Refusal::BadRequest, "malformed request body", true),
                 }));
             }
+        }
+    }
+    let spooled = body.spooled();
+    match body.finish().await {
+        Ok(whole) => {
+            metrics.spooled(Direction::Request, spooled);
+            session.as_mut().set_retry_buffer(whole);
+            ctx.body_preread = true;
+            Ok(Ok(()))
+        }
+        Err(e) => {
+            // The body was received but cannot be mapped back: nothing can be sent.
+            spool::log_spool_error(&e);
+            Ok(Err(Answer::error(500)))
         }
     }
 }

@@ -37,6 +37,11 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
             }
         }
     }
+    // Spool files of portier processes that are gone (a crash, a kill) go now.
+    let stale = crate::spool::clean_dir(&config.listen.spool_dir);
+    if stale > 0 {
+        tracing::info!(files = stale, dir = %config.listen.spool_dir.display(), "removed stale spool files");
+    }
     let admin_listener = match config.listen.admin {
         Some(addr) => match std::net::TcpListener::bind(addr) {
             Ok(l) => Some(l),

@@ -76,7 +76,15 @@ impl Proxy {
         let Some(tenant) = ctx.tenant(&snap) else {
             return Ok(Err(Answer::error(500)));
         };
-        body::receive(session, ctx, &tenant.settings).await
+        let spool_dir = &snap.config.listen.spool_dir;
+        body::receive(
+            session,
+            ctx,
+            &tenant.settings,
+            spool_dir,
+            &self.shared.metrics,
+        )
+        .await
     }
 }
 

@@ -48,6 +48,7 @@ pub struct Metrics {
     queue_wait: HistogramVec,
     queue_refused: IntCounterVec,
     backend_busy: IntGaugeVec,
+    spooled: IntCounterVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
@@ -247,6 +248,16 @@ impl Metrics {
             ),
             &["pool", "backend"]
         ));
+        let spooled = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_spooled_bytes_total",
+                "Bytes buffered in files under spool_dir, by direction (request, response)"
+            ),
+            &["direction"]
+        ));
+        for d in ["request", "response"] {
+            spooled.with_label_values(&[d]);
+        }
         let access_log_dropped = reg!(IntCounter::new(
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
@@ -273,6 +284,7 @@ impl Metrics {
             queue_wait,
             queue_refused,
             backend_busy,
+            spooled,
             access_log_dropped,
             tenants: DashMap::new(),
             other: OnceLock::new(),
@@ -284,6 +296,16 @@ impl Metrics {
         self.upstream_retries
             .with_label_values(&[pool, reason.as_str()])
             .inc();
+    }
+
+    /// Counts bytes written to spool files.
+    pub fn spooled(&self, direction: Direction, bytes: u64) {
+        if bytes > 0 {
+            let d = match direction {
+                Direction::Request => "request",
+            };
+            self.spooled.with_label_values(&[d]).inc_by(bytes);
+        }
     }
 
     /// The queue metrics of a pool (series created at 0).
@@ -394,6 +416,12 @@ impl Refusal {
             Refusal::QueueTimeout => "queue_timeout",
         }
     }
+}
+
+/// Which way spooled bytes went (responses are not spooled to files yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
 }
 
 /// Why a request was sent again.

@@ -475,13 +475,14 @@ async fn bodies_of_every_size_arrive_intact() {
     }
 }
 
-/// A body under `buffer_body` is validated whole before a worker is picked: bad
-/// chunking after good chunks (small, and past pingora's own 64 KiB replay buffer) is a
+/// A body is validated whole before a worker is picked: bad
+/// chunking after good chunks (small, past pingora's own 64 KiB replay buffer, and past
+/// `buffer_body`, in a spool file) is a
 /// 400 and nothing reaches a worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_chunk_after_good_ones_reaches_no_worker() {
     let s = setup("").await;
-    for good in [5usize, 150 * 1024, 900 * 1024] {
+    for good in [5usize, 150 * 1024, 900 * 1024, 2 << 20] {
         let mut req = b"POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         let mut left = good;
         while left > 0 {
