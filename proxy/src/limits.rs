@@ -192,7 +192,7 @@ pub fn refusal_body(r: &Refused, tenant: &str, class: Class) -> String {
     out.push_str("{\"error\":\"");
     out.push_str(r.why.as_str());
     out.push_str("\",\"tenant\":");
-    crate::telemetry::push_json_str(&mut out, tenant);
+    crate::access_log::push_json_str(&mut out, tenant);
     out.push_str(",\"class\":\"");
     out.push_str(class.as_str());
     out.push_str("\",\"retry_after\":");

@@ -1,5 +1,6 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
+mod access_log;
 mod admission;
 mod answer;
 mod backend;

@@ -14,6 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 
+use crate::access_log::AccessRecord;
 use crate::answer::{self, Answer};
 use crate::body;
 use crate::ctx::Ctx;
@@ -21,7 +22,7 @@ use crate::forward;
 use crate::request;
 use crate::spool;
 use crate::state::{RequestGuard, Shared};
-use crate::telemetry::{AccessRecord, Refusal};
+use crate::telemetry::Refusal;
 use crate::upstream;
 
 /// Keep-alive timeout for idle client connections (nginx's default).

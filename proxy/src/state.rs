@@ -167,7 +167,7 @@ pub struct Shared {
     pub certs: Arc<portier_certs::CertStore>,
     /// Summary of the certificate directory at the last load (change detection).
     pub cert_fingerprint: Mutex<u64>,
-    pub access_log: crate::telemetry::AccessLog,
+    pub access_log: crate::access_log::AccessLog,
     /// Listeners are bound and the config is loaded.
     pub ready: AtomicBool,
     /// SIGTERM/SIGINT received.
@@ -195,7 +195,7 @@ impl Shared {
             limits: Default::default(),
             certs: Arc::new(portier_certs::CertStore::new()),
             cert_fingerprint: Mutex::new(0),
-            access_log: crate::telemetry::AccessLog::new(access),
+            access_log: crate::access_log::AccessLog::new(access),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             inflight: AtomicU64::new(0),

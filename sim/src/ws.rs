@@ -30,7 +30,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::{json_response, odoo, Resp, Server, SimConfig};
+use crate::routes::{json_response, Resp};
+use crate::{odoo, Server, SimConfig};
 
 /// Why a handshake is refused.
 fn handshake_error(headers: &HeaderMap, cfg: &SimConfig) -> Option<(StatusCode, &'static str)> {
