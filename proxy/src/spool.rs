@@ -22,40 +22,63 @@ use crate::ctx::Ctx;
 /// The read-ahead state of one response.
 #[derive(Default)]
 pub struct ResponseBuffer {
-    held: BytesMut,
+    /// The first chunk, kept as it came (most responses are one chunk: no copy).
+    first: Option<Bytes>,
+    /// Later chunks, appended to a copy of the first.
+    more: BytesMut,
     /// Over `buffer_response`: passed on as it comes.
     streaming: bool,
+}
+
+impl ResponseBuffer {
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.more.len()
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match self.first.take() {
+            None if self.more.is_empty() => self.first = Some(chunk),
+            first => {
+                if let Some(f) = first {
+                    self.more.extend_from_slice(&f);
+                }
+                self.more.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        match self.first.take() {
+            Some(f) => Some(f),
+            None if self.more.is_empty() => None,
+            None => Some(self.more.split().freeze()),
+        }
+    }
 }
 
 /// `response_body_filter`: holds the worker's response until its end (within
 /// `buffer_response`), and frees the worker slot when the response has been read whole.
 pub fn read_ahead(ctx: &mut Ctx, body: &mut Option<Bytes>, end_of_stream: bool) {
     let limit = match (ctx.class, &ctx.snap) {
-        (Some(Class::Longpolling), _) | (None, _) => 0,
+        (Some(Class::Longpolling), _) | (None, _) | (Some(_), None) => 0,
         (Some(_), Some(snap)) => ctx
             .tenant(snap)
             .map(|t| t.settings.buffer_response)
             .unwrap_or(0),
-        (Some(_), None) => 0,
     };
     let rb = &mut ctx.response;
     if limit > 0 && !rb.streaming && !ctx.websocket {
         if let Some(chunk) = body.take() {
-            if (rb.held.len() + chunk.len()) as u64 > limit {
+            let over = (rb.len() + chunk.len()) as u64 > limit;
+            rb.push(chunk);
+            if over {
                 // Too large to hold: what is held goes now, the rest as it comes.
                 rb.streaming = true;
-                if rb.held.is_empty() {
-                    *body = Some(chunk);
-                } else {
-                    rb.held.extend_from_slice(&chunk);
-                    *body = Some(rb.held.split().freeze());
-                }
-            } else {
-                rb.held.extend_from_slice(&chunk);
+                *body = rb.take();
             }
         }
-        if end_of_stream && !rb.streaming && !rb.held.is_empty() {
-            *body = Some(rb.held.split().freeze());
+        if end_of_stream && !rb.streaming {
+            *body = rb.take();
         }
     }
     if end_of_stream {
@@ -251,5 +274,49 @@ pub fn log_spool_error(e: &SpoolError) {
             .is_ok()
     {
         tracing::warn!(error = %e, "request bodies stream instead of being spooled (logged once a minute)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_chunk_is_kept_without_a_copy_and_more_are_joined() {
+        let mut rb = ResponseBuffer::default();
+        let chunk = Bytes::from(vec![7u8; 1000]);
+        let ptr = chunk.as_ptr();
+        rb.push(chunk);
+        let out = rb.take().unwrap();
+        assert_eq!(out.as_ptr(), ptr, "the single chunk was copied");
+        assert!(rb.take().is_none());
+        rb.push(Bytes::from_static(b"ab"));
+        rb.push(Bytes::from_static(b"cd"));
+        rb.push(Bytes::from_static(b"e"));
+        assert_eq!(rb.len(), 5);
+        assert_eq!(&rb.take().unwrap()[..], b"abcde");
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_memory_limit_is_spooled_and_mapped_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = BodySpool::new(10, dir.path());
+        for part in [&b"hello "[..], b"spooled ", b"world"] {
+            spool.push(&Bytes::copy_from_slice(part)).await.unwrap();
+        }
+        assert_eq!(spool.spooled(), 19);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let body = spool.finish().await.unwrap();
+        assert_eq!(&body[..], b"hello spooled world");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "file left"
+        );
+        // A body that fits stays in memory.
+        let mut small = BodySpool::new(10, dir.path());
+        small.push(&Bytes::from_static(b"tiny")).await.unwrap();
+        assert_eq!(small.spooled(), 0);
+        assert_eq!(&small.finish().await.unwrap()[..], b"tiny");
     }
 }
