@@ -214,3 +214,28 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         .expect("demo exits on SIGTERM");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn check_refuses_a_spool_dir_that_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.toml");
+    std::fs::write(
+        &path,
+        "[listen]\nhttp = \"127.0.0.1:18080\"\nspool_dir = \"/proc/portier-spool\"\n[pools.p]\nhttp = [\"127.0.0.1:8069\"]\nworkers = 4\nqueue = { max = 10, timeout = \"5s\" }\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\nbuffer_response = \"8MiB\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{file}:3:13: `spool_dir` \"/proc/portier-spool\" cannot be written"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with(&file)).count(),
+        1,
+        "{err}"
+    );
+}
