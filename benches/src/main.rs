@@ -93,6 +93,9 @@ enum Command {
         /// Time each of A's calls takes at the worker, ms.
         #[arg(long, default_value_t = 200)]
         a_call_ms: u64,
+        /// How much each of A's calls varies around a_call_ms (uniformly, ±), ms.
+        #[arg(long, default_value_t = 0)]
+        a_jitter_ms: u64,
         #[arg(long, default_value_t = 2)]
         pods: usize,
         /// Odoo workers per pod (the pool's `workers` in the last phase).
@@ -314,6 +317,7 @@ fn main() -> ExitCode {
             b_rate,
             a_parallel,
             a_call_ms,
+            a_jitter_ms,
             pods,
             workers_per_pod,
         } => {
@@ -323,6 +327,7 @@ fn main() -> ExitCode {
                 b_rate,
                 a_parallel,
                 a_call_ms,
+                a_jitter_ms,
                 pods,
                 workers_per_pod,
                 proxy_cpus: cpus,

@@ -3,8 +3,9 @@
 //! and keep the rest waiting, like a prefork pool's listen backlog); tenant A runs an
 //! import — integration calls of 200 ms, 16 at a time, within its rate limit but enough
 //! to take every worker — while tenant B browses (interactive, 20 req/s). B's latency
-//! with A idle, with A importing and no worker slots, and with `workers = 4`; and A's
-//! import throughput against what the workers can do (8 workers / 200 ms = 40 calls/s).
+//! with A idle, with A importing and no worker slots, with `workers = 4`, and with one
+//! slot of the pool reserved for clicks (`queue.reserve = 1`); and A's import throughput
+//! against what the workers can do (8 workers / 200 ms = 40 calls/s).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,8 @@ pub struct Opts {
     /// A's import: calls in flight at once, and each call's time at the worker.
     pub a_parallel: usize,
     pub a_call_ms: u64,
+    /// How much each call's time varies (uniformly, ±).
+    pub a_jitter_ms: u64,
     pub pods: usize,
     pub workers_per_pod: usize,
     pub proxy_cpus: Option<String>,
@@ -33,12 +36,18 @@ pub struct Phase {
     pub a: Option<Stats>,
 }
 
-fn config(port: u16, admin: u16, pods: &[std::net::SocketAddr], workers: usize) -> String {
+fn config(
+    port: u16,
+    admin: u16,
+    pods: &[std::net::SocketAddr],
+    workers: usize,
+    reserve: usize,
+) -> String {
     let list: Vec<String> = pods.iter().map(|a| format!("\"{a}\"")).collect();
-    let slots = if workers > 0 {
-        format!("workers = {workers}\n")
-    } else {
-        String::new()
+    let slots = match (workers, reserve) {
+        (0, _) => String::new(),
+        (w, 0) => format!("workers = {w}\n"),
+        (w, r) => format!("workers = {w}\nqueue = {{ reserve = {r} }}\n"),
     };
     format!(
         r#"[listen]
@@ -73,15 +82,24 @@ pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
     ));
     let a_req = Arc::new(Req::post(
         "a.test",
-        &format!("/jsonrpc?sleep_ms={}", opts.a_call_ms),
+        &format!(
+            "/jsonrpc?sleep_ms={}&jitter_ms={}",
+            opts.a_call_ms, opts.a_jitter_ms
+        ),
         Bytes::from_static(br#"{"jsonrpc":"2.0","method":"call","params":{},"id":1}"#),
     ));
     let duration = Duration::from_secs(opts.seconds);
     let mut phases = Vec::new();
-    for (name, import, workers) in [
-        ("A idle", false, opts.workers_per_pod),
-        ("A importing, workers off", true, 0),
-        ("A importing, workers = 4", true, opts.workers_per_pod),
+    for (name, import, workers, reserve) in [
+        ("A idle", false, opts.workers_per_pod, 0),
+        ("A importing, workers off", true, 0, 0),
+        ("A importing, workers = 4", true, opts.workers_per_pod, 0),
+        (
+            "A importing, workers = 4, reserve = 1",
+            true,
+            opts.workers_per_pod,
+            1,
+        ),
     ] {
         let phase_dir = dir.path().join(format!("phase{}", phases.len()));
         std::fs::create_dir_all(&phase_dir)?;
@@ -90,7 +108,7 @@ pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
             &phase_dir,
             opts.proxy_cpus.as_deref(),
             Duration::from_secs(15),
-            |port, admin| config(port, admin, &addrs, workers),
+            |port, admin| config(port, admin, &addrs, workers, reserve),
         )
         .await?;
         let (proxy, addr) = (started.proxy, started.http);
@@ -160,6 +178,7 @@ pub fn json(phases: &[Phase], opts: &Opts) -> serde_json::Value {
         "b_rate": opts.b_rate,
         "a_parallel": opts.a_parallel,
         "a_call_ms": opts.a_call_ms,
+        "a_jitter_ms": opts.a_jitter_ms,
         "pods": opts.pods,
         "workers_per_pod": opts.workers_per_pod,
         "a_capacity_per_s": capacity(opts),

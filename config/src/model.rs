@@ -160,6 +160,8 @@ pub struct Pool {
 pub struct QueueCfg {
     pub max: usize,
     pub timeout: Duration,
+    /// Worker slots of the pool that only interactive requests may take (extension).
+    pub reserve: u32,
 }
 
 impl Default for QueueCfg {
@@ -167,6 +169,7 @@ impl Default for QueueCfg {
         QueueCfg {
             max: 1000,
             timeout: Duration::from_secs(30),
+            reserve: 0,
         }
     }
 }

@@ -12,11 +12,11 @@
 //! a reload does not strand its waiters.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use portier_config::Class;
+use portier_config::{Class, QueueCfg};
 use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::oneshot;
 
@@ -33,8 +33,29 @@ fn class_index(c: Class) -> usize {
     }
 }
 
-/// Takes a slot on `b` if fewer than `cap` of its slots are busy.
-pub fn try_acquire(b: &Backend, cap: u32) -> bool {
+/// Takes a slot on `b` if fewer than `cap` of its slots are busy and the pool lets a
+/// request of this kind in (see [`PoolQueue::enter`]).
+pub fn try_acquire(b: &Backend, cap: u32, pool: &PoolQueue, gate: u32) -> bool {
+    if !pool.enter(gate) {
+        return false;
+    }
+    if take(b, cap) {
+        return true;
+    }
+    pool.leave();
+    false
+}
+
+/// The pool-wide limit for a request of `class`: static and integration requests leave
+/// `reserve` of the pool's `slots` to interactive ones.
+pub fn gate(class: Class, slots: u32, reserve: u32) -> u32 {
+    match class {
+        Class::Interactive | Class::Longpolling => u32::MAX,
+        Class::Static | Class::Integration => slots.saturating_sub(reserve),
+    }
+}
+
+fn take(b: &Backend, cap: u32) -> bool {
     let mut busy = b.busy.load(Ordering::Acquire);
     loop {
         if busy >= cap {
@@ -75,9 +96,16 @@ impl Drop for Slot {
 fn release(b: &Backend, queue: &PoolQueue) {
     b.busy.fetch_sub(1, Ordering::SeqCst);
     b.stats.busy.dec();
+    queue.leave();
     if queue.waiting.load(Ordering::SeqCst) > 0 {
         queue.dispatch();
     }
+}
+
+/// Who waits: the request's class and its tenant (the rendezvous key of its name).
+pub struct Waiting {
+    pub class: Class,
+    pub tenant: u64,
 }
 
 /// Why a request got no slot.
@@ -94,6 +122,7 @@ struct Waiter {
     /// The backends this request may use (its session's, or its tenant's).
     targets: Vec<Arc<Backend>>,
     cap: u32,
+    gate: u32,
     tx: oneshot::Sender<Arc<Backend>>,
 }
 
@@ -122,6 +151,8 @@ struct QueueStats {
 pub struct PoolQueue {
     /// Requests waiting now (read without the lock by releasers).
     waiting: AtomicUsize,
+    /// Slots taken on the pool's backends, all classes.
+    busy: AtomicU32,
     depth: [AtomicUsize; 3],
     granted: AtomicU64,
     inner: Mutex<Inner>,
@@ -133,6 +164,7 @@ impl PoolQueue {
         let h = metrics.queue_handles(pool);
         PoolQueue {
             waiting: AtomicUsize::new(0),
+            busy: AtomicU32::new(0),
             depth: Default::default(),
             granted: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
@@ -143,6 +175,29 @@ impl PoolQueue {
                 timeout: h.timeout,
             },
         }
+    }
+
+    /// Counts a slot taken in the pool if fewer than `gate` are (see [`gate`]).
+    fn enter(&self, gate: u32) -> bool {
+        let mut busy = self.busy.load(Ordering::Acquire);
+        loop {
+            if busy >= gate {
+                return false;
+            }
+            match self.busy.compare_exchange_weak(
+                busy,
+                busy + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => busy = now,
+            }
+        }
+    }
+
+    fn leave(&self) {
+        self.busy.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Requests waiting now: interactive, static, integration.
@@ -156,16 +211,17 @@ impl PoolQueue {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a slot on one of `targets`; returns the backend whose slot it got.
+    /// Waits for a slot on one of `targets` (`cap` slots each, pool-wide `gate`);
+    /// returns the backend whose slot it got.
     pub async fn wait(
         self: &Arc<Self>,
-        class: Class,
-        tenant: u64,
+        who: Waiting,
         targets: Vec<Arc<Backend>>,
-        cap: u32,
-        max: usize,
-        timeout: Duration,
+        (cap, gate): (u32, u32),
+        cfg: QueueCfg,
     ) -> Result<Arc<Backend>, NoSlot> {
+        let Waiting { class, tenant } = who;
+        let (max, timeout) = (cfg.max, cfg.timeout);
         let ci = class_index(class);
         if self.waiting.load(Ordering::SeqCst) >= max {
             self.stats.full.inc();
@@ -185,6 +241,7 @@ impl PoolQueue {
                 id,
                 targets,
                 cap,
+                gate,
                 tx,
             });
             self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -240,7 +297,11 @@ impl PoolQueue {
                     // The tenant's first request that a slot can serve.
                     let mut served = None;
                     for (i, w) in q.iter().enumerate() {
-                        if let Some(b) = w.targets.iter().find(|b| try_acquire(b, w.cap)) {
+                        if let Some(b) = w
+                            .targets
+                            .iter()
+                            .find(|b| try_acquire(b, w.cap, self, w.gate))
+                        {
                             served = Some((i, b.clone()));
                             break;
                         }
@@ -263,6 +324,7 @@ impl PoolQueue {
                             // The request went away: the slot goes back.
                             b.busy.fetch_sub(1, Ordering::SeqCst);
                             b.stats.busy.dec();
+                            self.leave();
                         } else {
                             self.granted.fetch_add(1, Ordering::Relaxed);
                         }

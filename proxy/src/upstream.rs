@@ -123,7 +123,10 @@ async fn worker_slot(
     picked: Arc<Backend>,
 ) -> std::result::Result<Arc<Backend>, Refusal> {
     let cap = pool.cfg.workers;
-    let granted = if admission::try_acquire(&picked, cap) {
+    let class = ctx.class.unwrap_or(Class::Interactive);
+    let slots = cap.saturating_mul(list.len() as u32);
+    let gate = admission::gate(class, slots, pool.cfg.queue.reserve);
+    let granted = if admission::try_acquire(&picked, cap, &pool.queue, gate) {
         picked
     } else {
         let targets = match ctx.session_hash {
@@ -134,7 +137,7 @@ async fn worker_slot(
             Some(_) => None,
             None => targets
                 .iter()
-                .find(|b| admission::try_acquire(b, cap))
+                .find(|b| admission::try_acquire(b, cap, &pool.queue, gate))
                 .cloned(),
         };
         match free {
@@ -145,12 +148,13 @@ async fn worker_slot(
                 let waited = pool
                     .queue
                     .wait(
-                        ctx.class.unwrap_or(Class::Interactive),
-                        ctx.tenant_hash,
+                        admission::Waiting {
+                            class,
+                            tenant: ctx.tenant_hash,
+                        },
                         targets,
-                        cap,
-                        q.max,
-                        q.timeout,
+                        (cap, gate),
+                        *q,
                     )
                     .await;
                 ctx.queued += start.elapsed();

@@ -523,6 +523,18 @@ async fn handle(
                 .get("x-sim-sleep-ms")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
+        })
+        .map(|ms| {
+            // `jitter_ms=J`: the time varies uniformly within ±J, as real calls do.
+            let j = query_param(&query, "jitter_ms")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(ms);
+            if j == 0 {
+                ms
+            } else {
+                ms - j + odoo::random_u64() % (2 * j + 1)
+            }
         });
     let forced_status = req
         .headers()

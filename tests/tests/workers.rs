@@ -434,3 +434,45 @@ async fn without_room_to_spool_the_body_streams() {
         "not logged"
     );
 }
+
+/// `queue.reserve` (an extension): slots of the pool that only clicks may take, so an
+/// import never leaves a click waiting for a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_slots_keep_a_worker_for_clicks() {
+    let s = setup("workers = 2\nqueue = { reserve = 1 }", "").await;
+    let mut a = Vec::new();
+    for i in 0..4 {
+        let addr = s.p.http;
+        a.push(tokio::spawn(async move {
+            request(
+                addr,
+                "POST",
+                "a.test",
+                &format!("/jsonrpc?a={i}&sleep_ms=600"),
+                &[],
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .expect("an answer")
+        }));
+    }
+    assert_eq!(
+        pool_queue(&queue_reaches(s.p.admin, (0, 0, 3)).await),
+        (0, 0, 3)
+    );
+    worker_busy(&s.w, 1).await;
+    let started = Instant::now();
+    let r = get(s.p.http, "b.test", "/web/dataset/call_kw")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "the click waited {:?}",
+        started.elapsed()
+    );
+    for t in a {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    assert_eq!(s.w.peak_busy(), 2);
+}

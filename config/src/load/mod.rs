@@ -123,7 +123,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "workers",
     "queue",
 ];
-pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout"];
+pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout", "reserve"];
 pub(super) const LIMIT_KEYS: &[&str] = &["rate", "burst", "concurrency"];
 pub(super) const HEALTH_KEYS: &[&str] = &["path", "every", "timeout", "rise", "fall"];
 pub(super) const BREAKER_KEYS: &[&str] = &["failures", "open_for"];

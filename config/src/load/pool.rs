@@ -68,6 +68,18 @@ pub(super) fn read_pool(
                     pool.queue.timeout = d;
                 }
             }
+            if let Some(rv) = q.get("reserve") {
+                if let Some(n) = want_uint(cx, "reserve", rv, 0, 100_000) {
+                    pool.queue.reserve = n as u32;
+                    let slots = u64::from(pool.workers) * pool.http.len() as u64;
+                    if n > 0 && pool.discover.is_none() && slots > 0 && n >= slots {
+                        cx.error(
+                            &rv.span(),
+                            format!("`queue.reserve` ({n}) must leave slots to static and integration requests: the pool has {slots} (`workers` x `http` backends)"),
+                        );
+                    }
+                }
+            }
             q.finish(cx);
         }
     }
