@@ -978,6 +978,9 @@ where
                     trace!("delaying downstream response for {:?}", duration);
                     time::sleep(duration).await;
                 }
+                self.inner
+                    .response_body_async_filter(session, &mut data, end, ctx)
+                    .await?;
 
                 Ok(HttpTask::Body(data, end))
             }

@@ -983,6 +983,9 @@ where
                     trace!("delaying downstream response for {duration:?}");
                     time::sleep(duration).await;
                 }
+                self.inner
+                    .response_body_async_filter(session, &mut data, eos, ctx)
+                    .await?;
                 Ok(HttpTask::Body(data, eos))
             }
             HttpTask::UpgradedBody(..) => {

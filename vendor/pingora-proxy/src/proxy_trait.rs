@@ -468,6 +468,23 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// Called after [Self::response_body_filter()] for each body chunk of a response
+    /// proxied from an upstream to an HTTP/1 or HTTP/2 downstream, but async: for
+    /// filters that need I/O, such as holding a large response in a file until the
+    /// upstream has sent all of it. Like the sync filter, it may replace or take `body`.
+    async fn response_body_async_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut Self::CTX,
+    ) -> Result<()>
+    where
+        Self::CTX: Send + Sync,
+    {
+        Ok(())
+    }
+
     /// Similar to [Self::response_filter()] but for response body chunks
     fn response_body_filter(
         &self,
