@@ -170,15 +170,14 @@ impl ProxyHttp for Proxy {
         upstream::response_headers(ctx, resp)
     }
 
-    fn response_body_filter(
+    async fn response_body_async_filter(
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
-    ) -> Result<Option<std::time::Duration>> {
-        spool::read_ahead(ctx, body, end_of_stream);
-        Ok(None)
+    ) -> Result<()> {
+        spool::read_ahead(ctx, body, end_of_stream, &self.shared.metrics).await
     }
 
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {

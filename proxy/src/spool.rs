@@ -3,7 +3,8 @@
 //! Request bodies ([`BodySpool`]) are received whole before a worker is picked: in memory
 //! up to `buffer_body`, beyond that in a file under `spool_dir`.
 //!
-//! Responses are read from the worker ahead of the client: a response of an interactive, integration or static request is taken
+//! Responses are read from the worker ahead of the client (in memory up to
+//! `buffer_response`, then in a spool file up to `max_response_spool`): a response of an interactive, integration or static request is taken
 //! from the worker as fast as it sends it and held in memory, up to `buffer_response`,
 //! so a slow client does not hold an Odoo worker; the worker slot is released as soon
 //! as the last byte is read from the worker. A response larger than `buffer_response`
@@ -18,6 +19,7 @@ use portier_config::Class;
 use tokio::io::AsyncWriteExt;
 
 use crate::ctx::Ctx;
+use crate::telemetry::{Direction, Metrics};
 
 /// The read-ahead state of one response.
 #[derive(Default)]
@@ -26,7 +28,9 @@ pub struct ResponseBuffer {
     first: Option<Bytes>,
     /// Later chunks, appended to a copy of the first.
     more: BytesMut,
-    /// Over `buffer_response`: passed on as it comes.
+    /// Past `buffer_response`: the response so far, in a spool file.
+    file: Option<BodySpool>,
+    /// Passed on as it comes (past `max_response_spool`, or no room to spool).
     streaming: bool,
 }
 
@@ -56,35 +60,113 @@ impl ResponseBuffer {
     }
 }
 
-/// `response_body_filter`: holds the worker's response until its end (within
-/// `buffer_response`), and frees the worker slot when the response has been read whole.
-pub fn read_ahead(ctx: &mut Ctx, body: &mut Option<Bytes>, end_of_stream: bool) {
-    let limit = match (ctx.class, &ctx.snap) {
-        (Some(Class::Longpolling), _) | (None, _) | (Some(_), None) => 0,
-        (Some(_), Some(snap)) => ctx
-            .tenant(snap)
-            .map(|t| t.settings.buffer_response)
-            .unwrap_or(0),
-    };
-    let rb = &mut ctx.response;
-    if limit > 0 && !rb.streaming && !ctx.websocket {
-        if let Some(chunk) = body.take() {
-            let over = (rb.len() + chunk.len()) as u64 > limit;
-            rb.push(chunk);
-            if over {
-                // Too large to hold: what is held goes now, the rest as it comes.
-                rb.streaming = true;
-                *body = rb.take();
+/// The response hook: holds the worker's response until its end — in memory up to
+/// `buffer_response`, then in a spool file up to `max_response_spool` more — and frees
+/// the worker slot when the response has been read whole. Past `max_response_spool`,
+/// what is held is sent and the rest streams; with no room to spool, likewise.
+pub async fn read_ahead(
+    ctx: &mut Ctx,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    metrics: &Metrics,
+) -> pingora::Result<()> {
+    let snap = ctx.snap.clone();
+    let settings = snap
+        .as_ref()
+        .and_then(|s| ctx.tenant(s))
+        .map(|t| t.settings.clone());
+    let holds = !ctx.websocket && !matches!(ctx.class, Some(Class::Longpolling) | None);
+    if let (true, Some(settings), Some(snap)) = (holds, settings, snap.as_ref()) {
+        let dir = &snap.config.listen.spool_dir;
+        let rb = &mut ctx.response;
+        if !rb.streaming {
+            if let Some(chunk) = body.take() {
+                hold(rb, chunk, body, &settings, dir).await;
             }
-        }
-        if end_of_stream && !rb.streaming {
-            *body = rb.take();
+            if end_of_stream && !rb.streaming {
+                *body = match rb.file.take() {
+                    Some(f) => {
+                        metrics.spooled(Direction::Response, f.spooled());
+                        Some(f.finish().await.map_err(|e| {
+                            pingora::Error::because(
+                                pingora::ErrorType::InternalError,
+                                "mapping the spooled response",
+                                e,
+                            )
+                        })?)
+                    }
+                    None => rb.take(),
+                };
+            }
         }
     }
     if end_of_stream {
         // The last byte was read from the worker: its slot is free.
         ctx.slot = None;
     }
+    Ok(())
+}
+
+/// Holds one chunk; sets `out` when what is held must go now.
+async fn hold(
+    rb: &mut ResponseBuffer,
+    chunk: Bytes,
+    out: &mut Option<Bytes>,
+    settings: &portier_config::Settings,
+    dir: &Path,
+) {
+    if rb.file.is_none() && (rb.len() + chunk.len()) as u64 <= settings.buffer_response {
+        rb.push(chunk);
+        return;
+    }
+    if settings.max_response_spool == 0 {
+        // No spooling: what is held goes now, the rest as it comes.
+        rb.push(chunk);
+        rb.streaming = true;
+        *out = rb.take();
+        return;
+    }
+    let spool = match rb.file.take() {
+        Some(f) => Ok(f),
+        None => {
+            let mut f = BodySpool::new(0, dir);
+            match rb.take() {
+                Some(held) => match f.push(&held).await {
+                    Ok(()) => Ok(f),
+                    Err(e) => Err((e, Some(held))),
+                },
+                None => Ok(f),
+            }
+        }
+    };
+    let mut f = match spool {
+        Ok(f) => f,
+        Err((e, held)) => {
+            log_spool_error(&e);
+            rb.streaming = true;
+            let mut all = BytesMut::new();
+            if let Some(h) = held {
+                all.extend_from_slice(&h);
+            }
+            all.extend_from_slice(&chunk);
+            *out = Some(all.freeze());
+            return;
+        }
+    };
+    let over = f.spooled() + chunk.len() as u64 > settings.max_response_spool;
+    if let Err(e) = f.push(&chunk).await {
+        log_spool_error(&e);
+        rb.streaming = true;
+        *out = Some(f.so_far(&chunk).await);
+        return;
+    }
+    if over {
+        // Past max_response_spool: what is spooled goes now, the rest streams.
+        rb.streaming = true;
+        *out = f.finish().await.ok();
+        return;
+    }
+    rb.file = Some(f);
 }
 
 /// A request body being received: in memory up to `buffer_body`, then in a file under
@@ -273,7 +355,7 @@ pub fn log_spool_error(e: &SpoolError) {
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     {
-        tracing::warn!(error = %e, "request bodies stream instead of being spooled (logged once a minute)");
+        tracing::warn!(error = %e, "bodies stream instead of being spooled (logged once a minute)");
     }
 }
 

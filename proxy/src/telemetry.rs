@@ -297,6 +297,7 @@ impl Metrics {
         if bytes > 0 {
             let d = match direction {
                 Direction::Request => "request",
+                Direction::Response => "response",
             };
             self.spooled.with_label_values(&[d]).inc_by(bytes);
         }
@@ -412,10 +413,11 @@ impl Refusal {
     }
 }
 
-/// Which way spooled bytes went (responses are not spooled to files yet).
+/// Which way spooled bytes went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
     Request,
+    Response,
 }
 
 /// Why a request was sent again.

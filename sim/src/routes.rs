@@ -160,7 +160,7 @@ pub(crate) async fn route(
             });
             if let Some(size) = query_param(query, "size").and_then(|s| s.parse::<usize>().ok()) {
                 let base = v.to_string().len() + 12;
-                let pad = size.saturating_sub(base).min(16 << 20);
+                let pad = size.saturating_sub(base).min(32 << 20);
                 v["pad"] = serde_json::Value::from("x".repeat(pad));
             }
             json_response(StatusCode::OK, worker, v.to_string())

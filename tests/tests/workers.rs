@@ -230,52 +230,81 @@ async fn clicks_go_first_and_tenants_take_turns() {
     );
 }
 
-/// A 16 MiB response to a client reading slowly: portier reads it from the worker at
-/// once (within `buffer_response`), so the worker's slot is free while the client is
-/// still reading; the client gets every byte.
+/// A 20 MiB response to a client reading slowly: portier takes it from the worker at
+/// once (1 MiB in memory, the rest in a spool file), so the worker's slot is free while
+/// the client is still reading; the client gets every byte, and no file is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_does_not_hold_the_worker() {
-    let s = setup("workers = 1", "buffer_response = \"32MiB\"").await;
+    let spool = tempfile::tempdir().unwrap();
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}spool_dir = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\nworkers = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n[tenants.b]\nhosts = [\"b.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        spool.path().display(),
+        w.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(32 * 1024).unwrap();
-    let mut conn = socket.connect(s.p.http).await.unwrap();
-    conn.write_all(b"GET /web/content/report?size=16777216 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+    let mut conn = socket.connect(p.http).await.unwrap();
+    conn.write_all(b"GET /web/content/report?size=20971520 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     let started = Instant::now();
-    let mut got = Vec::with_capacity(17 << 20);
+    let mut got = Vec::with_capacity(21 << 20);
     let mut buf = vec![0u8; 64 * 1024];
     let mut freed_while_reading = false;
+    let mut spooled_while_reading = false;
     loop {
         let n = conn.read(&mut buf).await.unwrap();
         if n == 0 {
             break;
         }
         got.extend_from_slice(&buf[..n]);
-        // About 4 MiB/s: four seconds for the whole response. Kernel buffers hold a
-        // few MiB between the worker and the client; without the read-ahead, the
-        // worker is still sending while the client has read less than 4 MiB.
-        tokio::time::sleep(Duration::from_millis(16)).await;
+        // About 5 MiB/s: four seconds for the whole response. Kernel buffers hold a
+        // few MiB between the worker and the client; without the read-ahead the worker
+        // is still sending while the client has read less than 4 MiB.
+        tokio::time::sleep(Duration::from_millis(12)).await;
         if !freed_while_reading
             && started.elapsed() > Duration::from_millis(300)
             && got.len() < 4 << 20
         {
-            let st = status(s.p.admin).await;
-            freed_while_reading = backend_status(&st, "p", &s.w.addr()).unwrap()["busy"] == 0;
+            let st = status(p.admin).await;
+            freed_while_reading = backend_status(&st, "p", &w.addr()).unwrap()["busy"] == 0;
+            let m = get(p.admin, "admin", "/metrics").await.unwrap().text();
+            spooled_while_reading = m.lines().any(|l| {
+                l.starts_with("portier_spooled_bytes_total{direction=\"response\"}")
+                    && l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        > 19 << 20
+            });
         }
     }
     assert!(
         freed_while_reading,
         "the worker's slot was held while the client read"
     );
+    assert!(
+        spooled_while_reading,
+        "the response beyond buffer_response was not spooled"
+    );
     let text = String::from_utf8_lossy(&got);
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     let v: serde_json::Value = serde_json::from_str(body).expect("the whole JSON body");
-    assert!(v["pad"].as_str().unwrap().len() > 16_000_000);
-    // Another request gets the worker while nothing is in flight.
-    let r = get(s.p.http, "b.test", "/web/dataset/call_kw")
-        .await
-        .unwrap();
+    let pad = v["pad"].as_str().unwrap();
+    assert!(
+        pad.len() > 20_000_000 && pad.bytes().all(|b| b == b'x'),
+        "the body was altered"
+    );
+    assert_eq!(
+        std::fs::read_dir(spool.path()).unwrap().count(),
+        0,
+        "a spool file was left"
+    );
+    let r = get(p.http, "b.test", "/web/dataset/call_kw").await.unwrap();
     assert_eq!(r.status, 200);
 }
 
