@@ -504,7 +504,8 @@ async fn a_bad_chunk_after_good_ones_reaches_no_worker() {
 }
 
 /// A buffered body can be sent again: a PUT of 200 KiB (Content-Length and chunked)
-/// whose first worker answers 502 is retried on the other one, whole.
+/// whose first worker answers 502, or refuses the connection, is sent to the other one,
+/// whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffered_200_kib_put_is_retried_whole() {
     let s = setup("").await;
@@ -535,6 +536,23 @@ async fn a_buffered_200_kib_put_is_retried_whole() {
         "the failing worker was never tried first ({} hits)",
         s.http[1].hits()
     );
+    // A worker that refuses connections: the PUT goes whole to the other one.
+    s.http[1].set_mode(Mode::Refuse);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..4 {
+        let r = request(
+            s.p.http,
+            "PUT",
+            "acme.test",
+            &format!("/web/dataset/call_kw?r={i}"),
+            &[],
+            Bytes::from(vec![b'r'; size]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "PUT {i} after a refused connect: {}", r.text());
+        assert_eq!(r.json()["body_len"], size);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
