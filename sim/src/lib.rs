@@ -31,13 +31,15 @@ mod routes;
 mod ws;
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, Method, Request, StatusCode};
+use futures_util::FutureExt;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -168,6 +170,7 @@ struct Shared {
     stalled: AtomicU64,
     busy: AtomicU64,
     peak_busy: AtomicU64,
+    busy_micros: AtomicU64,
     recorded: Mutex<VecDeque<Recorded>>,
     /// Like an Odoo prefork pool: at most this many requests are worked on at once;
     /// the others wait their turn. `None`: unlimited.
@@ -218,6 +221,7 @@ impl SimWorker {
             stalled: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             peak_busy: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
             recorded: Mutex::new(VecDeque::new()),
             capacity: Mutex::new(capacity),
         });
@@ -298,6 +302,12 @@ impl SimWorker {
 
     pub fn peak_busy(&self) -> u64 {
         self.shared.peak_busy.load(Ordering::Relaxed)
+    }
+
+    /// Worker-seconds spent on requests so far: from taking a worker process to the
+    /// last byte of the response written out.
+    pub fn busy_seconds(&self) -> f64 {
+        self.shared.busy_micros.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     pub fn reset_counters(&self) {
@@ -445,21 +455,84 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
-/// Counts a request as worked on (for `busy`/`peak_busy`).
-struct Busy(Arc<Shared>);
+/// Counts a request as worked on (for `busy`, `peak_busy` and `busy_seconds`).
+struct Busy(Arc<Shared>, Instant);
 
 impl Busy {
     fn new(shared: &Arc<Shared>) -> Busy {
         let now = shared.busy.fetch_add(1, Ordering::AcqRel) + 1;
         shared.peak_busy.fetch_max(now, Ordering::AcqRel);
-        Busy(shared.clone())
+        Busy(shared.clone(), Instant::now())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        let held = self.1.elapsed().as_micros() as u64;
+        self.0.busy_micros.fetch_add(held, Ordering::Relaxed);
     }
+}
+
+/// A response body that keeps its worker process (slot) busy until the body has been
+/// written out, as a prefork Odoo process writes its response itself: a slow reader
+/// holds the worker (`odoo/service/server.py`, `WorkerHTTP.process_request`).
+pub struct Held {
+    /// What is left to write, handed to hyper a frame at a time (hyper asks for the
+    /// next frame as its write buffer drains, so the body ends when it is written).
+    rest: Bytes,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    _busy: Option<Busy>,
+}
+
+const FRAME: usize = 64 * 1024;
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.rest.len().min(FRAME);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
+fn held(
+    resp: Resp,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    busy: Option<Busy>,
+) -> Response<Held> {
+    let (parts, body) = resp.into_parts();
+    // A `Full` body is one frame, already there.
+    let rest = body
+        .collect()
+        .now_or_never()
+        .and_then(|r| r.ok())
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    Response::from_parts(
+        parts,
+        Held {
+            rest,
+            _slot: slot,
+            _busy: busy,
+        },
+    )
 }
 
 /// Reads a request body as an Odoo worker does: with the socket timeout on every read.
@@ -492,7 +565,7 @@ async fn handle(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     served: Arc<AtomicU64>,
-) -> Result<Resp, Dropped> {
+) -> Result<Response<Held>, Dropped> {
     let head_at = Instant::now();
     let worker = shared.name.clone();
     let mode = shared.mode();
@@ -546,7 +619,7 @@ async fn handle(
     if path == "/websocket" && req.headers().contains_key(header::UPGRADE) {
         shared.hits.fetch_add(1, Ordering::Relaxed);
         record(&shared, &method, &target, req.headers(), 0, None, head_at);
-        return Ok(ws::open(req, &worker, cfg));
+        return Ok(held(ws::open(req, &worker, cfg), None, None));
     }
 
     // A prefork process works on one request at a time, from the moment it accepts
@@ -556,11 +629,11 @@ async fn handle(
     } else {
         shared.capacity.lock().ok().and_then(|c| c.clone())
     };
-    let _slot = match &semaphore {
+    let slot = match &semaphore {
         Some(s) => s.clone().acquire_owned().await.ok(),
         None => None,
     };
-    let _busy = Busy::new(&shared);
+    let busy = Busy::new(&shared);
 
     let headers = req.headers().clone();
     let body = match read_body(req.into_body(), cfg.socket_timeout).await {
@@ -615,7 +688,7 @@ async fn handle(
     } else {
         route(&shared, &method, &path, &query, &headers, &body).await
     };
-    Ok(resp)
+    Ok(held(resp, slot, Some(busy)))
 }
 
 fn record(

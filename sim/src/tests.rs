@@ -280,3 +280,25 @@ async fn prefork_workers_serve_one_request_each_at_a_time() {
     }
     assert_eq!(w.peak_busy(), 2);
 }
+
+#[tokio::test]
+async fn a_slow_reader_holds_the_worker_until_the_response_is_written() {
+    let mut c = cfg(Server::Http, OdooVersion::V17, None);
+    c.workers = Some(1);
+    let w = SimWorker::start_with("w", local(), c).await.unwrap();
+    let mut s = TcpStream::connect(w.addr()).await.unwrap();
+    s.write_all(b"GET /report?size=16777216 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        w.busy(),
+        1,
+        "the worker let go before its response was written"
+    );
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(w.busy(), 0);
+    assert!(w.busy_seconds() >= 0.4, "{}", w.busy_seconds());
+}

@@ -550,7 +550,12 @@ async fn a_buffered_200_kib_put_is_retried_whole() {
         )
         .await
         .unwrap();
-        assert_eq!(r.status, 200, "PUT {i} after a refused connect: {}", r.text());
+        assert_eq!(
+            r.status,
+            200,
+            "PUT {i} after a refused connect: {}",
+            r.text()
+        );
         assert_eq!(r.json()["body_len"], size);
     }
 }
