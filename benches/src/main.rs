@@ -8,6 +8,7 @@ mod peers;
 mod proc;
 mod reload;
 mod saturation;
+mod slow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +102,24 @@ enum Command {
         /// Odoo workers per pod (the pool's `workers` in the last phase).
         #[arg(long, default_value_t = 4)]
         workers_per_pod: usize,
+    },
+    /// Slow clients download large reports while clicks go on: worker-seconds per
+    /// download and interactive latency with response buffering on and off.
+    SlowClients {
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Bytes per download.
+        #[arg(long, default_value_t = 5 << 20)]
+        size: usize,
+        /// Each client's reading speed, bytes per second.
+        #[arg(long, default_value_t = 256 << 10)]
+        rate: usize,
+        /// The longest a phase may last, seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Interactive requests per second meanwhile.
+        #[arg(long, default_value_t = 20.0)]
+        b_rate: f64,
     },
     /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
     Reload {
@@ -336,6 +355,29 @@ fn main() -> ExitCode {
                 rt.block_on(saturation::run(&opts)),
                 |p| saturation::table(p, &opts),
                 |p| saturation::json(p, &opts),
+                out,
+            )
+        }
+        Command::SlowClients {
+            clients,
+            size,
+            rate,
+            seconds,
+            b_rate,
+        } => {
+            let opts = slow::Opts {
+                portier,
+                clients,
+                size,
+                rate,
+                seconds,
+                b_rate,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(slow::run(&opts)),
+                |p| slow::table(p),
+                |p| slow::json(p, &opts),
                 out,
             )
         }
