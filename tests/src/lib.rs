@@ -740,3 +740,46 @@ pub async fn h2_over(stream: TlsStream, authority: &str, path: &str) -> Result<R
         body,
     })
 }
+
+/// The routing suites' portier and workers (see [`routing_setup`]).
+pub struct RoutingSetup {
+    pub p: Portier,
+    pub http: Vec<SimWorker>,
+    pub gevent: Vec<SimWorker>,
+}
+
+/// Two http workers, two gevent workers, tenants `acme` (exact hosts) and `saas`
+/// (`{tenant}.erp.test` template), plus `extra` appended to the config.
+pub async fn routing_setup(extra: &str) -> RoutingSetup {
+    let http = vec![sim("h1").await, sim("h2").await];
+    let gevent = vec![sim("g1").await, sim("g2").await];
+    let ports = Ports::new();
+    let cfg = format!(
+        r#"{listen}
+[pools.main]
+http = {h}
+longpolling = {g}
+
+[tenants.acme]
+hosts = ["acme.test", "erp.acme.test"]
+pool = "main"
+database = "acme_db"
+
+[tenants.saas]
+hosts = ["{{tenant}}.erp.test"]
+pool = "main"
+database = "{{tenant}}"
+{extra}
+"#,
+        listen = ports.listen(),
+        h = toml_list(&[http[0].addr(), http[1].addr()]),
+        g = toml_list(&[gevent[0].addr(), gevent[1].addr()]),
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    RoutingSetup { p, http, gevent }
+}
+
+/// Requests the workers answered.
+pub fn hits(ws: &[SimWorker]) -> u64 {
+    ws.iter().map(|w| w.hits()).sum()
+}
