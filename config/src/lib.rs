@@ -327,6 +327,70 @@ interactive = { rate = "100/s", burst = 5 }
     }
 
     #[test]
+    fn odoo_edge_keys_defaults_overrides_and_errors() {
+        let text = r#"[listen]
+http = "127.0.0.1:80"
+[defaults]
+compress = "all"
+[pools.p]
+http = ["127.0.0.1:8069"]
+[tenants.a]
+hosts = ["a.test"]
+pool = "p"
+[tenants.b]
+hosts = ["b.test"]
+pool = "p"
+maintenance = true
+login = "off"
+compress = "off"
+cache_assets = "0"
+secure_cookies = false
+[tenants.c]
+hosts = ["c.test"]
+pool = "p"
+login = { rate = "3/min" }
+"#;
+        let (c, _) = load(text).unwrap_or_else(|e| panic!("{}", render(&e)));
+        let a = &c.tenants[0];
+        assert!(!a.maintenance);
+        let login = a.settings.login.clone().unwrap();
+        assert_eq!((login.rate.count, login.burst), (10, 5));
+        assert_eq!(login.rate.per, Duration::from_secs(60));
+        assert_eq!(a.settings.compress, Compress::All);
+        assert_eq!(a.settings.cache_assets, 256 << 20);
+        assert!(a.settings.secure_cookies);
+        let b = &c.tenants[1];
+        assert!(b.maintenance);
+        assert_eq!(b.settings.login, None);
+        assert_eq!(b.settings.compress, Compress::Off);
+        assert_eq!(b.settings.cache_assets, 0);
+        assert!(!b.settings.secure_cookies);
+        let login = c.tenants[2].settings.login.clone().unwrap();
+        assert_eq!((login.rate.count, login.burst), (3, 1));
+
+        let bad = r#"[listen]
+http = "127.0.0.1:80"
+[defaults]
+compress = "gzip"
+login = { rate = "10/min", concurrency = 2 }
+[pools.p]
+http = ["127.0.0.1:8069"]
+[tenants.a]
+hosts = ["a.test"]
+pool = "p"
+maintenance = "yes"
+login = "sometimes"
+"#;
+        let errs = load(bad).unwrap_err();
+        let all = render(&errs);
+        assert!(all.contains(":4:12: `compress` must be"), "{all}");
+        assert!(all.contains(":5:28: unknown key `concurrency` in `login`"), "{all}");
+        assert!(all.contains(":11:15: `maintenance`"), "{all}");
+        assert!(all.contains(":12:9: `login` must be \"off\""), "{all}");
+        assert_eq!(errs.len(), 4, "{all}");
+    }
+
+    #[test]
     fn positions() {
         assert_eq!(Pos::of_offset("ab\ncd", 0), Pos { line: 1, col: 1 });
         assert_eq!(Pos::of_offset("ab\ncd", 4), Pos { line: 2, col: 2 });

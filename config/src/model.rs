@@ -87,6 +87,31 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     pub integration: Option<Limit>,
     pub interactive: Option<Limit>,
+    /// Per client address and tenant on the login paths (r2); `None` is "off".
+    pub login: Option<LoginLimit>,
+    /// Which responses portier compresses (r2).
+    pub compress: Compress,
+    /// Memory for cached asset bundles, in bytes; 0 turns caching off (r2).
+    pub cache_assets: u64,
+    /// Over TLS, `Secure` and `SameSite=Lax` on Odoo's `session_id` cookie (r2).
+    pub secure_cookies: bool,
+}
+
+/// The login limit: a GCRA of `rate` with `burst` attempts at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoginLimit {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+/// `compress`: which classes get compressed responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    Off,
+    /// Only the `static` class (assets and static files carry no secrets).
+    Static,
+    /// Every class but `longpolling`.
+    All,
 }
 
 impl Default for Settings {
@@ -108,6 +133,16 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             integration: None,
             interactive: None,
+            login: Some(LoginLimit {
+                rate: Rate {
+                    count: 10,
+                    per: Duration::from_secs(60),
+                },
+                burst: 5,
+            }),
+            compress: Compress::Static,
+            cache_assets: 256 << 20,
+            secure_cookies: true,
         }
     }
 }
@@ -229,6 +264,8 @@ pub struct Tenant {
     /// The database; may contain `{tenant}`, replaced by the tenant's effective name.
     pub database: Option<String>,
     pub settings: Arc<Settings>,
+    /// Answer every client outside `admin_cidrs` with the maintenance page (r2).
+    pub maintenance: bool,
 }
 
 impl Tenant {

@@ -93,11 +93,16 @@ pub(super) const SETTINGS_KEYS: &[&str] = &[
     "trusted_proxies",
     "integration",
     "interactive",
+    "login",
+    "compress",
+    "cache_assets",
+    "secure_cookies",
 ];
 pub(super) const TENANT_KEYS: &[&str] = &[
     "hosts",
     "pool",
     "database",
+    "maintenance",
     "connect_timeout",
     "request_timeout",
     "longpolling_timeout",
@@ -111,6 +116,10 @@ pub(super) const TENANT_KEYS: &[&str] = &[
     "trusted_proxies",
     "integration",
     "interactive",
+    "login",
+    "compress",
+    "cache_assets",
+    "secure_cookies",
 ];
 pub(super) const POOL_KEYS: &[&str] = &[
     "http",
@@ -125,6 +134,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
 ];
 pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout", "reserve"];
 pub(super) const LIMIT_KEYS: &[&str] = &["rate", "burst", "concurrency"];
+pub(super) const LOGIN_KEYS: &[&str] = &["rate", "burst"];
 pub(super) const HEALTH_KEYS: &[&str] = &["path", "every", "timeout", "rise", "fall"];
 pub(super) const BREAKER_KEYS: &[&str] = &["failures", "open_for"];
 pub(super) const DISCOVER_KEYS: &[&str] =

@@ -36,7 +36,63 @@ pub(super) fn read_settings(cx: &mut Cx<'_>, tbl: &mut Tbl<'_, '_>, base: &Setti
     if let Some(v) = tbl.get("interactive") {
         s.interactive = read_limit(cx, "interactive", v);
     }
+    if let Some(v) = tbl.get("login") {
+        if let Some(l) = read_login(cx, v) {
+            s.login = l;
+        }
+    }
+    if let Some(v) = tbl.get("compress") {
+        match want_str(cx, "compress", v) {
+            Some("static") => s.compress = Compress::Static,
+            Some("all") => s.compress = Compress::All,
+            Some("off") => s.compress = Compress::Off,
+            Some(other) => cx.error(
+                &v.span(),
+                format!("`compress` must be \"static\", \"all\" or \"off\", found \"{other}\""),
+            ),
+            None => {}
+        }
+    }
+    field!("cache_assets", want_size, cache_assets);
+    field!("secure_cookies", want_bool, secure_cookies);
     s
+}
+
+/// `login`: `"off"` or `{ rate, burst }` (no concurrency: a login is one request).
+fn read_login(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<Option<LoginLimit>> {
+    if let DeValue::String(s) = v.get_ref() {
+        if s == "off" {
+            return Some(None);
+        }
+        cx.error(
+            &v.span(),
+            format!("`login` must be \"off\" or a table such as {{ rate = \"10/min\", burst = 5 }}, found \"{s}\""),
+        );
+        return None;
+    }
+    let t = want_table(cx, "login", v)?;
+    let mut tbl = Tbl::new(t, "`login`".to_string(), LOGIN_KEYS);
+    let rate = match tbl.get("rate") {
+        Some(rv) => want_str(cx, "rate", rv).and_then(|s| {
+            parse_rate(s)
+                .map_err(|e| cx.error(&rv.span(), format!("`login.rate`: {e}")))
+                .ok()
+        }),
+        None => {
+            cx.error(&v.span(), "`login` needs a `rate`".to_string());
+            None
+        }
+    };
+    let burst = tbl
+        .get("burst")
+        .map(|bv| want_uint(cx, "burst", bv, 1, 1_000_000));
+    tbl.finish(cx);
+    let rate = rate?;
+    let burst = match burst {
+        Some(b) => b? as u32,
+        None => (rate.per_second().ceil() as u32).max(1),
+    };
+    Some(Some(LoginLimit { rate, burst }))
 }
 
 pub(super) fn read_limit(cx: &mut Cx<'_>, key: &str, v: &Val<'_>) -> Option<Limit> {
@@ -198,6 +254,10 @@ pub(super) fn read_tenant(
         }),
         None => None,
     };
+    let maintenance = tbl
+        .get("maintenance")
+        .and_then(|v| want_bool(cx, "maintenance", v))
+        .unwrap_or(false);
     let settings = read_settings(cx, &mut tbl, defaults);
     let settings = if settings == **defaults {
         defaults.clone()
@@ -215,5 +275,6 @@ pub(super) fn read_tenant(
         pool: pool?,
         database,
         settings,
+        maintenance,
     })
 }
