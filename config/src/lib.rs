@@ -384,7 +384,10 @@ login = "sometimes"
         let errs = load(bad).unwrap_err();
         let all = render(&errs);
         assert!(all.contains(":4:12: `compress` must be"), "{all}");
-        assert!(all.contains(":5:28: unknown key `concurrency` in `login`"), "{all}");
+        assert!(
+            all.contains(":5:28: unknown key `concurrency` in `login`"),
+            "{all}"
+        );
         assert!(all.contains(":11:15: `maintenance`"), "{all}");
         assert!(all.contains(":12:9: `login` must be \"off\""), "{all}");
         assert_eq!(errs.len(), 4, "{all}");

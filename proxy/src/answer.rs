@@ -23,6 +23,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 const MAINTENANCE_PAGE: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body style=\"font-family:sans-serif;text-align:center;margin-top:15%\">\n<h1>Back in a moment</h1>\n<p>This service is briefly unavailable. Please try again in a few seconds.</p>\n</body></html>\n";
 
+/// The page of a tenant in maintenance (its modules are being upgraded, or it moves).
+const UPGRADE_PAGE: &str = "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Maintenance</title></head>\n<body style=\"font-family:sans-serif;text-align:center;margin-top:15%\">\n<h1>Down for maintenance</h1>\n<p>This database is being upgraded. Please come back in a few minutes.</p>\n</body></html>\n";
+
 /// A response portier sends instead of proxying.
 #[derive(Debug)]
 pub enum Answer {
@@ -46,6 +49,11 @@ pub enum Answer {
     /// `503` with `Retry-After` and `{"error": "queue_full" | "queue_timeout"}`: no
     /// worker slot.
     NoSlot(Refusal),
+    /// `503` with `Retry-After: 60` and the maintenance page: the tenant is in
+    /// maintenance.
+    Maintenance,
+    /// `429` from the login limit.
+    LoginLimited { tenant: Arc<str>, retry_after: u64 },
 }
 
 impl Answer {
@@ -83,6 +91,8 @@ impl Answer {
             Answer::Limited { refused, .. } => Some(refused.why),
             Answer::Unavailable => Some(Refusal::NoBackend),
             Answer::NoSlot(why) => Some(*why),
+            Answer::Maintenance => Some(Refusal::Maintenance),
+            Answer::LoginLimited { .. } => Some(Refusal::LoginLimited),
         }
     }
 }
@@ -136,6 +146,31 @@ impl From<Answer> for Reply {
                 extra: Some(("retry-after", "5".to_string())),
                 close: false,
             },
+            Answer::Maintenance => Reply {
+                status: 503,
+                content_type: "text/html; charset=utf-8",
+                body: Bytes::from_static(UPGRADE_PAGE.as_bytes()),
+                extra: Some(("retry-after", "60".to_string())),
+                close: false,
+            },
+            Answer::LoginLimited {
+                tenant,
+                retry_after,
+            } => {
+                let mut body = String::with_capacity(80);
+                body.push_str("{\"error\":\"login_limited\",\"tenant\":");
+                crate::access_log::push_json_str(&mut body, &tenant);
+                body.push_str(",\"retry_after\":");
+                body.push_str(&retry_after.to_string());
+                body.push('}');
+                Reply {
+                    status: 429,
+                    content_type: "application/json",
+                    body: Bytes::from(body),
+                    extra: Some(("retry-after", retry_after.to_string())),
+                    close: false,
+                }
+            }
             Answer::NoSlot(why) => Reply {
                 status: 503,
                 content_type: "application/json",

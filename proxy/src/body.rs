@@ -105,6 +105,9 @@ async fn read_whole(
     match body.finish().await {
         Ok(whole) => {
             metrics.spooled(Direction::Request, spooled);
+            if ctx.keep_body {
+                ctx.body = Some(whole.clone());
+            }
             session.as_mut().set_retry_buffer(whole);
             ctx.body_preread = true;
             Ok(Ok(()))

@@ -147,6 +147,10 @@ pub async fn run(
                 if ticks.is_multiple_of(2) {
                     crate::tls::reload_if_changed(&shared);
                 }
+                if ticks.is_multiple_of(10) {
+                    // Addresses whose login budget has refilled are forgotten.
+                    shared.login.evict_idle();
+                }
                 if ticks.is_multiple_of(60) {
                     crate::tls::update_expiry(&shared);
                     // Limiters idle for an hour have refilled: a fresh one is the same.
@@ -372,6 +376,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
         "last_error": last_error,
         "tenants": snap.config.tenants.len(),
+        "maintenance": snap.config.tenants.iter().filter(|t| t.maintenance).map(|t| t.name.as_str()).collect::<Vec<_>>(),
         "limiters": shared.limits.len(),
         "certificates": shared.certs.len(),
         "pools": pools,

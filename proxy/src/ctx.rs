@@ -53,6 +53,9 @@ pub struct Ctx {
     pub websocket: bool,
     /// The body was read completely before a worker was picked.
     pub body_preread: bool,
+    /// Keep a copy (a reference) of the received body in `body` (login probes).
+    pub keep_body: bool,
+    pub body: Option<bytes::Bytes>,
     /// Request body bytes seen so far (for `max_body` on streamed bodies).
     pub body_seen: u64,
     pub client_ip: Option<IpAddr>,
@@ -92,6 +95,8 @@ impl Ctx {
             tls: false,
             websocket: false,
             body_preread: false,
+            keep_body: false,
+            body: None,
             body_seen: 0,
             client_ip: None,
             permit: None,

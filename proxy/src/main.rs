@@ -12,6 +12,7 @@ mod control;
 mod ctx;
 mod demo;
 mod discover;
+mod edge;
 mod forward;
 mod hash;
 mod health;

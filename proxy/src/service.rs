@@ -18,6 +18,7 @@ use crate::access_log::AccessRecord;
 use crate::answer::{self, Answer};
 use crate::body;
 use crate::ctx::Ctx;
+use crate::edge::{self, LoginProbe};
 use crate::forward;
 use crate::request;
 use crate::spool;
@@ -69,23 +70,44 @@ impl Proxy {
             request::https_redirect(&self.shared, &snap, session, ctx, &host)?;
             let m = request::tenant(&self.shared, &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;
-            request::tenant_limits(&self.shared, &snap, ctx, &m, class)
+            edge::maintenance(&snap, session, ctx)?;
+            let req = session.req_header();
+            let probe = LoginProbe::of(&req.method, req.uri.path());
+            if probe == LoginProbe::Path {
+                edge::login(&self.shared, &snap, session, ctx, probe, None)?;
+            }
+            request::tenant_limits(&self.shared, &snap, ctx, &m, class)?;
+            Ok(probe)
         })();
-        if let Err(answer) = phases {
-            return Ok(Err(answer));
-        }
+        let probe = match phases {
+            Ok(probe) => probe,
+            Err(answer) => return Ok(Err(answer)),
+        };
         let Some(tenant) = ctx.tenant(&snap) else {
             return Ok(Err(Answer::error(500)));
         };
         let spool_dir = &snap.config.listen.spool_dir;
-        body::receive(
+        ctx.keep_body = probe == LoginProbe::XmlRpc;
+        if let Err(answer) = body::receive(
             session,
             ctx,
             &tenant.settings,
             spool_dir,
             &self.shared.metrics,
         )
-        .await
+        .await?
+        {
+            return Ok(Err(answer));
+        }
+        if probe == LoginProbe::XmlRpc {
+            let body = ctx.body.take();
+            if let Err(answer) =
+                edge::login(&self.shared, &snap, session, ctx, probe, body.as_ref())
+            {
+                return Ok(Err(answer));
+            }
+        }
+        Ok(Ok(()))
     }
 }
 

@@ -163,6 +163,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Per-tenant rate and concurrency limiters (survive reloads).
     pub limits: crate::limits::Limits,
+    /// Per-address login limiters (survive reloads).
+    pub login: crate::edge::LoginLimits,
     /// The TLS certificates, served through the SNI resolver.
     pub certs: Arc<portier_certs::CertStore>,
     /// Summary of the certificate directory at the last load (change detection).
@@ -193,6 +195,7 @@ impl Shared {
             registry,
             metrics,
             limits: Default::default(),
+            login: Default::default(),
             certs: Arc::new(portier_certs::CertStore::new()),
             cert_fingerprint: Mutex::new(0),
             access_log: crate::access_log::AccessLog::new(access),

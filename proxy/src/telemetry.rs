@@ -43,6 +43,7 @@ pub struct Metrics {
     queue_refused: IntCounterVec,
     backend_busy: IntGaugeVec,
     spooled: IntCounterVec,
+    login_limited: IntCounterVec,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
@@ -252,6 +253,13 @@ impl Metrics {
         for d in ["request", "response"] {
             spooled.with_label_values(&[d]);
         }
+        let login_limited = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_login_limited_total",
+                "Login attempts refused by the per-address login limit (429)"
+            ),
+            &["tenant"]
+        ));
         let access_log_dropped = reg!(IntCounter::new(
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
@@ -279,10 +287,16 @@ impl Metrics {
             queue_refused,
             backend_busy,
             spooled,
+            login_limited,
             access_log_dropped,
             tenants: DashMap::new(),
             other: OnceLock::new(),
         }
+    }
+
+    /// Counts one login attempt refused for a tenant (its bounded label).
+    pub fn login_limited(&self, stats: &TenantStats) {
+        self.login_limited.with_label_values(&[&stats.label]).inc();
     }
 
     /// Counts one retry of a request of `pool`.
@@ -395,6 +409,8 @@ pub enum Refusal {
     BadRequest,
     QueueFull,
     QueueTimeout,
+    Maintenance,
+    LoginLimited,
 }
 
 impl Refusal {
@@ -409,6 +425,8 @@ impl Refusal {
             Refusal::BadRequest => "bad_request",
             Refusal::QueueFull => "queue_full",
             Refusal::QueueTimeout => "queue_timeout",
+            Refusal::Maintenance => "maintenance",
+            Refusal::LoginLimited => "login_limited",
         }
     }
 }

@@ -386,10 +386,18 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Resu
 pub fn response_headers(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
     let mut out = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))?;
     out.set_version(resp.version);
+    let secure_cookies = crate::edge::secures_cookies(ctx);
     for (name, value) in resp.headers.iter() {
-        if name != "x-request-id" {
-            out.append_header(name.clone(), value.clone())?;
+        if name == "x-request-id" {
+            continue;
         }
+        if secure_cookies && name == header::SET_COOKIE {
+            if let Some(v) = crate::edge::secure_session_cookie(value) {
+                out.append_header(name.clone(), v)?;
+                continue;
+            }
+        }
+        out.append_header(name.clone(), value.clone())?;
     }
     out.insert_header("x-request-id", ctx.request_id.clone())?;
     if let Some(hsts) = ctx.hsts() {

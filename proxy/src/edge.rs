@@ -1,0 +1,358 @@
+//! The Odoo edge phases that need no response body (contract, "Maintenance", "Login
+//! protection", "Assets, compression, cookies"): a tenant in maintenance answered by
+//! portier, login attempts limited per client address and tenant, and `Secure` +
+//! `SameSite=Lax` on Odoo's session cookie over TLS.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use http::{HeaderValue, Method};
+use pingora::proxy::Session;
+use portier_config::class::normalize_path;
+use portier_config::{LoginLimit, Settings};
+
+use crate::answer::Answer;
+use crate::ctx::Ctx;
+use crate::forward;
+use crate::state::{Shared, Snapshot};
+
+/// Odoo's health route reaches the worker even in maintenance.
+const HEALTH_PATH: &str = "/web/health";
+
+/// The login paths of the contract (POST only).
+const LOGIN_PATHS: [&str; 4] = [
+    "/web/login",
+    "/web/session/authenticate",
+    "/web/reset_password",
+    "/web/signup",
+];
+
+/// XML-RPC's `common` service: only its `authenticate` and `login` methods are logins
+/// (`odoo/service/common.py` `exp_authenticate`, `exp_login`); `version` is not.
+const XMLRPC_COMMON: [&str; 2] = ["/xmlrpc/2/common", "/xmlrpc/common"];
+
+/// What the login protection must look at for this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginProbe {
+    /// Not a login path.
+    No,
+    /// A login by its path alone.
+    Path,
+    /// An XML-RPC `common` call: a login if its `methodName` says so (needs the body).
+    XmlRpc,
+}
+
+impl LoginProbe {
+    pub fn of(method: &Method, path: &str) -> LoginProbe {
+        if method != Method::POST {
+            return LoginProbe::No;
+        }
+        let path = normalize_path(path);
+        let path = path.trim_end_matches('/');
+        if LOGIN_PATHS.contains(&path) {
+            LoginProbe::Path
+        } else if XMLRPC_COMMON.contains(&path) {
+            LoginProbe::XmlRpc
+        } else {
+            LoginProbe::No
+        }
+    }
+}
+
+/// True when an XML-RPC request body calls `authenticate` or `login`.
+pub fn xmlrpc_is_login(body: &[u8]) -> bool {
+    const OPEN: &[u8] = b"<methodName>";
+    const CLOSE: &[u8] = b"</methodName>";
+    let Some(start) = find(body, OPEN).map(|i| i + OPEN.len()) else {
+        return false;
+    };
+    let rest = &body[start..];
+    let Some(end) = find(rest, CLOSE) else {
+        return false;
+    };
+    let name = rest[..end].trim_ascii();
+    name == b"authenticate" || name == b"login"
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The client's address as the contract means it: the peer, or behind
+/// `trusted_proxies` the right-most untrusted `X-Forwarded-For` entry.
+pub fn real_client(session: &Session, ctx: &Ctx, settings: &Settings) -> Option<IpAddr> {
+    let peer = ctx.client_ip?;
+    if !settings.is_trusted_proxy(peer) {
+        return Some(peer);
+    }
+    let sent = session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    Some(forward::forwarded_for(peer, sent, settings).1)
+}
+
+/// A tenant in maintenance: 503 with the maintenance page for everyone outside
+/// `admin_cidrs`; `/web/health` still reaches the worker.
+pub fn maintenance(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
+    let Some(tenant) = ctx.tenant(snap) else {
+        return Ok(());
+    };
+    if !tenant.maintenance {
+        return Ok(());
+    }
+    if normalize_path(session.req_header().uri.path()) == HEALTH_PATH {
+        return Ok(());
+    }
+    if real_client(session, ctx, &tenant.settings).is_some_and(|ip| tenant.settings.is_admin(ip)) {
+        return Ok(());
+    }
+    Err(Answer::Maintenance)
+}
+
+/// The login limit of the request, if `probe` (and, for XML-RPC, `body`) says it is a
+/// login attempt.
+pub fn login(
+    shared: &Shared,
+    snap: &Snapshot,
+    session: &Session,
+    ctx: &Ctx,
+    probe: LoginProbe,
+    body: Option<&Bytes>,
+) -> Result<(), Answer> {
+    let is_login = match probe {
+        LoginProbe::No => false,
+        LoginProbe::Path => true,
+        LoginProbe::XmlRpc => body.is_some_and(|b| xmlrpc_is_login(b)),
+    };
+    if !is_login {
+        return Ok(());
+    }
+    let Some(tenant) = ctx.tenant(snap) else {
+        return Ok(());
+    };
+    let settings = &tenant.settings;
+    let (Some(limit), Some(ip), Some(name)) = (
+        &settings.login,
+        real_client(session, ctx, settings),
+        &ctx.tenant_name,
+    ) else {
+        return Ok(());
+    };
+    if settings.is_admin(ip) {
+        return Ok(());
+    }
+    match shared.login.check(limit, name, ip) {
+        Ok(()) => Ok(()),
+        Err(retry_after) => {
+            if let Some(stats) = &ctx.stats {
+                shared.metrics.login_limited(stats);
+            }
+            Err(Answer::LoginLimited {
+                tenant: name.clone(),
+                retry_after,
+            })
+        }
+    }
+}
+
+type LoginKey = (Arc<str>, IpAddr);
+
+/// Login limiters: one keyed GCRA (governor) per distinct `login` setting, keyed by
+/// the tenant's effective name and the client address. Long-lived runtime state: it
+/// survives reloads; a changed `login` setting starts a fresh limiter for it.
+#[derive(Default)]
+pub struct LoginLimits {
+    by_limit: DashMap<(u32, Duration, u32), Arc<DefaultKeyedRateLimiter<LoginKey>>>,
+}
+
+impl LoginLimits {
+    fn limiter(&self, limit: &LoginLimit) -> Option<Arc<DefaultKeyedRateLimiter<LoginKey>>> {
+        let key = (limit.rate.count, limit.rate.per, limit.burst);
+        if let Some(l) = self.by_limit.get(&key) {
+            return Some(l.clone());
+        }
+        let interval = limit.rate.interval().max(Duration::from_nanos(1));
+        let quota = Quota::with_period(interval)?.allow_burst(NonZeroU32::new(limit.burst.max(1))?);
+        Some(
+            self.by_limit
+                .entry(key)
+                .or_insert_with(|| Arc::new(RateLimiter::keyed(quota)))
+                .clone(),
+        )
+    }
+
+    /// One login attempt of `ip` at `tenant`; `Err` holds the seconds to wait.
+    pub fn check(&self, limit: &LoginLimit, tenant: &Arc<str>, ip: IpAddr) -> Result<(), u64> {
+        let Some(l) = self.limiter(limit) else {
+            return Ok(());
+        };
+        l.check_key(&(tenant.clone(), ip)).map_err(|not_until| {
+            let wait = not_until.wait_time_from(l.clock().now());
+            wait.as_secs_f64().ceil().max(1.0) as u64
+        })
+    }
+
+    /// Forgets addresses whose budget has refilled (a fresh entry is the same), so a
+    /// flood from many addresses costs memory only while their budgets refill.
+    pub fn evict_idle(&self) {
+        for l in self.by_limit.iter() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+
+    /// Addresses with a partly spent budget.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.by_limit.iter().map(|l| l.len()).sum()
+    }
+}
+
+/// With `secure_cookies` over TLS: `Secure` and `SameSite=Lax` added to a `session_id`
+/// cookie that lacks them. `None` when the value stays as it is.
+///
+/// Odoo sets the cookie without either (`odoo/http.py` `Request._save_session`:
+/// `set_cookie('session_id', ..., httponly=True)`), and behind a TLS-terminating proxy
+/// it cannot know the browser's side is https.
+pub fn secure_session_cookie(v: &HeaderValue) -> Option<HeaderValue> {
+    let s = v.to_str().ok()?;
+    let (name, _) = s.split_once('=')?;
+    if name.trim() != "session_id" {
+        return None;
+    }
+    let mut secure = false;
+    let mut samesite = false;
+    for attr in s.split(';').skip(1) {
+        let a = attr.trim();
+        let key = a.split('=').next().unwrap_or("").trim();
+        secure |= key.eq_ignore_ascii_case("secure");
+        samesite |= key.eq_ignore_ascii_case("samesite");
+    }
+    if secure && samesite {
+        return None;
+    }
+    let mut out = String::with_capacity(s.len() + 24);
+    out.push_str(s.trim_end().trim_end_matches(';'));
+    if !secure {
+        out.push_str("; Secure");
+    }
+    if !samesite {
+        out.push_str("; SameSite=Lax");
+    }
+    HeaderValue::from_str(&out).ok()
+}
+
+/// `secure_cookies` applies to this request's response: TLS and the tenant's setting.
+pub fn secures_cookies(ctx: &Ctx) -> bool {
+    ctx.tls
+        && ctx
+            .snap
+            .as_ref()
+            .and_then(|s| ctx.tenant(s))
+            .is_some_and(|t| t.settings.secure_cookies)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cookie(s: &str) -> Option<String> {
+        secure_session_cookie(&HeaderValue::from_str(s).unwrap())
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn session_cookie_gets_secure_and_samesite_once() {
+        assert_eq!(
+            cookie("session_id=abc; Expires=Thu, 01 Jan 2099 00:00:00 GMT; Max-Age=604800; HttpOnly; Path=/").as_deref(),
+            Some("session_id=abc; Expires=Thu, 01 Jan 2099 00:00:00 GMT; Max-Age=604800; HttpOnly; Path=/; Secure; SameSite=Lax")
+        );
+        assert_eq!(
+            cookie("session_id=abc; Path=/; secure").as_deref(),
+            Some("session_id=abc; Path=/; secure; SameSite=Lax")
+        );
+        assert_eq!(
+            cookie("session_id=abc; SameSite=Strict").as_deref(),
+            Some("session_id=abc; SameSite=Strict; Secure")
+        );
+        assert_eq!(cookie("session_id=abc; Secure; SameSite=None"), None);
+        assert_eq!(cookie("frontend_lang=en_US; Path=/"), None);
+        assert_eq!(cookie("xsession_id=abc"), None);
+    }
+
+    #[test]
+    fn login_paths_and_xmlrpc_methods() {
+        assert_eq!(
+            LoginProbe::of(&Method::POST, "/web/login"),
+            LoginProbe::Path
+        );
+        assert_eq!(
+            LoginProbe::of(&Method::POST, "//web/./login/"),
+            LoginProbe::Path
+        );
+        assert_eq!(LoginProbe::of(&Method::GET, "/web/login"), LoginProbe::No);
+        assert_eq!(
+            LoginProbe::of(&Method::POST, "/web/signup"),
+            LoginProbe::Path
+        );
+        assert_eq!(
+            LoginProbe::of(&Method::POST, "/xmlrpc/2/common"),
+            LoginProbe::XmlRpc
+        );
+        assert_eq!(
+            LoginProbe::of(&Method::POST, "/xmlrpc/2/object"),
+            LoginProbe::No
+        );
+        let call = |m: &str| {
+            format!("<?xml version='1.0'?>\n<methodCall>\n<methodName> {m}</methodName>\n<params></params></methodCall>")
+        };
+        assert!(xmlrpc_is_login(call("authenticate").as_bytes()));
+        assert!(xmlrpc_is_login(call("login").as_bytes()));
+        assert!(!xmlrpc_is_login(call("version").as_bytes()));
+        assert!(!xmlrpc_is_login(b"<methodName>login"));
+    }
+
+    #[test]
+    fn login_budget_per_address_and_tenant_and_idle_entries_go() {
+        let limits = LoginLimits::default();
+        let limit = LoginLimit {
+            rate: portier_config::parse_rate("10/min").unwrap(),
+            burst: 2,
+        };
+        let acme: Arc<str> = Arc::from("acme");
+        let other: Arc<str> = Arc::from("other");
+        let a: IpAddr = "203.0.113.1".parse().unwrap();
+        let b: IpAddr = "203.0.113.2".parse().unwrap();
+        assert!(limits.check(&limit, &acme, a).is_ok());
+        assert!(limits.check(&limit, &acme, a).is_ok());
+        let wait = limits.check(&limit, &acme, a).unwrap_err();
+        assert!((1..=6).contains(&wait), "{wait}");
+        assert!(limits.check(&limit, &acme, b).is_ok());
+        assert!(limits.check(&limit, &other, a).is_ok());
+
+        // A flood from 100 000 addresses at a fast-refilling limit: every entry goes
+        // once its budget has refilled.
+        let fast = LoginLimit {
+            rate: portier_config::parse_rate("1000/s").unwrap(),
+            burst: 1,
+        };
+        for i in 0..100_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(limits.check(&fast, &acme, ip).is_ok());
+        }
+        assert!(limits.len() >= 100_000);
+        std::thread::sleep(Duration::from_millis(20));
+        limits.evict_idle();
+        // The slow limit's spent budgets stay; the fast one's are gone.
+        assert!(limits.len() <= 3, "{}", limits.len());
+        assert!(limits.check(&limit, &acme, a).is_err());
+    }
+}
