@@ -76,7 +76,8 @@ impl Encode for Decompressor {
 }
 
 pub struct Compressor {
-    compress: CompressorWriter<Vec<u8>>,
+    // `None` once the stream is finished.
+    compress: Option<CompressorWriter<Vec<u8>>>,
     total_in: usize,
     total_out: usize,
     duration: Duration,
@@ -86,7 +87,7 @@ impl Compressor {
     pub fn new(level: u32) -> Self {
         Compressor {
             // buf_size:4096 , lgwin:19 TODO: fine tune these
-            compress: CompressorWriter::new(vec![], 4096, level, 19),
+            compress: Some(CompressorWriter::new(vec![], 4096, level, 19)),
             total_in: 0,
             total_out: 0,
             duration: Duration::new(0, 0),
@@ -99,24 +100,33 @@ impl Encode for Compressor {
         // reserve at most 16k
         const MAX_INIT_COMPRESSED_BUF_SIZE: usize = 16 * 1024;
         let start = Instant::now();
+        let Some(compress) = self.compress.as_mut() else {
+            // the stream is already finished
+            return Ok(Bytes::new());
+        };
         self.total_in += input.len();
 
         // reserve at most input size, cap at 16k, compressed output should be smaller
-        self.compress
+        compress
             .get_mut()
             .reserve(std::cmp::min(MAX_INIT_COMPRESSED_BUF_SIZE, input.len()));
-        self.compress
+        compress
             .write_all(input)
             .or_err(COMPRESSION_ERROR, "while compress Brotli")?;
         // write to vec will never fail.
-        if end {
+        let out = if end {
+            // Finish the stream (its last meta-block): a flush alone leaves a stream
+            // that decoders reject as truncated.
             self.compress
-                .flush()
-                .or_err(COMPRESSION_ERROR, "while compress Brotli")?;
-        }
-        self.total_out += self.compress.get_ref().len();
+                .take()
+                .map(CompressorWriter::into_inner)
+                .unwrap_or_default()
+        } else {
+            std::mem::take(compress.get_mut())
+        };
+        self.total_out += out.len();
         self.duration += start.elapsed();
-        Ok(std::mem::take(self.compress.get_mut()).into()) // into() Bytes will drop excess capacity
+        Ok(out.into()) // into() Bytes will drop excess capacity
     }
 
     fn stat(&self) -> (&'static str, usize, usize, Duration) {
@@ -149,12 +159,15 @@ mod tests_stream {
         let mut compressor = Compressor::new(11);
         let compressed = compressor.encode(&b"adcdefgabcdefgh\n"[..], true).unwrap();
 
-        assert_eq!(
-            &compressed[..],
-            &[
-                0x85, 0x07, 0x00, 0xf8, 0x45, 0x07, 0x87, 0x3e, 0x10, 0xfb, 0x55, 0x92, 0xec, 0x12,
-                0x09, 0xcc, 0x38, 0xdd, 0x51, 0x1e,
-            ],
-        );
+        // A whole stream: the decompressor reads it back.
+        let mut decompressor = Decompressor::new();
+        let decompressed = decompressor.encode(&compressed, true).unwrap();
+        assert_eq!(&decompressed[..], &b"adcdefgabcdefgh\n"[..]);
+        let mut reader = brotli::Decompressor::new(&compressed[..], 4096);
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut out).unwrap();
+        assert_eq!(&out[..], &b"adcdefgabcdefgh\n"[..]);
+        // Nothing more after the end.
+        assert!(compressor.encode(b"more", true).unwrap().is_empty());
     }
 }
