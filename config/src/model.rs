@@ -25,6 +25,9 @@ pub struct Config {
     pub pools: Vec<Pool>,
     pub tenants: Vec<Tenant>,
     pub hosts: HostIndex,
+    /// `[defaults]`: the settings a tenant inherits (and the process-wide ones, such
+    /// as the asset cache's total size).
+    pub defaults: Arc<Settings>,
 }
 
 impl Config {

@@ -28,6 +28,8 @@ pub struct AccessRecord<'a> {
     pub queued_ms: f64,
     /// Backends tried.
     pub attempts: u32,
+    /// The asset cache: `hit`, `miss` or none.
+    pub cache: Option<&'static str>,
 }
 
 const LOG_QUEUE: usize = 65_536;
@@ -181,11 +183,13 @@ pub fn format_record(r: &AccessRecord<'_>, now: SystemTime) -> String {
     push_opt(&mut out, r.backend);
     out.push_str(",\"refused\":");
     push_opt(&mut out, r.refused.map(Refusal::as_str));
-    let _ = writeln!(
+    let _ = write!(
         out,
-        ",\"queued_ms\":{:.3},\"attempts\":{}}}",
+        ",\"queued_ms\":{:.3},\"attempts\":{},\"cache\":",
         r.queued_ms, r.attempts
     );
+    push_opt(&mut out, r.cache);
+    out.push_str("}\n");
     out
 }
 
@@ -209,6 +213,7 @@ mod tests {
                 refused: None,
                 queued_ms: 3.25,
                 attempts: 2,
+                cache: Some("hit"),
             },
             SystemTime::UNIX_EPOCH,
         );
@@ -224,7 +229,8 @@ mod tests {
         assert_eq!(v["refused"], serde_json::Value::Null);
         assert_eq!(v["queued_ms"], 3.25);
         assert_eq!(v["attempts"], 2);
+        assert_eq!(v["cache"], "hit");
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys.len(), 13);
+        assert_eq!(keys.len(), 14);
     }
 }

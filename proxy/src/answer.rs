@@ -54,6 +54,8 @@ pub enum Answer {
     Maintenance,
     /// `429` from the login limit.
     LoginLimited { tenant: Arc<str>, retry_after: u64 },
+    /// A fresh asset-cache entry.
+    Cached(Arc<crate::assets::Entry>),
 }
 
 impl Answer {
@@ -93,6 +95,7 @@ impl Answer {
             Answer::NoSlot(why) => Some(*why),
             Answer::Maintenance => Some(Refusal::Maintenance),
             Answer::LoginLimited { .. } => Some(Refusal::LoginLimited),
+            Answer::Cached(_) => None,
         }
     }
 }
@@ -171,6 +174,14 @@ impl From<Answer> for Reply {
                     close: false,
                 }
             }
+            Answer::Cached(_) => Reply {
+                // Sent by `assets::serve`; never built.
+                status: 500,
+                content_type: "text/plain; charset=utf-8",
+                body: Bytes::new(),
+                extra: None,
+                close: true,
+            },
             Answer::NoSlot(why) => Reply {
                 status: 503,
                 content_type: "application/json",
@@ -186,6 +197,9 @@ impl From<Answer> for Reply {
 pub async fn send(session: &mut Session, ctx: &mut Ctx, answer: Answer) -> Result<()> {
     if let Some(why) = answer.refusal() {
         ctx.refused = Some(why);
+    }
+    if let Answer::Cached(entry) = answer {
+        return crate::assets::serve(session, &entry, &ctx.request_id, ctx.hsts()).await;
     }
     let Reply {
         status,

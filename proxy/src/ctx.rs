@@ -68,6 +68,12 @@ pub struct Ctx {
     pub queued: std::time::Duration,
     /// The worker's response, read ahead of the client.
     pub response: crate::spool::ResponseBuffer,
+    /// The encoding the client gets if the response is compressible (`compress`).
+    pub encoding: Option<pingora::protocols::http::compression::Algorithm>,
+    pub encoder: Option<crate::compress::Encoder>,
+    /// The request's part in the asset cache, and the response being captured for it.
+    pub cache: crate::assets::CacheState,
+    pub capture: Option<crate::assets::Capture>,
     pub guard: Option<RequestGuard>,
 }
 
@@ -103,6 +109,10 @@ impl Ctx {
             slot: None,
             queued: std::time::Duration::ZERO,
             response: Default::default(),
+            encoding: None,
+            encoder: None,
+            cache: Default::default(),
+            capture: None,
             guard: None,
         }
     }

@@ -3,11 +3,13 @@
 mod access_log;
 mod admission;
 mod answer;
+mod assets;
 mod backend;
 mod balance;
 mod body;
 mod breaker;
 mod check;
+mod compress;
 mod control;
 mod ctx;
 mod demo;

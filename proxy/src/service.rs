@@ -16,13 +16,15 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 
 use crate::access_log::AccessRecord;
 use crate::answer::{self, Answer};
+use crate::assets::{self, CacheState, Lookup};
 use crate::body;
+use crate::compress;
 use crate::ctx::Ctx;
 use crate::edge::{self, LoginProbe};
 use crate::forward;
 use crate::request;
 use crate::spool;
-use crate::state::{RequestGuard, Shared};
+use crate::state::{RequestGuard, Shared, Snapshot};
 use crate::telemetry::Refusal;
 use crate::upstream;
 
@@ -59,6 +61,77 @@ impl Proxy {
         session.set_write_timeout(Some(body::CLIENT_IO_TIMEOUT));
     }
 
+    /// The response's encoding (`compress`), then the asset cache: a fresh entry is the
+    /// answer; a miss fills it, or waits for the request already filling it.
+    async fn prepare_response(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        snap: &Snapshot,
+    ) -> Option<Answer> {
+        let tenant = ctx.tenant(snap)?;
+        let class = ctx.class?;
+        let settings = tenant.settings.clone();
+        if compress::applies(
+            settings.compress,
+            class,
+            session.req_header(),
+            ctx.websocket,
+        ) {
+            ctx.encoding = compress::negotiate(
+                session
+                    .req_header()
+                    .headers
+                    .get_all(http::header::ACCEPT_ENCODING)
+                    .iter(),
+            );
+        }
+        let cache = &self.shared.assets;
+        if settings.cache_assets == 0
+            || !cache.enabled()
+            || !assets::cacheable_request(session, class)
+        {
+            return None;
+        }
+        let owner = snap.tenants.get(ctx.tenant?)?.name.clone();
+        let uri = session
+            .req_header()
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let key = assets::Key::new(owner, ctx.tenant_name.as_deref()?, uri, ctx.encoding);
+        let metrics = &self.shared.metrics;
+        let mut waited = false;
+        loop {
+            match cache.lookup(&key) {
+                Lookup::Hit(entry) => {
+                    ctx.cache = CacheState::Hit;
+                    metrics.cache_hits.inc();
+                    return Some(Answer::Cached(entry));
+                }
+                Lookup::Fill(fill) => {
+                    ctx.cache = CacheState::Miss {
+                        key,
+                        fill: Some(fill),
+                    };
+                    metrics.cache_misses.inc();
+                    return None;
+                }
+                Lookup::Wait(mut done) if !waited => {
+                    // Collapsed: wait (at most the request timeout) for the filler.
+                    let _ = tokio::time::timeout(settings.request_timeout, done.changed()).await;
+                    waited = true;
+                }
+                Lookup::Wait(_) => {
+                    ctx.cache = CacheState::Miss { key, fill: None };
+                    metrics.cache_misses.inc();
+                    return None;
+                }
+            }
+        }
+    }
+
     /// The phases before a worker is picked; `Err` is the answer to send instead.
     async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Result<(), Answer>> {
         let Some(snap) = ctx.snap.clone() else {
@@ -83,6 +156,9 @@ impl Proxy {
             Ok(probe) => probe,
             Err(answer) => return Ok(Err(answer)),
         };
+        if let Some(answer) = self.prepare_response(session, ctx, &snap).await {
+            return Ok(Err(answer));
+        }
         let Some(tenant) = ctx.tenant(&snap) else {
             return Ok(Err(Answer::error(500)));
         };
@@ -189,7 +265,7 @@ impl ProxyHttp for Proxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream::response_headers(ctx, resp)
+        upstream::response_headers(&self.shared, ctx, resp)
     }
 
     async fn response_body_async_filter(
@@ -199,6 +275,20 @@ impl ProxyHttp for Proxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(encoder) = ctx.encoder.as_mut() {
+            compress::body(encoder, body, end_of_stream)?;
+        }
+        if let Some(capture) = ctx.capture.as_mut() {
+            if body.as_ref().is_some_and(|b| !capture.push(b)) {
+                // Too big to keep: the waiters go to the worker.
+                ctx.capture = None;
+            }
+            if end_of_stream {
+                if let Some(capture) = ctx.capture.take() {
+                    capture.finish(&self.shared.assets);
+                }
+            }
+        }
         spool::read_ahead(ctx, body, end_of_stream, &self.shared.metrics).await
     }
 
@@ -258,6 +348,7 @@ impl ProxyHttp for Proxy {
                 refused: ctx.refused,
                 queued_ms: ctx.queued.as_secs_f64() * 1000.0,
                 attempts: ctx.attempts,
+                cache: ctx.cache.log(),
             };
             if !log.log(&record) {
                 self.shared.metrics.access_log_dropped.inc();

@@ -165,6 +165,8 @@ pub struct Shared {
     pub limits: crate::limits::Limits,
     /// Per-address login limiters (survive reloads).
     pub login: crate::edge::LoginLimits,
+    /// Cached asset bundles (survive reloads).
+    pub assets: Arc<crate::assets::AssetCache>,
     /// The TLS certificates, served through the SNI resolver.
     pub certs: Arc<portier_certs::CertStore>,
     /// Summary of the certificate directory at the last load (change detection).
@@ -188,6 +190,7 @@ impl Shared {
         let metrics = Metrics::new();
         let registry = Registry::default();
         let access = config.log.access;
+        let assets = crate::assets::AssetCache::new(config.defaults.cache_assets);
         let discovered = DashMap::new();
         let snapshot = Snapshot::build(config, &registry, &metrics, &discovered);
         Arc::new(Shared {
@@ -196,6 +199,7 @@ impl Shared {
             metrics,
             limits: Default::default(),
             login: Default::default(),
+            assets,
             certs: Arc::new(portier_certs::CertStore::new()),
             cert_fingerprint: Mutex::new(0),
             access_log: crate::access_log::AccessLog::new(access),

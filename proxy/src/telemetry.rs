@@ -44,6 +44,8 @@ pub struct Metrics {
     backend_busy: IntGaugeVec,
     spooled: IntCounterVec,
     login_limited: IntCounterVec,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
     pub access_log_dropped: IntCounter,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
@@ -260,6 +262,15 @@ impl Metrics {
             ),
             &["tenant"]
         ));
+        let cache_requests = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_cache_requests_total",
+                "Cacheable asset requests, answered from the cache (hit) or a worker (miss)"
+            ),
+            &["result"]
+        ));
+        let cache_hits = cache_requests.with_label_values(&["hit"]);
+        let cache_misses = cache_requests.with_label_values(&["miss"]);
         let access_log_dropped = reg!(IntCounter::new(
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
@@ -288,6 +299,8 @@ impl Metrics {
             backend_busy,
             spooled,
             login_limited,
+            cache_hits,
+            cache_misses,
             access_log_dropped,
             tenants: DashMap::new(),
             other: OnceLock::new(),

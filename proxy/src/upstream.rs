@@ -13,13 +13,15 @@ use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use portier_config::Class;
 
 use crate::admission::{self, NoSlot};
+use crate::assets::{self, CacheState};
 use crate::backend::{Backend, InflightGuard, Role};
 use crate::balance;
 use crate::breaker;
+use crate::compress;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request::request_host;
-use crate::state::{DatabaseHeaders, PoolRt, Snapshot};
+use crate::state::{DatabaseHeaders, PoolRt, Shared, Snapshot};
 use crate::telemetry::{Metrics, Refusal, Retry};
 
 /// How long an idle upstream connection stays in the pool.
@@ -383,7 +385,7 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Resu
 
 /// The response as it goes to the client: the request id echoed, HSTS on TLS.
 /// As for the request, one rebuild without the case map beats inserting.
-pub fn response_headers(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeader) -> Result<()> {
     let mut out = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))?;
     out.set_version(resp.version);
     let secure_cookies = crate::edge::secures_cookies(ctx);
@@ -402,6 +404,28 @@ pub fn response_headers(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
     out.insert_header("x-request-id", ctx.request_id.clone())?;
     if let Some(hsts) = ctx.hsts() {
         out.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+    }
+    // The asset cache decides on the worker's answer; compression then changes the
+    // headers; the entry keeps them as the client gets them.
+    let ttl = match &ctx.cache {
+        CacheState::Miss { fill: Some(_), .. } => assets::lifetime(resp),
+        _ => None,
+    };
+    ctx.encoder = compress::response_headers(ctx.encoding, &mut out)?;
+    if let CacheState::Miss { key, fill } = &mut ctx.cache {
+        out.insert_header("x-cache", "miss")?;
+        if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
+            ctx.capture = Some(assets::Capture::start(
+                &shared.assets,
+                key.clone(),
+                fill,
+                resp,
+                &out,
+                ttl,
+            ));
+        }
+        // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
+        *fill = None;
     }
     *resp = out;
     Ok(())

@@ -97,6 +97,7 @@ pub(crate) async fn route(
             }
         }
         "/web/login" | "/web" | "/odoo" => login_and_home(shared, method, path, headers, body),
+        p if is_static(p) => static_file(worker, p, query, headers),
         p if p.starts_with("/json/2/") => {
             if !odoo.version.has_json2() {
                 return json_response(StatusCode::NOT_FOUND, worker, "{}".to_string());
@@ -166,6 +167,106 @@ pub(crate) async fn route(
             json_response(StatusCode::OK, worker, v.to_string())
         }
     }
+}
+
+/// Odoo's asset bundles (`/web/assets/<unique>/<name>`: the URL carries a hash of the
+/// content) and static files of modules (`/<module>/static/...`).
+fn is_static(path: &str) -> bool {
+    path.starts_with("/web/assets/")
+        || path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .is_some_and(|(_, rest)| rest.starts_with("static/"))
+}
+
+/// One year: `STATIC_CACHE_LONG` of `odoo/http.py`, for URLs that change with their
+/// content (asset bundles).
+const STATIC_CACHE_LONG: u32 = 60 * 60 * 24 * 365;
+/// One week: `STATIC_CACHE` of `odoo/http.py`, for module static files.
+const STATIC_CACHE: u32 = 60 * 60 * 24 * 7;
+
+/// An asset bundle or static file as Odoo serves it: bundles through `ir.binary` /
+/// `Stream.get_response(immutable=True)` (`addons/web/controllers/binary.py`
+/// `content_assets`, `odoo/http.py` `Stream`: werkzeug's `send_file` with `max_age`
+/// gives `Cache-Control: public, max-age=N`, and `immutable` is appended), static files
+/// by `Application.static` (`odoo/http.py`) with `max_age=STATIC_CACHE`; never
+/// compressed by Odoo (werkzeug does not compress). The body is the same on every
+/// worker for a URL, as a bundle is for its hash.
+///
+/// Test knobs in the query (not Odoo's): `size` (bytes of body, default 64 KiB), `cc`
+/// (the `Cache-Control` value instead), `cookie=1` (adds a `Set-Cookie`), `vary=NAME`
+/// (adds `Vary: NAME`), `type` (the `Content-Type`). A `Range: bytes=A-B` gets `206`
+/// with that slice (werkzeug's `send_file` is conditional and honours ranges).
+fn static_file(worker: &str, path: &str, query: &str, headers: &HeaderMap) -> Resp {
+    let size = query_param(query, "size")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(64 << 10)
+        .min(64 << 20);
+    let mut body = Vec::with_capacity(size + 128);
+    let mut i = 0u64;
+    while body.len() < size {
+        body.extend_from_slice(
+            format!(
+                "odoo.define(\"{path}/{i}\", function (require) {{ return {{ id: {i} }}; }});\n"
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    body.truncate(size);
+    let bundle = path.starts_with("/web/assets/");
+    let content_type = query_param(query, "type")
+        .map(|t| t.replace("%2F", "/"))
+        .unwrap_or_else(|| {
+            if path.ends_with(".css") {
+                "text/css; charset=utf-8".into()
+            } else if path.ends_with(".png") {
+                "image/png".into()
+            } else {
+                "application/javascript; charset=utf-8".into()
+            }
+        });
+    let cache_control = match query_param(query, "cc") {
+        Some(cc) => cc.replace("%20", " ").replace("%2C", ","),
+        None if bundle => format!("public, max-age={STATIC_CACHE_LONG}, immutable"),
+        None => format!("public, max-age={STATIC_CACHE}"),
+    };
+    let total = body.len();
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|(a, b)| a <= b && *b < total);
+    let body = match range {
+        Some((a, b)) => body[a..=b].to_vec(),
+        None => body,
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    if range.is_some() {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
+    let h = r.headers_mut();
+    let mut set = |name: header::HeaderName, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.append(name, v);
+        }
+    };
+    set(header::CONTENT_TYPE, &content_type);
+    set(header::ACCEPT_RANGES, "bytes");
+    if let Some((a, b)) = range {
+        set(header::CONTENT_RANGE, &format!("bytes {a}-{b}/{total}"));
+    }
+    set(header::CACHE_CONTROL, &cache_control);
+    set(header::HeaderName::from_static("x-sim-worker"), worker);
+    if query_param(query, "cookie").is_some() {
+        set(header::SET_COOKIE, "frontend_lang=en_US; Path=/");
+    }
+    if let Some(v) = query_param(query, "vary") {
+        set(header::VARY, v);
+    }
+    r
 }
 
 fn forbidden(worker: &str) -> Resp {

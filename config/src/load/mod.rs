@@ -264,6 +264,7 @@ fn read_document(
         pools,
         tenants,
         hosts,
+        defaults,
     })
 }
 
