@@ -507,6 +507,10 @@ where
 
         let mut next_upstream_task: Option<HttpTask> = None;
 
+        // ends an upgraded connection on the proxy's request, see `upgraded_interrupt`
+        let mut interrupt: Option<futures::future::BoxFuture<'static, Option<Bytes>>> = None;
+        let mut interrupted: Option<Option<Bytes>> = None;
+
         /* duplex mode without caching
          * Read body from downstream while reading response from upstream
          * If response is done, only read body from downstream
@@ -544,6 +548,9 @@ where
                 .as_mut()
                 .map(|reader| reader.next())
                 .into();
+
+            let interrupt_armed = interrupt.is_some();
+            let interrupt_next: OptionFuture<_> = interrupt.as_mut().into();
 
             // partial read support, this check will also be false if cache is disabled.
             let support_cache_partial_read =
@@ -663,6 +670,7 @@ where
                             // poll body
                             trace!("reset downstream state on upgrade");
                             downstream_state.reset();
+                            interrupt = self.inner.upgraded_interrupt(ctx);
                         }
                         response_state.maybe_set_upstream_done(response_done);
                         // unsuccessful upgrade response (or end of upstream upgraded conn,
@@ -791,6 +799,11 @@ where
                     }
                 }
 
+                frame = interrupt_next, if interrupt_armed => {
+                    interrupted = Some(frame.flatten());
+                    break;
+                }
+
                 data = custom_reader_next, if downstream_custom_read && !downstream_state.is_errored()  => {
                     let Some(data) = data.flatten() else {
                         downstream_custom_read = false;
@@ -831,6 +844,15 @@ where
                     break;
                 }
             }
+        }
+
+        if let Some(frame) = interrupted {
+            // the upgraded connection ends here: its last bytes, then close both sides
+            if let Some(frame) = frame {
+                session.downstream_session.write_response_body(frame, true).await?;
+            }
+            pipe_state.store(PipeState::DownstreamComplete as u8, Ordering::Release);
+            return Ok(false);
         }
 
         let mut reuse_downstream = !downstream_state.is_errored();

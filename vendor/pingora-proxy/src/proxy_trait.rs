@@ -468,6 +468,17 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// Asked once when an HTTP/1 session is upgraded (e.g. a WebSocket): a future that,
+    /// when it resolves, ends the upgraded connection, writing its bytes (e.g. a
+    /// WebSocket close frame) to the downstream first. `None` (the default): the
+    /// connection lasts until either side closes it.
+    fn upgraded_interrupt(
+        &self,
+        _ctx: &mut Self::CTX,
+    ) -> Option<futures::future::BoxFuture<'static, Option<Bytes>>> {
+        None
+    }
+
     /// Called after [Self::response_body_filter()] for each body chunk of a response
     /// proxied from an upstream to an HTTP/1 or HTTP/2 downstream, but async: for
     /// filters that need I/O, such as holding a large response in a file until the
