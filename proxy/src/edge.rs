@@ -163,6 +163,40 @@ pub fn login(
     }
 }
 
+/// A WebSocket close frame (server to client, unmasked) with code 1001, "going away".
+const CLOSE_GOING_AWAY: &[u8] = &[0x88, 0x02, 0x03, 0xe9];
+
+/// For an upgraded connection (the bus WebSocket): a future that resolves with a close
+/// frame (1001) when a reload puts the connection's tenant into maintenance. A
+/// connection opened while its tenant was already in maintenance (an admin's) is left
+/// alone.
+pub fn websocket_interrupt(
+    shared: &Arc<Shared>,
+    ctx: &Ctx,
+) -> Option<futures_util::future::BoxFuture<'static, Option<Bytes>>> {
+    let snap = ctx.snap.as_ref()?;
+    let tenant = ctx.tenant(snap)?;
+    let name = tenant.name.clone();
+    let was = tenant.maintenance;
+    let shared = shared.clone();
+    let mut reloads = shared.reloaded.subscribe();
+    Some(Box::pin(async move {
+        while reloads.changed().await.is_ok() {
+            let snap = shared.snapshot.load();
+            let now = snap
+                .config
+                .tenants
+                .iter()
+                .any(|t| t.name == name && t.maintenance);
+            if now && !was {
+                return Some(Bytes::from_static(CLOSE_GOING_AWAY));
+            }
+        }
+        // The process is going away: leave the connection to the shutdown.
+        std::future::pending().await
+    }))
+}
+
 type LoginKey = (Arc<str>, IpAddr);
 
 /// Login limiters: one keyed GCRA (governor) per distinct `login` setting, keyed by

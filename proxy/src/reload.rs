@@ -71,6 +71,7 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     );
     shared.snapshot.store(Arc::new(snapshot));
     shared.assets.reconfigure(&shared.snapshot.load().config);
+    shared.reloaded.send_modify(|n| *n += 1);
     // Discovery may have updated the old snapshot while this one was built.
     let snap = shared.snapshot.load();
     for p in snap.pools.iter().filter(|p| p.cfg.discover.is_some()) {

@@ -268,6 +268,16 @@ impl ProxyHttp for Proxy {
         upstream::response_headers(&self.shared, ctx, resp)
     }
 
+    fn upgraded_interrupt(
+        &self,
+        ctx: &mut Ctx,
+    ) -> Option<futures_util::future::BoxFuture<'static, Option<Bytes>>> {
+        if !ctx.websocket {
+            return None;
+        }
+        edge::websocket_interrupt(&self.shared, ctx)
+    }
+
     async fn response_body_async_filter(
         &self,
         _session: &mut Session,

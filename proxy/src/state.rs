@@ -167,6 +167,9 @@ pub struct Shared {
     pub login: crate::edge::LoginLimits,
     /// Cached asset bundles (survive reloads).
     pub assets: Arc<crate::assets::AssetCache>,
+    /// Bumped after each applied reload (WebSockets of tenants entering maintenance
+    /// watch it).
+    pub reloaded: tokio::sync::watch::Sender<u64>,
     /// The TLS certificates, served through the SNI resolver.
     pub certs: Arc<portier_certs::CertStore>,
     /// Summary of the certificate directory at the last load (change detection).
@@ -200,6 +203,7 @@ impl Shared {
             limits: Default::default(),
             login: Default::default(),
             assets,
+            reloaded: tokio::sync::watch::Sender::new(0),
             certs: Arc::new(portier_certs::CertStore::new()),
             cert_fingerprint: Mutex::new(0),
             access_log: crate::access_log::AccessLog::new(access),

@@ -665,3 +665,54 @@ async fn asset_bundles_are_served_from_the_cache() {
         "{m}"
     );
 }
+
+/// The reload that puts a tenant into maintenance closes its open WebSockets with
+/// 1001 ("going away"); other tenants' WebSockets go on, and a new one of the tenant
+/// in maintenance gets the 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_closes_the_tenants_websockets() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let e = edge(&format!("{}{}", tenant("acme", ""), tenant("beta", ""))).await;
+    let client = [("x-forwarded-for", "203.0.113.5")];
+    let (mut acme, resp) = websocket(e.p.http, "acme.test", "/websocket", &client)
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let (mut beta, _) = websocket(e.p.http, "beta.test", "/websocket", &client)
+        .await
+        .unwrap();
+    for ws in [&mut acme, &mut beta] {
+        assert!(ws_roundtrip(ws, "whoami").await.unwrap().starts_with('g'));
+    }
+    e.reload_with(&format!(
+        "{}{}",
+        tenant("acme", "maintenance = true"),
+        tenant("beta", "")
+    ))
+    .await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match acme.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the tenant's WebSocket is closed when the reload applies");
+    assert_eq!(closed, Some(1001));
+    // The other tenant's bus goes on.
+    assert_eq!(
+        ws_roundtrip(&mut beta, "still here").await.unwrap(),
+        "still here"
+    );
+    // A new WebSocket of the tenant in maintenance is refused.
+    let err = websocket(e.p.http, "acme.test", "/websocket", &client).await;
+    assert!(err.is_err(), "a new upgrade gets the 503");
+    let log =
+        e.p.wait_access_log(|l| l["tenant"] == "acme" && l["status"] == 503)
+            .await;
+    assert_eq!(log["refused"], "maintenance");
+}
