@@ -27,8 +27,14 @@ use tokio::sync::watch;
 
 use crate::hash;
 
-/// Shards of the LRU.
-const SHARDS: usize = 16;
+/// Shards of the LRU: one. Sharded, pingora-lru evicts from a random shard (power of
+/// two choices), a good approximation with many thousands of entries but not with the
+/// tens to hundreds of asset bundles a host has; the contract evicts the least recently
+/// used. Hits take the lock only to read (see `HOT`).
+const SHARDS: usize = 1;
+/// A hit on an entry already among the most recently used this many needs no write
+/// lock (`promote_top_n`); it is not moved up, so the order within them is approximate.
+const HOT: usize = 4;
 
 /// One cached response.
 pub struct Entry {
@@ -86,26 +92,70 @@ impl Drop for Fill {
     }
 }
 
-/// The key of a cacheable request.
+/// The key of a cacheable request, borrowed from it: a lookup allocates nothing.
+pub struct KeyRef<'a> {
+    hash: u64,
+    name: &'a str,
+    enc: &'static str,
+    uri: &'a str,
+    owner: &'a Arc<str>,
+}
+
+impl<'a> KeyRef<'a> {
+    /// The key of `uri` (path and query) of tenant `name` (effective name; `owner` its
+    /// config tenant), for responses in `encoding` (none: identity).
+    pub fn new(
+        owner: &'a Arc<str>,
+        name: &'a str,
+        uri: &'a str,
+        encoding: Option<Algorithm>,
+    ) -> KeyRef<'a> {
+        let enc = encoding.map(|a| a.as_str()).unwrap_or("identity");
+        let hash = hash::hash_parts(&[
+            name.as_bytes(),
+            b"\0",
+            enc.as_bytes(),
+            b"\0",
+            uri.as_bytes(),
+        ]);
+        KeyRef {
+            hash,
+            name,
+            enc,
+            uri,
+            owner,
+        }
+    }
+
+    /// True when `stored` (a [`Key`]'s text) is this key.
+    fn matches(&self, stored: &str) -> bool {
+        let Some(rest) = stored.strip_prefix(self.name) else {
+            return false;
+        };
+        let Some(rest) = rest
+            .strip_prefix('\0')
+            .and_then(|r| r.strip_prefix(self.enc))
+        else {
+            return false;
+        };
+        rest.strip_prefix('\0') == Some(self.uri)
+    }
+
+    pub fn to_owned(&self) -> Key {
+        Key {
+            hash: self.hash,
+            text: format!("{}\0{}\0{}", self.name, self.enc, self.uri).into_boxed_str(),
+            owner: self.owner.clone(),
+        }
+    }
+}
+
+/// The key of an entry being filled.
 #[derive(Clone)]
 pub struct Key {
     hash: u64,
     text: Box<str>,
     owner: Arc<str>,
-}
-
-impl Key {
-    /// The key of `uri` (path and query) of tenant `name` (effective name; `owner` its
-    /// config tenant), for responses in `encoding` (none: identity).
-    pub fn new(owner: Arc<str>, name: &str, uri: &str, encoding: Option<Algorithm>) -> Key {
-        let enc = encoding.map(|a| a.as_str()).unwrap_or("identity");
-        let text = format!("{name}\u{0}{enc}\u{0}{uri}");
-        Key {
-            hash: hash::hash_bytes(text.as_bytes()),
-            text: text.into_boxed_str(),
-            owner,
-        }
-    }
 }
 
 /// The process's asset cache.
@@ -131,9 +181,9 @@ impl AssetCache {
         self.capacity.load(Ordering::Relaxed) > 0
     }
 
-    fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+    fn get(&self, key: &KeyRef<'_>) -> Option<Arc<Entry>> {
         let e = self.entries.get(&key.hash)?.clone();
-        if *e.key != *key.text {
+        if !key.matches(&e.key) {
             return None;
         }
         if !e.fresh() {
@@ -141,12 +191,12 @@ impl AssetCache {
             self.lru.remove(key.hash);
             return None;
         }
-        self.lru.promote(key.hash);
+        self.lru.promote_top_n(key.hash, HOT);
         Some(e)
     }
 
     /// A hit, or the duty to fill, or someone else's fill to wait for.
-    pub fn lookup(self: &Arc<Self>, key: &Key) -> Lookup {
+    pub fn lookup(self: &Arc<Self>, key: &KeyRef<'_>) -> Lookup {
         if let Some(e) = self.get(key) {
             return Lookup::Hit(e);
         }
@@ -438,12 +488,12 @@ mod tests {
         assert_eq!(lifetime(&r), None);
     }
 
-    fn fill_entry(cache: &Arc<AssetCache>, key: &Key, size: usize, ttl: Duration) {
+    fn fill_entry(cache: &Arc<AssetCache>, key: &KeyRef<'_>, size: usize, ttl: Duration) {
         let Lookup::Fill(fill) = cache.lookup(key) else {
             panic!("expected a fill");
         };
         let w = worker("max-age=60");
-        let mut c = Capture::start(cache, key.clone(), fill, &w, &w, ttl);
+        let mut c = Capture::start(cache, key.to_owned(), fill, &w, &w, ttl);
         assert!(c.push(&vec![b'x'; size]));
         c.finish(cache);
     }
@@ -452,7 +502,8 @@ mod tests {
     fn hits_misses_collapsing_expiry_and_eviction() {
         let cache = AssetCache::new(1 << 20);
         let owner: Arc<str> = Arc::from("acme");
-        let k = |uri: &str| Key::new(owner.clone(), "acme", uri, None);
+        let beta: Arc<str> = Arc::from("beta");
+        let k = |uri| KeyRef::new(&owner, "acme", uri, None);
         let a = k("/web/assets/1/a.js");
         // The first miss fills; a second one waits; the fill wakes it.
         let Lookup::Fill(fill) = cache.lookup(&a) else {
@@ -462,7 +513,7 @@ mod tests {
             panic!()
         };
         let w = worker("max-age=60");
-        let mut c = Capture::start(&cache, a.clone(), fill, &w, &w, Duration::from_secs(60));
+        let mut c = Capture::start(&cache, a.to_owned(), fill, &w, &w, Duration::from_secs(60));
         assert!(c.push(b"hello"));
         c.finish(&cache);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -477,29 +528,22 @@ mod tests {
         };
         assert_eq!(&e.body[..], b"hello");
         assert_eq!(e.header.headers.get("content-length").unwrap(), "5");
-        // Another tenant, another encoding: other entries.
-        let other = Key::new(Arc::from("beta"), "beta", "/web/assets/1/a.js", None);
+        // Another tenant, another encoding, another URL of the same length: other entries.
+        let other = KeyRef::new(&beta, "beta", "/web/assets/1/a.js", None);
         assert!(matches!(cache.lookup(&other), Lookup::Fill(_)));
-        let gz = Key::new(
-            owner.clone(),
-            "acme",
-            "/web/assets/1/a.js",
-            Some(Algorithm::Gzip),
-        );
+        let gz = KeyRef::new(&owner, "acme", "/web/assets/1/a.js", Some(Algorithm::Gzip));
         assert!(matches!(cache.lookup(&gz), Lookup::Fill(_)));
+        assert!(!a.matches("acme\0identity\0/web/assets/1/b.js"));
+        assert!(a.matches("acme\0identity\0/web/assets/1/a.js"));
         // Expiry.
         let b = k("/web/static/b.css");
         fill_entry(&cache, &b, 10, Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(5));
         assert!(matches!(cache.lookup(&b), Lookup::Fill(_)), "expired");
         // Eviction: 1 MiB in all, 100 KiB entries: the least recently used go.
-        for i in 0..20 {
-            fill_entry(
-                &cache,
-                &k(&format!("/web/assets/{i}")),
-                100 << 10,
-                Duration::from_secs(60),
-            );
+        let uris: Vec<String> = (0..20).map(|i| format!("/web/assets/{i}")).collect();
+        for uri in &uris {
+            fill_entry(&cache, &k(uri), 100 << 10, Duration::from_secs(60));
             // Keep the first one recently used.
             assert!(matches!(cache.lookup(&a), Lookup::Hit(_)));
         }
@@ -509,7 +553,7 @@ mod tests {
             "recently used stays"
         );
         assert!(
-            matches!(cache.lookup(&k("/web/assets/0")), Lookup::Fill(_)),
+            matches!(cache.lookup(&k(&uris[0])), Lookup::Fill(_)),
             "oldest went"
         );
         // Too big for the cache (over an eighth): not kept.
@@ -517,7 +561,14 @@ mod tests {
         let Lookup::Fill(fill) = cache.lookup(&big) else {
             panic!()
         };
-        let mut c = Capture::start(&cache, big.clone(), fill, &w, &w, Duration::from_secs(60));
+        let mut c = Capture::start(
+            &cache,
+            big.to_owned(),
+            fill,
+            &w,
+            &w,
+            Duration::from_secs(60),
+        );
         assert!(!c.push(&vec![0; 200 << 10]));
     }
 }

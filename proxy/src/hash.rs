@@ -14,6 +14,16 @@ pub fn hash_bytes(bytes: &[u8]) -> u64 {
     mix(h)
 }
 
+/// [`hash_bytes`] of the concatenation of `parts`, without building it.
+pub fn hash_parts(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parts.iter().flat_map(|p| p.iter()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix(h)
+}
+
 /// The SplitMix64 finaliser: a strong 64-bit mix.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

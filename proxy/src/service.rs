@@ -100,7 +100,8 @@ impl Proxy {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let key = assets::Key::new(owner, ctx.tenant_name.as_deref()?, uri, ctx.encoding);
+        let name = ctx.tenant_name.clone()?;
+        let key = assets::KeyRef::new(&owner, &name, uri, ctx.encoding);
         let metrics = &self.shared.metrics;
         let mut waited = false;
         loop {
@@ -112,7 +113,7 @@ impl Proxy {
                 }
                 Lookup::Fill(fill) => {
                     ctx.cache = CacheState::Miss {
-                        key,
+                        key: key.to_owned(),
                         fill: Some(fill),
                     };
                     metrics.cache_misses.inc();
@@ -124,7 +125,10 @@ impl Proxy {
                     waited = true;
                 }
                 Lookup::Wait(_) => {
-                    ctx.cache = CacheState::Miss { key, fill: None };
+                    ctx.cache = CacheState::Miss {
+                        key: key.to_owned(),
+                        fill: None,
+                    };
                     metrics.cache_misses.inc();
                     return None;
                 }

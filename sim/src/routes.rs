@@ -195,7 +195,8 @@ const STATIC_CACHE: u32 = 60 * 60 * 24 * 7;
 ///
 /// Test knobs in the query (not Odoo's): `size` (bytes of body, default 64 KiB), `cc`
 /// (the `Cache-Control` value instead), `cookie=1` (adds a `Set-Cookie`), `vary=NAME`
-/// (adds `Vary: NAME`), `type` (the `Content-Type`). A `Range: bytes=A-B` gets `206`
+/// (adds `Vary: NAME`), `type` (the `Content-Type`), `age=N` (adds `Age: N`, as an
+/// upstream cache would), `encoding=E` (labels the body `Content-Encoding: E`). A `Range: bytes=A-B` gets `206`
 /// with that slice (werkzeug's `send_file` is conditional and honours ranges).
 fn static_file(worker: &str, path: &str, query: &str, headers: &HeaderMap) -> Resp {
     let size = query_param(query, "size")
@@ -227,7 +228,10 @@ fn static_file(worker: &str, path: &str, query: &str, headers: &HeaderMap) -> Re
             }
         });
     let cache_control = match query_param(query, "cc") {
-        Some(cc) => cc.replace("%20", " ").replace("%2C", ","),
+        Some(cc) => cc
+            .replace("%20", " ")
+            .replace("%2C", ",")
+            .replace("%3D", "="),
         None if bundle => format!("public, max-age={STATIC_CACHE_LONG}, immutable"),
         None => format!("public, max-age={STATIC_CACHE}"),
     };
@@ -265,6 +269,13 @@ fn static_file(worker: &str, path: &str, query: &str, headers: &HeaderMap) -> Re
     }
     if let Some(v) = query_param(query, "vary") {
         set(header::VARY, v);
+    }
+    if let Some(v) = query_param(query, "age") {
+        set(header::AGE, v);
+    }
+    if let Some(v) = query_param(query, "encoding") {
+        // The body is sent as is, labelled as already encoded.
+        set(header::CONTENT_ENCODING, v);
     }
     r
 }
