@@ -89,7 +89,7 @@ impl Default for Stats {
 }
 
 impl Stats {
-    fn record(&mut self, latency: Duration, status: Option<u16>) {
+    pub fn record(&mut self, latency: Duration, status: Option<u16>) {
         match status {
             Some(s) => {
                 let _ = self.hist.record((latency.as_micros() as u64).max(1));

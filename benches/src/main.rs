@@ -9,6 +9,7 @@ mod proc;
 mod reload;
 mod saturation;
 mod slow;
+mod storm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +121,18 @@ enum Command {
         /// Interactive requests per second meanwhile.
         #[arg(long, default_value_t = 20.0)]
         b_rate: f64,
+    },
+    /// A login storm: browsers open an Odoo page and its four asset bundles; asset
+    /// cache on/off and compression off: worker requests, page latency, bytes.
+    LoginStorm {
+        #[arg(long, default_value_t = 500)]
+        browsers: usize,
+        /// Seconds over which the browsers arrive.
+        #[arg(long, default_value_t = 10.0)]
+        spread: f64,
+        /// Worker milliseconds per bundle.
+        #[arg(long, default_value_t = 50)]
+        asset_ms: u64,
     },
     /// 20 reloads of a 10 000-tenant config under load: reload time, latency, errors.
     Reload {
@@ -378,6 +391,25 @@ fn main() -> ExitCode {
                 rt.block_on(slow::run(&opts)),
                 |p| slow::table(p),
                 |p| slow::json(p, &opts),
+                out,
+            )
+        }
+        Command::LoginStorm {
+            browsers,
+            spread,
+            asset_ms,
+        } => {
+            let opts = storm::Opts {
+                portier,
+                browsers,
+                spread,
+                asset_ms,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(storm::run(&opts)),
+                |p| storm::table(p),
+                |p| storm::json(p, &opts),
                 out,
             )
         }

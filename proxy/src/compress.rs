@@ -220,6 +220,34 @@ mod tests {
         assert_eq!(neg(""), None);
     }
 
+    #[test]
+    fn which_requests_by_setting_class_method_and_upgrade() {
+        let get = RequestHeader::build("GET", b"/", None).unwrap();
+        let head = RequestHeader::build("HEAD", b"/", None).unwrap();
+        use Class::*;
+        for (setting, class, want) in [
+            (Compress::Static, Static, true),
+            (Compress::Static, Interactive, false),
+            (Compress::Static, Integration, false),
+            (Compress::All, Interactive, true),
+            (Compress::All, Integration, true),
+            (Compress::All, Static, true),
+            (Compress::All, Longpolling, false),
+            (Compress::Off, Static, false),
+        ] {
+            assert_eq!(
+                applies(setting, class, &get, false),
+                want,
+                "{setting:?} {class:?}"
+            );
+        }
+        assert!(!applies(Compress::All, Static, &head, false), "HEAD");
+        assert!(
+            !applies(Compress::All, Interactive, &get, true),
+            "WebSocket"
+        );
+    }
+
     fn resp(ct: &str, len: Option<u64>) -> ResponseHeader {
         let mut r = ResponseHeader::build(200, None).unwrap();
         r.insert_header("content-type", ct).unwrap();

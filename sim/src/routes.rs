@@ -203,12 +203,23 @@ fn static_file(worker: &str, path: &str, query: &str, headers: &HeaderMap) -> Re
         .and_then(|s| s.parse::<usize>().ok())
         .unwrap_or(64 << 10)
         .min(64 << 20);
+    // Lines of JavaScript with a token of pseudo-random letters each, so that the body
+    // compresses about as well as a real minified bundle (gzip ~4x), not 40x.
     let mut body = Vec::with_capacity(size + 128);
     let mut i = 0u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ path.len() as u64;
+    const LETTERS: &[u8; 64] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_$";
     while body.len() < size {
+        let mut token = String::with_capacity(40);
+        for _ in 0..40 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            token.push(LETTERS[(state % 64) as usize] as char);
+        }
         body.extend_from_slice(
             format!(
-                "odoo.define(\"{path}/{i}\", function (require) {{ return {{ id: {i} }}; }});\n"
+                "odoo.define(\"{path}/{i}\",function(r){{return {{id:{i},k:\"{token}\"}};}});\n"
             )
             .as_bytes(),
         );
