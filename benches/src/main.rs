@@ -121,6 +121,9 @@ enum Command {
         /// Interactive requests per second meanwhile.
         #[arg(long, default_value_t = 20.0)]
         b_rate: f64,
+        /// The shared peers harness (nginx runs beside portier when installed).
+        #[arg(long, default_value = "../shared/peers")]
+        peers: PathBuf,
     },
     /// A login storm: browsers open an Odoo page and its four asset bundles; asset
     /// cache on/off and compression off: worker requests, page latency, bytes.
@@ -377,6 +380,7 @@ fn main() -> ExitCode {
             rate,
             seconds,
             b_rate,
+            peers,
         } => {
             let opts = slow::Opts {
                 portier,
@@ -386,6 +390,7 @@ fn main() -> ExitCode {
                 seconds,
                 b_rate,
                 proxy_cpus: cpus,
+                peers: Some(peers),
             };
             report(
                 rt.block_on(slow::run(&opts)),

@@ -221,6 +221,17 @@ pub async fn start_target(
     name: &str,
     lp_upstream: Option<SocketAddr>,
 ) -> std::io::Result<Group> {
+    start_target_with(env, name, lp_upstream, None).await
+}
+
+/// [`start_target`], with `app` (when given) as the HTTP upstreams instead of the
+/// shared harness's.
+pub async fn start_target_with(
+    env: &Env,
+    name: &str,
+    lp_upstream: Option<SocketAddr>,
+    app: Option<&[SocketAddr]>,
+) -> std::io::Result<Group> {
     let wd = env.dir.path().join(name);
     let _ = std::fs::remove_dir_all(&wd);
     std::fs::create_dir_all(&wd)?;
@@ -236,7 +247,17 @@ pub async fn start_target(
         .env("KEY", &env.key)
         .env("LISTEN_PORT", LISTEN_PORT.to_string())
         .env("TLS_PORT", TLS_PORT.to_string())
-        .env("UPSTREAM_APP", format!("127.0.0.1:{UP_A} 127.0.0.1:{UP_B}"))
+        .env(
+            "UPSTREAM_APP",
+            match app {
+                Some(list) => list
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => format!("127.0.0.1:{UP_A} 127.0.0.1:{UP_B}"),
+            },
+        )
         .env("UPSTREAM_LP", lp)
         .env("PEERS_TOOLS", &env.tools)
         .env("PORTIER_BIN", &env.portier);

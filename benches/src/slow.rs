@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::load::{self, Req, Stats};
+use crate::peers;
 use crate::proc;
 
 pub struct Opts {
@@ -25,6 +26,8 @@ pub struct Opts {
     pub seconds: u64,
     pub b_rate: f64,
     pub proxy_cpus: Option<String>,
+    /// The shared peers harness: nginx runs beside portier when it is installed.
+    pub peers: Option<std::path::PathBuf>,
 }
 
 pub struct Phase {
@@ -129,37 +132,67 @@ pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
             "slow-clients: {name}: {} downloads of {} bytes at {} B/s",
             opts.clients, opts.size, opts.rate
         );
-        let busy0: f64 = pods.iter().map(|w| w.busy_seconds()).sum();
-        let start = Instant::now();
-        let deadline = start + Duration::from_secs(opts.seconds);
-        let tasks: Vec<_> = (0..opts.clients)
-            .map(|_| tokio::spawn(download(addr, opts.size, opts.rate, deadline)))
-            .collect();
-        // Interactive load while the downloads run (as long as the slowest may take).
-        let window = Duration::from_secs_f64(
-            (opts.size as f64 / opts.rate as f64 + 2.0).min(opts.seconds as f64),
-        );
-        let b = load::open(addr, b_req.clone(), opts.b_rate, 64, window).await;
-        let mut complete = 0;
-        for t in tasks {
-            if t.await.unwrap_or(false) {
-                complete += 1;
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let busy1: f64 = pods.iter().map(|w| w.busy_seconds()).sum();
+        let phase = measure(name, addr, &pods, opts, &b_req).await;
         proxy.stop();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        phases.push(Phase {
-            name,
-            downloads: opts.clients,
-            complete,
-            worker_seconds: busy1 - busy0,
-            elapsed,
-            b,
-        });
+        phases.push(phase);
+    }
+    // nginx beside it, through the shared harness's target (its defaults:
+    // proxy_buffering on, responses beyond its buffers in temp files up to 1 GiB).
+    if let Some(peers_dir) = opts.peers.as_deref() {
+        if proc::which("nginx") {
+            let env = peers::Env::new(peers_dir, &opts.portier)?;
+            let g = peers::start_target_with(&env, "nginx", None, Some(&addrs)).await?;
+            eprintln!("slow-clients: nginx (proxy_buffering on)");
+            let addr: SocketAddr = ([127, 0, 0, 1], peers::LISTEN_PORT).into();
+            let phase = measure("nginx (proxy_buffering on)", addr, &pods, opts, &b_req).await;
+            g.stop();
+            phases.push(phase);
+        } else {
+            eprintln!(
+                "slow-clients: nginx is not installed ({}/install.sh): not run",
+                peers_dir.display()
+            );
+        }
     }
     Ok(phases)
+}
+
+/// The downloads and the clicks through the proxy at `addr`.
+async fn measure(
+    name: &'static str,
+    addr: SocketAddr,
+    pods: &[portier_sim::SimWorker],
+    opts: &Opts,
+    b_req: &Arc<Req>,
+) -> Phase {
+    let busy0: f64 = pods.iter().map(|w| w.busy_seconds()).sum();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(opts.seconds);
+    let tasks: Vec<_> = (0..opts.clients)
+        .map(|_| tokio::spawn(download(addr, opts.size, opts.rate, deadline)))
+        .collect();
+    // Interactive load while the downloads run (as long as the slowest may take).
+    let window = Duration::from_secs_f64(
+        (opts.size as f64 / opts.rate as f64 + 2.0).min(opts.seconds as f64),
+    );
+    let b = load::open(addr, b_req.clone(), opts.b_rate, 64, window).await;
+    let mut complete = 0;
+    for t in tasks {
+        if t.await.unwrap_or(false) {
+            complete += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let busy1: f64 = pods.iter().map(|w| w.busy_seconds()).sum();
+    Phase {
+        name,
+        downloads: opts.clients,
+        complete,
+        worker_seconds: busy1 - busy0,
+        elapsed,
+        b,
+    }
 }
 
 pub fn table(phases: &[Phase]) -> String {
