@@ -92,7 +92,24 @@ pub trait ConnectionFilter: Debug + Send + Sync {
     async fn should_accept(&self, _addr: Option<&SocketAddr>) -> bool {
         true
     }
+
+    /// Like [`Self::should_accept`], but an accepted connection may carry a guard that
+    /// is dropped when the connection ends (for example to count the connections open
+    /// at once, per peer address). `None` drops the connection immediately.
+    ///
+    /// The default accepts as [`Self::should_accept`] says, without a guard.
+    async fn admit(&self, addr: Option<&SocketAddr>) -> Option<ConnectionGuard> {
+        if self.should_accept(addr).await {
+            Some(ConnectionGuard(None))
+        } else {
+            None
+        }
+    }
 }
+
+/// What [`ConnectionFilter::admit`] attaches to an accepted connection: dropped with it.
+pub struct ConnectionGuard(pub Option<Box<dyn std::any::Any + Send + Sync>>);
+
 
 /// Default implementation that accepts all connections.
 ///

@@ -469,24 +469,16 @@ impl ListenerEndpoint {
                     .or_err(AcceptError, "Fail to accept()")?;
 
                 // Performance: nested if-let avoids cloning/allocations on each connection accept
-                let should_accept = if let Some(digest) = stream.get_socket_digest() {
-                    if let Some(peer_addr) = digest.peer_addr() {
-                        self.connection_filter
-                            .should_accept(peer_addr.as_inet())
-                            .await
-                    } else {
-                        // No peer address available - accept by default
-                        true
-                    }
-                } else {
-                    // No socket digest available - accept by default
-                    true
-                };
-
-                if !should_accept {
+                let peer = stream
+                    .get_socket_digest()
+                    .and_then(|digest| digest.peer_addr().and_then(|a| a.as_inet()).copied());
+                let Some(guard) = self.connection_filter.admit(peer.as_ref()).await else {
                     debug!("Connection rejected by filter");
                     drop(stream);
                     continue;
+                };
+                if let Some(guard) = guard.0 {
+                    stream.set_drop_guard(guard);
                 }
 
                 self.apply_stream_settings(&mut stream)?;

@@ -49,7 +49,7 @@ mod l4;
 pub mod connection_filter;
 
 #[cfg(feature = "connection_filter")]
-pub use connection_filter::{AcceptAllFilter, ConnectionFilter};
+pub use connection_filter::{AcceptAllFilter, ConnectionFilter, ConnectionGuard};
 
 #[cfg(not(feature = "connection_filter"))]
 #[derive(Debug, Clone)]

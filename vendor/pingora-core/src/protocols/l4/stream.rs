@@ -540,9 +540,17 @@ pub struct Stream {
     write_pending_time: AccumulatedDuration,
     /// Last rx timestamp associated with the last recvmsg call.
     pub rx_ts: Option<SystemTime>,
+    /// Held for the stream's life, dropped with it (see `ConnectionFilter::admit`).
+    drop_guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Stream {
+    /// Keep `guard` until this stream is dropped (e.g. a count of open connections
+    /// that must go down when the connection ends).
+    pub fn set_drop_guard(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+        self.drop_guard = Some(guard);
+    }
+
     fn stream(&self) -> &BufferedStream {
         self.stream.as_ref().expect("stream should always be set")
     }
@@ -650,6 +658,7 @@ impl From<TcpStream> for Stream {
                 RawStreamWrapper::new(RawStream::Tcp(s)),
             )),
             rewind_read_buf: Vec::new(),
+            drop_guard: None,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -673,6 +682,7 @@ impl From<virt::VirtualSocketStream> for Stream {
                 RawStreamWrapper::new(RawStream::Virtual(s)),
             )),
             rewind_read_buf: Vec::new(),
+            drop_guard: None,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
@@ -697,6 +707,7 @@ impl From<UnixStream> for Stream {
                 RawStreamWrapper::new(RawStream::Unix(s)),
             )),
             rewind_read_buf: Vec::new(),
+            drop_guard: None,
             buffer_write: true,
             established_ts: SystemTime::now(),
             establishment_duration: None,
