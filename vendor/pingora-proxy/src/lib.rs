@@ -358,6 +358,16 @@ where
                         .unwrap_or_else(|e| {
                             error!("failed to send error response to downstream: {e}");
                         });
+                } else if matches!(e.etype, ReadTimedout) {
+                    // the request header did not arrive in time (header timeout)
+                    debug!("Request header timed out: {e}");
+                    self.inner.request_header_timed_out(&downstream_session);
+                    downstream_session
+                        .respond_error(408)
+                        .await
+                        .unwrap_or_else(|e| {
+                            debug!("failed to send 408 to downstream: {e}");
+                        });
                 } else {
                     // otherwise the connection must be broken, no need to send anything
                     error!(

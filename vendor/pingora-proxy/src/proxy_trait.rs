@@ -468,6 +468,11 @@ pub trait ProxyHttp {
         Ok(())
     }
 
+    /// Called when a downstream HTTP/1 request header did not arrive whole within the
+    /// header timeout (`HttpServerOptions::h1_header_timeout`); the proxy then answers
+    /// 408 and closes the connection. No request (and no `logging`) follows.
+    fn request_header_timed_out(&self, _session: &HttpSession) {}
+
     /// Asked once when an HTTP/1 session is upgraded (e.g. a WebSocket): a future that,
     /// when it resolves, ends the upgraded connection, writing its bytes (e.g. a
     /// WebSocket close frame) to the downstream first. `None` (the default): the

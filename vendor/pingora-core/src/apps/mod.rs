@@ -89,6 +89,19 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// If set, an HTTP/1 request header must arrive whole within this: on a new
+    /// connection counted from the accept, on a reused one from the header's first
+    /// byte. Past it the request fails with `ReadTimedout` (the proxy answers 408).
+    ///
+    /// Default: `None`
+    pub h1_header_timeout: Option<Duration>,
+
+    /// How long a new HTTP/1 connection may wait for its first request (the keepalive
+    /// timeout of the first request), in seconds.
+    ///
+    /// Default: `None`, which keeps 60 s.
+    pub h1_first_request_timeout: Option<u64>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -350,12 +363,18 @@ where
                 session.set_keepalive(None);
             } else {
                 // default 60s
-                session.set_keepalive(Some(60));
+                session.set_keepalive(Some(
+                    self.server_options()
+                        .and_then(|opts| opts.h1_first_request_timeout)
+                        .unwrap_or(60),
+                ));
             }
             session.set_keepalive_reuses_remaining(
                 self.server_options()
                     .and_then(|opts| opts.keepalive_request_limit),
             );
+            let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+            session.set_header_timeout(header_timeout, true);
 
             let mut result = self.process_new_http(session, shutdown).await;
             while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
@@ -363,6 +382,7 @@ where
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }
+                session.set_header_timeout(header_timeout, false);
 
                 result = self.process_new_http(session, shutdown).await;
             }

@@ -333,6 +333,14 @@ impl Session {
         }
     }
 
+    /// See [`HttpSessionV1::set_header_timeout`](super::v1::server::HttpSession::set_header_timeout).
+    /// Noop for h2 and subrequest.
+    pub fn set_header_timeout(&mut self, timeout: Option<Duration>, from_start: bool) {
+        if let Self::H1(s) = self {
+            s.set_header_timeout(timeout, from_start);
+        }
+    }
+
     /// Set the number of times the upstream connection connection for this
     /// session can be reused via keepalive. Noop for h2 and subrequest
     pub fn set_keepalive_reuses_remaining(&mut self, reuses: Option<u32>) {

@@ -101,6 +101,10 @@ pub struct HttpSession {
     update_resp_headers: bool,
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
+    /// The whole request header must arrive within this, counted from the start of
+    /// `read_request` (`header_timeout_from_start`) or from its first byte.
+    header_timeout: Option<Duration>,
+    header_timeout_from_start: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
@@ -183,6 +187,8 @@ impl HttpSession {
             proxy_task_state: ProxyTaskState::default(),
             body_write_buf: BytesMut::new(),
             keepalive_timeout: KeepaliveStatus::Off,
+            header_timeout: None,
+            header_timeout_from_start: false,
             update_resp_headers: true,
             response_written: None,
             request_header: None,
@@ -207,6 +213,16 @@ impl HttpSession {
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
         }
+    }
+
+    /// The whole request header must arrive within `timeout`: counted from the start of
+    /// [`Self::read_request`] when `from_start` (a new connection), else from the first
+    /// byte of the header (a reused connection, whose idle wait the keepalive timeout
+    /// bounds). Past it `read_request` fails with `ReadTimedout`, or returns `Ok(None)`
+    /// (close) when not a byte arrived.
+    pub fn set_header_timeout(&mut self, timeout: Option<Duration>, from_start: bool) {
+        self.header_timeout = timeout;
+        self.header_timeout_from_start = from_start;
     }
 
     async fn read_request_buf(
@@ -304,6 +320,12 @@ impl HttpSession {
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
+        let mut header_deadline = match self.header_timeout {
+            Some(t) if self.header_timeout_from_start || already_read != 0 => {
+                Some(tokio::time::Instant::now() + t)
+            }
+            _ => None,
+        };
         loop {
             if already_read > MAX_HEADER_SIZE {
                 /* NOTE: this check only blocks second read. The first large read is allowed
@@ -321,12 +343,37 @@ impl HttpSession {
             // subsequent read_buf() would block for data that may never come
             // (the client already pipelined everything it had to send for
             // this request and is waiting for our response).
-            if skip_next_read {
+            let read = if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
-                already_read += n;
+                None
             } else {
-                return Ok(None);
+                let read = self.read_request_buf(&mut buf, already_read);
+                Some(match header_deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+                        Ok(r) => r?,
+                        // nothing sent at all: close quietly, as for an idle connection
+                        Err(_) if already_read == 0 => return Ok(None),
+                        Err(_) => {
+                            return Error::e_explain(
+                                ReadTimedout,
+                                "request header not complete within the header timeout",
+                            )
+                        }
+                    },
+                    None => read.await?,
+                })
+            };
+            match read {
+                None => {}
+                Some(Some(n)) => {
+                    already_read += n;
+                    if header_deadline.is_none() {
+                        header_deadline = self
+                            .header_timeout
+                            .map(|t| tokio::time::Instant::now() + t);
+                    }
+                }
+                Some(None) => return Ok(None),
             }
 
             // Use loop as GOTO to retry escaped request buffer, not a real loop
