@@ -394,6 +394,36 @@ login = "sometimes"
     }
 
     #[test]
+    fn listen_hardening_keys() {
+        let (c, _) = load("[listen]\nhttp = \"127.0.0.1:80\"\n")
+            .unwrap_or_else(|e| panic!("{}", render(&e)));
+        let l = &c.listen;
+        assert_eq!((l.max_connections, l.max_connections_per_ip), (100_000, 0));
+        assert_eq!(l.header_timeout, Duration::from_secs(10));
+        assert_eq!(l.idle_timeout, Duration::from_secs(75));
+        let (c, _) = load(
+            "[listen]\nhttp = \"127.0.0.1:80\"\nmax_connections = 50\nmax_connections_per_ip = 5\nheader_timeout = \"2s\"\nidle_timeout = \"30s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{}", render(&e)));
+        let l = &c.listen;
+        assert_eq!((l.max_connections, l.max_connections_per_ip), (50, 5));
+        assert_eq!(l.header_timeout, Duration::from_secs(2));
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        let errs = load(
+            "[listen]\nhttp = \"127.0.0.1:80\"\nmax_connections = 0\nheader_timeout = \"0s\"\nidle_timeout = \"soon\"\n",
+        )
+        .unwrap_err();
+        let all = render(&errs);
+        assert!(all.contains(":3:19: `max_connections`"), "{all}");
+        assert!(
+            all.contains(":4:18: `header_timeout` must be longer than zero"),
+            "{all}"
+        );
+        assert!(all.contains(":5:16: `idle_timeout`"), "{all}");
+        assert_eq!(errs.iter().filter(|d| d.is_error()).count(), 3, "{all}");
+    }
+
+    #[test]
     fn positions() {
         assert_eq!(Pos::of_offset("ab\ncd", 0), Pos { line: 1, col: 1 });
         assert_eq!(Pos::of_offset("ab\ncd", 4), Pos { line: 2, col: 2 });

@@ -46,6 +46,14 @@ pub struct Listen {
     pub threads: usize,
     /// Where bodies and responses beyond memory are buffered (r2).
     pub spool_dir: PathBuf,
+    /// Client connections open at once; beyond it new ones are closed at once (r2).
+    pub max_connections: usize,
+    /// Per peer address; 0 = no cap (r2).
+    pub max_connections_per_ip: usize,
+    /// A request's header block must arrive within this, else 408 (r2).
+    pub header_timeout: Duration,
+    /// Keep-alive connections idle longer than this are closed (r2).
+    pub idle_timeout: Duration,
 }
 
 /// The default `spool_dir`: `$PORTIER_SPOOL_DIR`, then the system temp dir.

@@ -10,6 +10,7 @@ mod body;
 mod breaker;
 mod check;
 mod compress;
+mod conns;
 mod control;
 mod ctx;
 mod demo;

@@ -148,6 +148,20 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
                 .l4_buffer(L4BufferSettings::new(TLS_READ_BUFFER, 1460)),
         );
     }
+    // Connection caps at accept, and the request-header and idle timeouts.
+    let limits = crate::conns::ConnLimits::new(
+        listen.max_connections,
+        listen.max_connections_per_ip,
+        shared.metrics.refused_max_connections.clone(),
+        shared.metrics.refused_per_ip.clone(),
+    );
+    proxy.set_connection_filter(Arc::new(crate::conns::Filter(limits)));
+    if let Some(app) = proxy.app_logic_mut() {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h1_header_timeout = Some(listen.header_timeout);
+        options.h1_first_request_timeout = Some(listen.idle_timeout.as_secs().max(1));
+        app.server_options = Some(options);
+    }
     server.add_service(proxy);
 
     let watch = SignalWatch {

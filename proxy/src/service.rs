@@ -28,9 +28,6 @@ use crate::state::{RequestGuard, Shared, Snapshot};
 use crate::telemetry::Refusal;
 use crate::upstream;
 
-/// Keep-alive timeout for idle client connections (nginx's default).
-const CLIENT_KEEPALIVE_SECS: u64 = 75;
-
 pub struct Proxy {
     pub shared: Arc<Shared>,
 }
@@ -56,7 +53,12 @@ impl Proxy {
                 .unwrap_or_else(|_| HeaderValue::from_static("-")),
         };
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
+            let idle = ctx
+                .snap
+                .as_ref()
+                .map(|s| s.config.listen.idle_timeout.as_secs().max(1))
+                .unwrap_or(75);
+            session.set_keepalive(Some(idle));
         }
         session.set_write_timeout(Some(body::CLIENT_IO_TIMEOUT));
     }
@@ -270,6 +272,37 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         upstream::response_headers(&self.shared, ctx, resp)
+    }
+
+    fn request_header_timed_out(&self, session: &pingora::protocols::http::ServerSession) {
+        self.shared.metrics.refused_header_timeout.inc();
+        let log = &self.shared.access_log;
+        if log.enabled() {
+            let id = forward::new_request_id();
+            let client = session.client_addr().map(|a| a.to_string());
+            tracing::debug!(
+                client = client.as_deref().unwrap_or("-"),
+                "request header timed out"
+            );
+            let record = AccessRecord {
+                request_id: &id,
+                tenant: None,
+                class: None,
+                method: "-",
+                path: "-",
+                status: 408,
+                bytes: 0,
+                duration_ms: 0.0,
+                backend: None,
+                refused: Some(Refusal::HeaderTimeout),
+                queued_ms: 0.0,
+                attempts: 0,
+                cache: None,
+            };
+            if !log.log(&record) {
+                self.shared.metrics.access_log_dropped.inc();
+            }
+        }
     }
 
     fn upgraded_interrupt(

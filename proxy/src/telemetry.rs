@@ -44,6 +44,10 @@ pub struct Metrics {
     backend_busy: IntGaugeVec,
     spooled: IntCounterVec,
     login_limited: IntCounterVec,
+    /// `portier_connections_refused_total{reason}`: max_connections, per_ip, header_timeout.
+    pub refused_max_connections: IntCounter,
+    pub refused_per_ip: IntCounter,
+    pub refused_header_timeout: IntCounter,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub access_log_dropped: IntCounter,
@@ -262,6 +266,16 @@ impl Metrics {
             ),
             &["tenant"]
         ));
+        let connections_refused = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_connections_refused_total",
+                "Client connections closed by portier: over max_connections, over max_connections_per_ip, or a request header not complete within header_timeout"
+            ),
+            &["reason"]
+        ));
+        let refused_max_connections = connections_refused.with_label_values(&["max_connections"]);
+        let refused_per_ip = connections_refused.with_label_values(&["per_ip"]);
+        let refused_header_timeout = connections_refused.with_label_values(&["header_timeout"]);
         let cache_requests = reg!(IntCounterVec::new(
             Opts::new(
                 "portier_cache_requests_total",
@@ -299,6 +313,9 @@ impl Metrics {
             backend_busy,
             spooled,
             login_limited,
+            refused_max_connections,
+            refused_per_ip,
+            refused_header_timeout,
             cache_hits,
             cache_misses,
             access_log_dropped,
@@ -424,6 +441,7 @@ pub enum Refusal {
     QueueTimeout,
     Maintenance,
     LoginLimited,
+    HeaderTimeout,
 }
 
 impl Refusal {
@@ -440,6 +458,7 @@ impl Refusal {
             Refusal::QueueTimeout => "queue_timeout",
             Refusal::Maintenance => "maintenance",
             Refusal::LoginLimited => "login_limited",
+            Refusal::HeaderTimeout => "header_timeout",
         }
     }
 }

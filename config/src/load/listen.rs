@@ -23,7 +23,34 @@ pub(super) fn read_listen(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Listen> {
         drain: Duration::from_secs(30),
         threads: 0,
         spool_dir: default_spool_dir(),
+        max_connections: 100_000,
+        max_connections_per_ip: 0,
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(75),
     };
+    if let Some(v) = tbl.get("max_connections") {
+        match want_uint(cx, "max_connections", v, 1, 10_000_000) {
+            Some(n) => listen.max_connections = n as usize,
+            None => ok = false,
+        }
+    }
+    if let Some(v) = tbl.get("max_connections_per_ip") {
+        match want_uint(cx, "max_connections_per_ip", v, 0, 10_000_000) {
+            Some(n) => listen.max_connections_per_ip = n as usize,
+            None => ok = false,
+        }
+    }
+    for (key, field) in [
+        ("header_timeout", &mut listen.header_timeout),
+        ("idle_timeout", &mut listen.idle_timeout),
+    ] {
+        if let Some(v) = tbl.get(key) {
+            match want_positive_duration(cx, key, v) {
+                Some(d) => *field = d,
+                None => ok = false,
+            }
+        }
+    }
     if let Some(v) = tbl.get("spool_dir") {
         if let Some(s) = want_str(cx, "spool_dir", v) {
             listen.spool_dir = PathBuf::from(s);

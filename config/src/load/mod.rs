@@ -75,8 +75,18 @@ pub fn load_str(text: &str, path: &Path) -> Result<(Config, Vec<Diagnostic>), Ve
 }
 
 pub(super) const ROOT_KEYS: &[&str] = &["listen", "log", "tls", "defaults", "pools", "tenants"];
-pub(super) const LISTEN_KEYS: &[&str] =
-    &["http", "https", "admin", "drain", "threads", "spool_dir"];
+pub(super) const LISTEN_KEYS: &[&str] = &[
+    "http",
+    "https",
+    "admin",
+    "drain",
+    "threads",
+    "spool_dir",
+    "max_connections",
+    "max_connections_per_ip",
+    "header_timeout",
+    "idle_timeout",
+];
 pub(super) const LOG_KEYS: &[&str] = &["access"];
 pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts"];
 pub(super) const SETTINGS_KEYS: &[&str] = &[
