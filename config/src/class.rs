@@ -75,7 +75,20 @@ fn is_segment_prefix(path: &str, prefix: &str) -> bool {
 
 /// True for `/web/database` and everything below it: Odoo's database manager.
 pub fn is_database_manager(path: &str) -> bool {
-    is_segment_prefix(path, "/web/database")
+    if is_segment_prefix(path, "/web/database") {
+        return true;
+    }
+    // Segment parameters (`/web/database;x/manager`) mean nothing to werkzeug, which
+    // would not route them to the manager; but a server in between may strip them
+    // (as servlet containers do), so those spellings are blocked too.
+    path.contains(';') && {
+        let stripped: String = path
+            .split('/')
+            .map(|seg| seg.split(';').next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("/");
+        is_segment_prefix(&stripped, "/web/database")
+    }
 }
 
 /// Returns the path part of a request target, without the query string.
@@ -184,6 +197,9 @@ mod tests {
         assert!(is_database_manager("/web/database/drop"));
         assert!(is_database_manager("/web/database"));
         assert!(!is_database_manager("/web/databases"));
+        assert!(is_database_manager("/web/database;x/manager"));
+        assert!(is_database_manager("/web;a/database/list"));
+        assert!(!is_database_manager("/web/databases;x"));
         assert!(!is_database_manager("/web/login"));
     }
 
