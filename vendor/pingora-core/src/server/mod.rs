@@ -375,6 +375,16 @@ impl Server {
         self.bootstrap.lock().get_fds()
     }
 
+    /// Use the already listening socket `fd` for the listener bound to `bind` (the same
+    /// address string given to the listener), instead of binding a new socket: for
+    /// sockets inherited from a service manager (systemd socket activation,
+    /// `LISTEN_FDS`). The socket must be in non-blocking mode. Call it after
+    /// [`Self::bootstrap`] and before the server runs.
+    #[cfg(unix)]
+    pub fn add_listen_fd(&self, bind: &str, fd: std::os::unix::io::RawFd) {
+        self.listen_fds().lock().add(bind.to_string(), fd);
+    }
+
     /// Collect the listening bind addresses across all registered services.
     #[cfg(unix)]
     fn collect_listen_addresses(&self) -> Option<std::collections::HashSet<String>> {
