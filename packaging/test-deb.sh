@@ -25,6 +25,9 @@ $SUDO dpkg -i "$DEB"
 [[ -x /usr/bin/portier ]] || fail "no /usr/bin/portier"
 [[ "$(/usr/bin/portier --version)" == "portier 0.1.0" ]] || fail "version: $(/usr/bin/portier --version)"
 [[ -f /lib/systemd/system/portier.service ]] || fail "no unit"
+[[ -f /lib/systemd/system/portier.socket ]] || fail "no socket unit"
+grep -qx 'ListenStream=0.0.0.0:80' /lib/systemd/system/portier.socket || fail "the socket unit does not listen where the shipped config does"
+grep -q '^http *= "0.0.0.0:80"' /etc/portier/portier.toml 2>/dev/null || $SUDO grep -q '^http *= "0.0.0.0:80"' /etc/portier/portier.toml || fail "the shipped config's http listener changed: update portier.socket"
 [[ -f /etc/portier/portier.toml ]] || fail "no /etc/portier/portier.toml"
 [[ "$(stat -c '%a %U %G' /etc/portier/portier.toml)" == "640 root portier" ]] || fail "config mode/owner: $(stat -c '%a %U %G' /etc/portier/portier.toml)"
 [[ "$(stat -c '%a %U %G' /etc/portier/certs)" == "750 root portier" ]] || fail "certs dir: $(stat -c '%a %U %G' /etc/portier/certs)"
@@ -37,7 +40,7 @@ $SUDO runuser -u portier -- /usr/bin/portier check -c /etc/portier/portier.toml 
 if pgrep -u portier -x portier >/dev/null; then fail "a portier process was started by the install"; fi
 
 if command -v systemd-analyze >/dev/null 2>&1; then
-  out=$(systemd-analyze verify /lib/systemd/system/portier.service 2>&1 || true)
+  out=$(systemd-analyze verify /lib/systemd/system/portier.socket /lib/systemd/system/portier.service 2>&1 || true)
   [[ -z "$out" ]] || fail "systemd-analyze verify: $out"
   score=$(systemd-analyze security --offline=yes /lib/systemd/system/portier.service 2>/dev/null | sed -n 's/.*Overall exposure level for portier.service: \([0-9.]*\).*/\1/p')
   echo "test-deb: systemd-analyze security exposure $score"
@@ -49,5 +52,6 @@ fi
 $SUDO dpkg --purge portier >/dev/null
 [[ ! -e /usr/bin/portier ]] || fail "binary left after purge"
 [[ ! -e /lib/systemd/system/portier.service ]] || fail "unit left after purge"
+[[ ! -e /lib/systemd/system/portier.socket ]] || fail "socket unit left after purge"
 [[ ! -e /etc/portier/portier.toml ]] || fail "config left after purge"
 echo "test-deb: ok (installed, checked, purged)"

@@ -28,9 +28,14 @@ const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
 /// Runs portier until it is told to stop. Returns the process exit code.
 pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<ReadyHook>) -> i32 {
     portier_certs::install_crypto_provider();
-    // Listen addresses that cannot be bound are reported before anything starts.
+    let inherited = inherited_listeners(&config.listen);
+    // Listen addresses that cannot be bound are reported before anything starts
+    // (those whose socket was handed over are listening already).
     for (what, addr) in [("http", config.listen.http), ("https", config.listen.https)] {
         if let Some(addr) = addr {
+            if inherited.iter().any(|(bind, _)| *bind == addr.to_string()) {
+                continue;
+            }
             if let Err(e) = std::net::TcpListener::bind(addr) {
                 eprintln!("portier: cannot listen on {what} address {addr}: {e}");
                 return 1;
@@ -113,6 +118,10 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
     };
     let mut server = Server::new_with_opt_and_conf(Some(Opt::default()), conf);
     server.bootstrap();
+    for (bind, fd) in &inherited {
+        tracing::info!(listener = %bind, fd, "listening on an inherited socket (socket activation)");
+        server.add_listen_fd(bind, *fd);
+    }
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Proxy {
@@ -242,4 +251,62 @@ pub fn begin_drain(shared: &Arc<Shared>, drain: Duration) {
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the drain watcher");
     }
+}
+
+/// Listening sockets passed by a service manager (systemd socket activation:
+/// `LISTEN_PID`, `LISTEN_FDS`, the sockets from fd 3 on), matched to the `http` and
+/// `https` listeners by their local address: `(the listener's bind string, fd)`. Such a
+/// socket outlives each portier process, so a restart refuses no connection: they wait
+/// in its backlog until the new process accepts them. A socket that matches no listener
+/// is left alone (logged); without the variables (or for another PID) there are none.
+fn inherited_listeners(listen: &portier_config::Listen) -> Vec<(String, std::os::unix::io::RawFd)> {
+    use std::os::unix::io::FromRawFd;
+    const SD_LISTEN_FDS_START: i32 = 3;
+    let for_us = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    // As sd_listen_fds(unset_environment = 1): children do not see them.
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    if !for_us || count <= 0 {
+        return Vec::new();
+    }
+    let wanted: Vec<std::net::SocketAddr> =
+        [listen.http, listen.https].into_iter().flatten().collect();
+    let mut out = Vec::new();
+    for fd in SD_LISTEN_FDS_START..SD_LISTEN_FDS_START + count {
+        // SAFETY: the service manager passed these descriptors to this process; the
+        // listener is not dropped (ManuallyDrop), so the descriptor stays open for pingora.
+        let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+        let local = match socket.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(fd, error = %e, "inherited descriptor is not a TCP socket: ignored");
+                continue;
+            }
+        };
+        let Some(bind) = wanted.iter().find(|w| **w == local) else {
+            tracing::warn!(fd, address = %local, "inherited socket matches no listener: ignored");
+            continue;
+        };
+        if let Err(e) = socket.set_nonblocking(true) {
+            tracing::warn!(fd, error = %e, "cannot make the inherited socket non-blocking: ignored");
+            continue;
+        }
+        // SAFETY: fcntl on a descriptor this process owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+        out.push((bind.to_string(), fd));
+    }
+    out
 }

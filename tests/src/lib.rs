@@ -158,8 +158,58 @@ impl Portier {
         env: &[(&str, &str)],
     ) -> Portier {
         let mut cmd = Command::new(portier_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
+        cmd.args(args);
+        Self::spawn_cmd(ports, dir, cmd, env)
+    }
+
+    /// `portier run -c CONFIG` (written to a fresh directory) started as systemd's
+    /// socket activation starts it: the listening socket `fd` (held by the caller, as
+    /// the `.socket` unit holds it) passed as descriptor 3, with `LISTEN_FDS=1` and
+    /// `LISTEN_PID` the process's own PID. Waits until ready.
+    pub async fn start_activated(
+        ports: &Ports,
+        config: &str,
+        fd: std::os::unix::io::RawFd,
+    ) -> Portier {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("portier.toml");
+        std::fs::write(&path, config).expect("write config");
+        // `sh` sets LISTEN_PID to its own PID, which `exec` hands to portier.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(portier_bin())
+            .args(["run", "-c", path.to_str().unwrap_or_default()])
+            .env("LISTEN_FDS", "1");
+        // SAFETY: between fork and exec only dup2 runs (async-signal-safe); it places
+        // the socket at descriptor 3, without close-on-exec, as systemd does.
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == 3 {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    let flags = libc::fcntl(3, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let p = Self::spawn_cmd(ports, dir, cmd, &[]);
+        p.wait_ready().await;
+        p
+    }
+
+    fn spawn_cmd(
+        ports: &Ports,
+        dir: tempfile::TempDir,
+        mut cmd: Command,
+        env: &[(&str, &str)],
+    ) -> Portier {
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
