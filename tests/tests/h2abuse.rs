@@ -1,0 +1,254 @@
+//! HTTP/2 abuse, end to end (issue "Hardening"): raw HTTP/2 frames over real TLS to a
+//! real portier. Rapid Reset (CVE-2023-44487: open a stream, reset it, again, fast)
+//! and a CONTINUATION flood (CVE-2024-27316: a header block that never ends) must be
+//! stopped — the connection throttled or closed — while other clients are served.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use portier_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// HPACK for `GET https://acme.test/web/login`: indexed :method GET (2), :scheme https
+/// (7), a literal :path, a literal :authority (name index 1), without indexing.
+fn request_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x87];
+    let path = b"/web/login";
+    b.push(0x04); // literal without indexing, name = static 4 (:path)
+    b.push(path.len() as u8);
+    b.extend_from_slice(path);
+    let host = b"acme.test";
+    b.push(0x01); // name = static 1 (:authority)
+    b.push(host.len() as u8);
+    b.extend_from_slice(host);
+    b
+}
+
+/// A literal header `x-flood-N: 100 bytes`, new name, without indexing.
+fn filler(n: usize) -> Vec<u8> {
+    let name = format!("x-flood-{n}");
+    let mut b = vec![0x00, name.len() as u8];
+    b.extend_from_slice(name.as_bytes());
+    b.push(100);
+    b.extend_from_slice(&[b'v'; 100]);
+    b
+}
+
+struct Edge {
+    p: Portier,
+    w: SimWorker,
+    pki: TestPki,
+    _dir: tempfile::TempDir,
+    https: std::net::SocketAddr,
+}
+
+async fn setup() -> Edge {
+    let w = sim("w").await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_pair(dir.path(), "acme", &["acme.test"], 90);
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}https = \"127.0.0.1:{}\"\n[log]\naccess = false\n[tls]\ncerts = \"{}\"\nredirect_http = false\n[pools.p]\nhttp = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        ports.https,
+        dir.path().display(),
+        w.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    Edge {
+        p,
+        w,
+        pki,
+        _dir: dir,
+        https: local(ports.https),
+    }
+}
+
+async fn h2_stream(e: &Edge) -> TlsStream {
+    let s = tls_connect(
+        e.https,
+        "acme.test",
+        e.pki.client(&[b"h2"], &[&rustls::version::TLS13]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    s
+}
+
+/// Reads frames until EOF or `limit`: whether a GOAWAY came, whether the connection
+/// closed.
+async fn drain_frames(s: &mut TlsStream, limit: Duration) -> (bool, bool) {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pending = Vec::new();
+    let mut goaway = false;
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (goaway, true),
+            Ok(Ok(n)) => {
+                pending.extend_from_slice(&buf[..n]);
+                while pending.len() >= 9 {
+                    let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                    if pending.len() < 9 + len {
+                        break;
+                    }
+                    goaway |= pending[3] == GOAWAY;
+                    pending.drain(..9 + len);
+                }
+            }
+            Err(_) => return (goaway, false),
+        }
+    }
+}
+
+/// A normal HTTP/2 client's worst latency over `n` requests.
+async fn normal_client(e: &Edge, n: usize) -> Duration {
+    let mut worst = Duration::ZERO;
+    for _ in 0..n {
+        let stream = h2_stream(e).await;
+        let t = Instant::now();
+        let r = h2_over(stream, "acme.test", "/web/login").await.unwrap();
+        assert_eq!(r.status, 200);
+        worst = worst.max(t.elapsed());
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_is_stopped_and_others_are_served() {
+    let e = Arc::new(setup().await);
+    let attacker = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            let mut s = h2_stream(&e).await;
+            let mut out = PREFACE.to_vec();
+            frame(&mut out, SETTINGS, 0, 0, &[]);
+            s.write_all(&out).await.unwrap();
+            let block = request_block();
+            let mut sent = 0u32;
+            let mut stream = 1u32;
+            let started = Instant::now();
+            // Up to 20 000 open-and-reset streams in batches of 100.
+            'outer: for _ in 0..200 {
+                let mut batch = Vec::new();
+                for _ in 0..100 {
+                    frame(
+                        &mut batch,
+                        HEADERS,
+                        END_HEADERS | END_STREAM,
+                        stream,
+                        &block,
+                    );
+                    frame(&mut batch, RST_STREAM, 0, stream, &8u32.to_be_bytes());
+                    stream += 2;
+                }
+                if s.write_all(&batch).await.is_err() {
+                    break 'outer;
+                }
+                sent += 100;
+            }
+            let (goaway, closed) = drain_frames(&mut s, Duration::from_secs(5)).await;
+            (sent, goaway, closed, started.elapsed())
+        })
+    };
+    let worst = normal_client(&e, 10).await;
+    let (sent, goaway, closed, took) = attacker.await.unwrap();
+    let reached = e.w.hits();
+    eprintln!("rapid reset: {sent} streams sent in {took:?}, goaway {goaway}, closed {closed}, {reached} requests at the worker, normal client worst {worst:?}");
+    assert!(
+        goaway || closed,
+        "the attacking connection was told to go away or closed"
+    );
+    assert!(
+        reached < 2_000,
+        "{reached} of the {sent} reset streams reached the worker"
+    );
+    assert!(
+        worst < Duration::from_secs(2),
+        "a normal client waited {worst:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_stopped_and_others_are_served() {
+    let e = Arc::new(setup().await);
+    let attacker = {
+        let e = e.clone();
+        tokio::spawn(async move {
+            let mut s = h2_stream(&e).await;
+            let mut out = PREFACE.to_vec();
+            frame(&mut out, SETTINGS, 0, 0, &[]);
+            frame(&mut out, HEADERS, END_STREAM, 1, &request_block());
+            s.write_all(&out).await.unwrap();
+            // CONTINUATION frames of ~10 KiB each, never END_HEADERS: up to 64 MiB.
+            let mut sent = 0usize;
+            let mut n = 0usize;
+            for _ in 0..6_400 {
+                let mut payload = Vec::new();
+                while payload.len() < 10_000 {
+                    payload.extend(filler(n));
+                    n += 1;
+                }
+                let mut f = Vec::new();
+                frame(&mut f, CONTINUATION, 0, 1, &payload);
+                if s.write_all(&f).await.is_err() {
+                    break;
+                }
+                sent += f.len();
+            }
+            let (goaway, closed) = drain_frames(&mut s, Duration::from_secs(5)).await;
+            (sent, goaway, closed)
+        })
+    };
+    let worst = normal_client(&e, 10).await;
+    let (sent, goaway, closed) = attacker.await.unwrap();
+    eprintln!("continuation flood: {sent} bytes sent, goaway {goaway}, closed {closed}, normal client worst {worst:?}");
+    assert!(
+        goaway || closed,
+        "the flooding connection was told to go away or closed"
+    );
+    assert!(
+        sent < 64 << 20,
+        "the server stopped reading long before 64 MiB ({sent})"
+    );
+    assert_eq!(
+        e.w.requests()
+            .iter()
+            .filter(|r| r.header("x-flood-0").is_some())
+            .count(),
+        0
+    );
+    assert!(
+        worst < Duration::from_secs(2),
+        "a normal client waited {worst:?}"
+    );
+    // Still serving.
+    assert_eq!(
+        get(e.p.http, "acme.test", "/web/login")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
