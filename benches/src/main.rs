@@ -1,5 +1,6 @@
 //! `portier-bench`: portier's bench harness. See benches/README.md.
 
+mod chaos;
 mod compare;
 mod failure;
 mod load;
@@ -124,6 +125,16 @@ enum Command {
         /// The shared peers harness (nginx runs beside portier when installed).
         #[arg(long, default_value = "../shared/peers")]
         peers: PathBuf,
+    },
+    /// Faults injected one after another under load (worker killed, hung, resetting,
+    /// dying after the request, dying mid-response): every request accounted for.
+    Chaos {
+        /// Requests per second (a fifth of them POSTs).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds per fault.
+        #[arg(long, default_value_t = 5)]
+        phase: u64,
     },
     /// A login storm: browsers open an Odoo page and its four asset bundles; asset
     /// cache on/off and compression off: worker requests, page latency, bytes.
@@ -396,6 +407,20 @@ fn main() -> ExitCode {
                 rt.block_on(slow::run(&opts)),
                 |p| slow::table(p),
                 |p| slow::json(p, &opts),
+                out,
+            )
+        }
+        Command::Chaos { rate, phase } => {
+            let opts = chaos::Opts {
+                portier,
+                rate,
+                phase,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(chaos::run(&opts)),
+                chaos::table,
+                chaos::json,
                 out,
             )
         }

@@ -66,6 +66,9 @@ pub enum Mode {
     /// Reads each request and closes its connection without an answer, as a worker
     /// killed mid-request does (`limit_time_real`, `limit_memory_hard`, OOM killer).
     Drop,
+    /// Answers, but dies after writing half of the response body: the connection is
+    /// aborted mid-response (a worker killed while writing a large report).
+    Truncate,
 }
 
 /// Which Odoo port this worker is (`odoo/service/server.py`).
@@ -558,6 +561,9 @@ async fn handle(
     } else {
         route(&shared, &method, &path, &query, &headers, &body).await
     };
+    if mode == Mode::Truncate {
+        return Ok(process::held_truncated(resp, slot, Some(busy)));
+    }
     Ok(held(resp, slot, Some(busy)))
 }
 

@@ -2,7 +2,6 @@
 //! `WorkerHTTP`): it works on one request at a time, reads the body with its socket
 //! timeout, and writes its response itself, so a slow reader keeps it busy.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use crate::Shared;
 
 /// Why a request gets no answer: hyper closes the connection without a response.
 #[derive(Debug)]
-pub(crate) enum Dropped {
+pub enum Dropped {
     /// The worker process serving the connection was recycled (`limit_request`).
     Recycled,
     /// The client stalled past `ODOO_HTTP_SOCKET_TIMEOUT` while sending its body.
@@ -65,6 +64,8 @@ pub struct Held {
     /// What is left to write, handed to hyper a frame at a time (hyper asks for the
     /// next frame as its write buffer drains, so the body ends when it is written).
     rest: Bytes,
+    /// Bytes still written before the process dies mid-response (`Mode::Truncate`).
+    cut: Option<usize>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
     _busy: Option<Busy>,
 }
@@ -73,17 +74,25 @@ const FRAME: usize = 64 * 1024;
 
 impl hyper::body::Body for Held {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = Dropped;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Dropped>>> {
         let this = self.get_mut();
         if this.rest.is_empty() {
             return std::task::Poll::Ready(None);
         }
-        let n = this.rest.len().min(FRAME);
+        let mut n = this.rest.len().min(FRAME);
+        if let Some(cut) = this.cut.as_mut() {
+            if *cut == 0 {
+                // The process dies: hyper aborts the connection mid-body.
+                return std::task::Poll::Ready(Some(Err(Dropped::Killed)));
+            }
+            n = n.min(*cut);
+            *cut -= n;
+        }
         std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
     }
 
@@ -112,11 +121,24 @@ pub(crate) fn held(
     Response::from_parts(
         parts,
         Held {
+            cut: None,
             rest,
             _slot: slot,
             _busy: busy,
         },
     )
+}
+
+/// [`held`], but the worker dies after writing half of the body (at least one byte).
+pub(crate) fn held_truncated(
+    resp: Resp,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    busy: Option<Busy>,
+) -> Response<Held> {
+    let mut r = held(resp, slot, busy);
+    let half = r.body().rest.len() / 2;
+    r.body_mut().cut = Some(half.max(1));
+    r
 }
 
 /// Reads a request body as an Odoo worker does: with the socket timeout on every read.

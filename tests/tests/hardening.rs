@@ -271,3 +271,68 @@ async fn idle_connections_are_closed_after_idle_timeout() {
     assert!(closed && head.is_empty());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 }
+
+/// A worker that dies while writing its response: the client never gets a response
+/// passed off as whole (a cut-off body with its `Content-Length`, or an error status),
+/// and a POST is never sent to a worker twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_response_is_never_passed_off_as_whole() {
+    let w1 = sim("w1").await;
+    let w2 = sim("w2").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}\n[pools.p]\nhttp = [\"{}\", \"{}\"]\nretries = 1\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        w1.addr(),
+        w2.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    w1.set_mode(portier_sim::Mode::Truncate);
+    w2.set_mode(portier_sim::Mode::Truncate);
+    for method in ["GET", "POST"] {
+        let before = w1.hits() + w2.hits();
+        let req = format!(
+            "{method} /web/dataset/call_kw?size=200000 HTTP/1.1\r\nHost: acme.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        let (resp, closed) = raw_resp(p.http, req.as_bytes()).await;
+        assert!(closed);
+        let head_end = resp.windows(4).position(|w| w == b"\r\n\r\n");
+        if let Some(end) = head_end {
+            let head = String::from_utf8_lossy(&resp[..end]).to_string();
+            let body = resp.len() - end - 4;
+            let declared: Option<usize> = head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            });
+            if head.starts_with("HTTP/1.1 200") {
+                assert!(
+                    declared.is_some_and(|d| d > body),
+                    "{method}: a cut-off response must look cut off: {head} with {body} bytes"
+                );
+            } else {
+                assert!(head.starts_with("HTTP/1.1 502"), "{method}: {head}");
+            }
+        }
+        let reached = w1.hits() + w2.hits() - before;
+        if method == "POST" {
+            assert_eq!(reached, 1, "a POST reached a worker once");
+        } else {
+            assert!(reached <= 2, "{reached}");
+        }
+    }
+}
+
+async fn raw_resp(addr: SocketAddr, req: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
