@@ -505,3 +505,46 @@ async fn reserved_slots_keep_a_worker_for_clicks() {
     }
     assert_eq!(s.w.peak_busy(), 2);
 }
+
+/// The spool directory gone (as a full disk: files cannot be written): bodies and
+/// responses beyond memory stream instead, whole, never a client error; logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_room_to_spool_bodies_and_responses_stream_whole() {
+    let spool = tempfile::tempdir().unwrap();
+    let gone = spool.path().join("spool");
+    std::fs::create_dir(&gone).unwrap();
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}spool_dir = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        gone.display(),
+        w.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    std::fs::remove_dir(&gone).unwrap();
+    // A 3 MiB upload (beyond buffer_body's 1 MiB).
+    let body = bytes::Bytes::from(vec![b'u'; 3 << 20]);
+    let r = request(p.http, "POST", "a.test", "/web/binary/upload", &[], body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 3 << 20);
+    // A 5 MiB response (beyond buffer_response's 1 MiB).
+    let r = get(p.http, "a.test", "/web/content/report?size=5242880")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert!(v["pad"].as_str().unwrap().len() > 5_000_000);
+    let warned = p
+        .stderr()
+        .iter()
+        .filter(|l| l.contains("stream instead of being spooled"))
+        .count();
+    assert_eq!(warned, 1, "logged once: {:?}", p.stderr());
+    assert_eq!(
+        get(p.http, "a.test", "/web/login").await.unwrap().status,
+        200
+    );
+}
