@@ -215,9 +215,15 @@ pub fn proxy_failed(
     }
     // pingora marks a connection closed or reset while the response head was awaited
     // as retryable on reused connections only; before the head, nothing of the
-    // response reached portier.
-    let closed_early =
-        upstream_fault && !ctx.response_started && matches!(e.retry, RetryType::ReusedOnly);
+    // response reached portier. A fresh connection reset while the request was being
+    // written (a worker accepting and resetting) is the same case for the contract.
+    let closed_early = upstream_fault
+        && !ctx.response_started
+        && (matches!(e.retry, RetryType::ReusedOnly)
+            || matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            ));
     let timed_out = upstream_fault
         && matches!(
             e.etype(),

@@ -336,3 +336,43 @@ async fn raw_resp(addr: SocketAddr, req: &[u8]) -> (Vec<u8>, bool) {
         }
     }
 }
+
+/// A worker that accepts connections and resets them (found by `portier-bench chaos`):
+/// the reset can come while the request head is still being written on a fresh
+/// connection — nothing of a response arrived, so an idempotent request goes to
+/// another backend. 600 GETs while one of three workers resets: every one succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_resetting_worker_are_retried_elsewhere() {
+    let ws = vec![sim("w0").await, sim("w1").await, sim("w2").await];
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}\n[log]\naccess = false\n[pools.p]\nhttp = {}\nbreaker = {{ failures = 3, open_for = \"1s\" }}\nretries = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        toml_list(&ws.iter().map(|w| w.addr()).collect::<Vec<_>>())
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    ws[2].set_mode(portier_sim::Mode::Reset);
+    let mut tasks = Vec::new();
+    for _ in 0..600 {
+        let a = p.http;
+        tasks.push(tokio::spawn(async move {
+            get(a, "a.test", "/web/dataset/search_read?size=20000")
+                .await
+                .map(|r| r.status)
+        }));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut failed = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(200) => {}
+            other => failed.push(other),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
