@@ -252,3 +252,175 @@ async fn a_continuation_flood_is_stopped_and_others_are_served() {
         200
     );
 }
+
+const DATA: u8 = 0x0;
+
+/// A literal header with a new name, without indexing.
+fn literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0x00, name.len() as u8];
+    b.extend_from_slice(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// `POST https://acme.test/h2/<marker>` with `extra` header-block bytes appended.
+fn post_block(marker: &str, extra: &[u8]) -> Vec<u8> {
+    let mut b = vec![0x83, 0x87];
+    let path = format!("/h2/{marker}");
+    b.push(0x04);
+    b.push(path.len() as u8);
+    b.extend_from_slice(path.as_bytes());
+    b.push(0x01);
+    b.push(9);
+    b.extend_from_slice(b"acme.test");
+    b.extend_from_slice(extra);
+    b
+}
+
+/// Sends one stream (HEADERS, then DATA with END_STREAM when given) and reads what
+/// comes back for a second: whether the stream or the connection was ended (RST_STREAM
+/// or GOAWAY) and whether a response HEADERS came.
+async fn one_stream(e: &Edge, block: &[u8], data: Option<&[u8]>) -> (bool, bool) {
+    let mut s = h2_stream(e).await;
+    let mut out = PREFACE.to_vec();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    match data {
+        Some(d) => {
+            frame(&mut out, HEADERS, END_HEADERS, 1, block);
+            frame(&mut out, DATA, END_STREAM, 1, d);
+        }
+        None => frame(&mut out, HEADERS, END_HEADERS | END_STREAM, 1, block),
+    }
+    let _ = s.write_all(&out).await;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pending = Vec::new();
+    let (mut ended, mut answered) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (true, answered),
+            Ok(Ok(n)) => {
+                pending.extend_from_slice(&buf[..n]);
+                while pending.len() >= 9 {
+                    let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                    if pending.len() < 9 + len {
+                        break;
+                    }
+                    let stream =
+                        u32::from_be_bytes([pending[5], pending[6], pending[7], pending[8]])
+                            & 0x7fff_ffff;
+                    match pending[3] {
+                        RST_STREAM if stream == 1 => ended = true,
+                        GOAWAY => ended = true,
+                        HEADERS if stream == 1 => answered = true,
+                        _ => {}
+                    }
+                    pending.drain(..9 + len);
+                }
+            }
+            Err(_) => return (ended, answered),
+        }
+    }
+}
+
+/// HTTP/2 to HTTP/1.1 downgrade: a request whose `content-length` disagrees with its
+/// DATA, one carrying `transfer-encoding` or `connection` (connection-specific, forbidden
+/// in HTTP/2), and pseudo-header abuse (a duplicate, a missing `:path`, one after a
+/// regular header, an upper-case name) are malformed: the stream is refused and none of
+/// them reaches the HTTP/1.1 worker, where they could frame a second request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http2_requests_never_reach_the_http1_worker() {
+    let e = setup().await;
+    // A well-formed POST first: it does reach the worker, with its body.
+    let (_, answered) = one_stream(
+        &e,
+        &post_block("ok", &literal("content-length", "5")),
+        Some(b"hello"),
+    )
+    .await;
+    assert!(answered, "a well-formed POST is answered");
+    let cases: Vec<(&str, Vec<u8>, Option<&[u8]>)> = vec![
+        (
+            "cl-longer",
+            post_block("cl-longer", &literal("content-length", "5")),
+            Some(&b"hello, world"[..]),
+        ),
+        (
+            "cl-shorter",
+            post_block("cl-shorter", &literal("content-length", "50")),
+            Some(&b"hello"[..]),
+        ),
+        (
+            "te",
+            post_block("te", &literal("transfer-encoding", "chunked")),
+            Some(&b"5\r\nhello\r\n0\r\n\r\n"[..]),
+        ),
+        (
+            "connection",
+            post_block("connection", &literal("connection", "keep-alive")),
+            Some(&b"hi"[..]),
+        ),
+        (
+            "dup-path",
+            {
+                let mut b = post_block("dup-path", &[]);
+                b.push(0x04);
+                b.push(10);
+                b.extend_from_slice(b"/h2/second");
+                b
+            },
+            None,
+        ),
+        (
+            "no-path",
+            vec![
+                0x83, 0x87, 0x01, 9, b'a', b'c', b'm', b'e', b'.', b't', b'e', b's', b't',
+            ],
+            None,
+        ),
+        (
+            "late-pseudo",
+            {
+                let mut b = vec![0x83, 0x87];
+                b.extend(literal("x-first", "1"));
+                b.push(0x04);
+                b.push(16);
+                b.extend_from_slice(b"/h2/late-pseudo!");
+                b.push(0x01);
+                b.push(9);
+                b.extend_from_slice(b"acme.test");
+                b
+            },
+            None,
+        ),
+        (
+            "uppercase",
+            post_block("uppercase", &literal("X-Upper", "1")),
+            None,
+        ),
+    ];
+    for (name, block, data) in cases {
+        let (ended, answered) = one_stream(&e, &block, data).await;
+        assert!(ended || answered, "{name}: neither refused nor answered");
+        let seen: Vec<_> =
+            e.w.requests()
+                .into_iter()
+                .filter(|r| r.target.contains(name))
+                .collect();
+        assert!(
+            seen.is_empty(),
+            "{name}: reached the worker: {:?}",
+            seen.iter()
+                .map(|r| (&r.target, r.body_len))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(e
+        .w
+        .requests()
+        .iter()
+        .any(|r| r.target == "/h2/ok" && r.body_len == 5));
+    assert!(e.w.requests().iter().all(|r| r.target != "/h2/second"));
+}
