@@ -91,8 +91,86 @@ fn tomlish() -> impl Strategy<Value = String> {
     prop::collection::vec(line, 0..25).prop_map(|l| l.join("\n"))
 }
 
+/// Cases per property: 2 000 in the test suite, more from `scripts/fuzz.sh`
+/// (`PORTIER_FUZZ_CASES`).
+fn cases() -> u32 {
+    std::env::var("PORTIER_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000)
+}
+
+/// The contract's class rules, written out segment by segment (a model to check
+/// `Class::of` against).
+fn model_class(path: &str) -> Class {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let first = segs.first().copied().unwrap_or("");
+    let has_more = segs.len() > 1;
+    match first {
+        "websocket" => Class::Longpolling,
+        "longpolling" if has_more => Class::Longpolling,
+        "xmlrpc" | "jsonrpc" => Class::Integration,
+        "json" | "api" if has_more => Class::Integration,
+        _ if first == "web"
+            && has_more
+            && matches!(segs[1], "static" | "assets")
+            && segs.len() > 2 =>
+        {
+            Class::Static
+        }
+        _ if !first.is_empty() && segs.len() > 2 && segs[1] == "static" => Class::Static,
+        _ => Class::Interactive,
+    }
+}
+
+fn segments() -> impl Strategy<Value = String> {
+    let seg = prop::sample::select(vec![
+        "web",
+        "static",
+        "assets",
+        "websocket",
+        "longpolling",
+        "poll",
+        "xmlrpc",
+        "2",
+        "jsonrpc",
+        "json",
+        "api",
+        "mail",
+        "login",
+        "database",
+        "x",
+        "",
+    ]);
+    (prop::collection::vec(seg, 1..5), any::<bool>()).prop_map(|(segs, slash)| {
+        let mut p = format!("/{}", segs.join("/"));
+        if slash {
+            p.push('/');
+        }
+        p
+    })
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn class_rules_follow_the_contract(path in segments()) {
+        let n = normalize_path(&path).into_owned();
+        prop_assert_eq!(Class::of(&n), model_class(&n), "{} -> {}", path, n);
+    }
+
+    #[test]
+    fn database_manager_spellings_normalise_to_it(
+        pre in prop::sample::select(vec!["", "/", "/./", "/static/../", "//"]),
+        sep in prop::sample::select(vec!["/", "%2F", "%2f", "//", "/./"]),
+        d in prop::sample::select(vec!["database", "%64atabase", "d%61tabase", "databas%65"]),
+        tail in prop::sample::select(vec!["/manager", "/selector", "/list", "", "/"]),
+    ) {
+        let p = format!("/web{pre}{sep}{d}{tail}").replace("/web/", "/web/").replace("//web", "/web");
+        let n = normalize_path(&p);
+        prop_assert!(is_database_manager(&n), "{} -> {}", p, n);
+    }
 
     #[test]
     fn arbitrary_text_never_panics_the_loader(text in ".{0,400}") {

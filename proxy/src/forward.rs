@@ -220,3 +220,116 @@ mod tests {
         ));
     }
 }
+
+/// Property tests of the framing check and the header rewrite's pieces (the stable-Rust
+/// stand-in for fuzzing; `scripts/fuzz.sh` runs them longer).
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("PORTIER_FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1000)
+    }
+
+    fn header_line() -> impl Strategy<Value = (String, bool)> {
+        let name = prop::sample::select(vec![
+            "Content-Length",
+            "content-length",
+            "CONTENT-LENGTH",
+            "Content-Lengthy",
+            "X-Content-Length",
+            "Transfer-Encoding",
+            "Host",
+            "content-length ",
+            " content-length",
+        ]);
+        (name, "[ -~]{0,12}").prop_map(|(n, v)| {
+            let is_cl = n.eq_ignore_ascii_case("content-length");
+            (format!("{n}:{v}"), is_cl)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn content_length_is_found_in_any_header_block(
+            lines in prop::collection::vec(header_line(), 0..8),
+            crlf in any::<bool>(),
+        ) {
+            let eol = if crlf { "\r\n" } else { "\n" };
+            let mut raw = format!("POST /x HTTP/1.1{eol}");
+            for (l, _) in &lines {
+                raw.push_str(l);
+                raw.push_str(eol);
+            }
+            raw.push_str(eol);
+            let want = lines.iter().any(|(_, cl)| *cl);
+            prop_assert_eq!(raw_has_content_length(raw.as_bytes()), want, "{:?}", raw);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_framing_checks(raw in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = raw_has_content_length(&raw);
+            let _ = valid_request_id(&raw);
+            let _ = expects_continue(Some(&raw));
+        }
+
+        #[test]
+        fn dbfilter_admits_exactly_the_database(db in "[ -~]{0,30}") {
+            let f = dbfilter_for(&db);
+            prop_assert!(f.starts_with('^') && f.ends_with('$'));
+            // Unescaped, it is the name; every special character is escaped.
+            let inner = &f[1..f.len() - 1];
+            let mut plain = String::new();
+            let mut chars = inner.chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    let next = chars.next();
+                    prop_assert!(next.is_some(), "a dangling escape in {}", f);
+                    plain.extend(next);
+                } else {
+                    prop_assert!(!"()[]{}?*+-|^$\\.&~# ".contains(c), "{} unescaped in {}", c, f);
+                    plain.push(c);
+                }
+            }
+            prop_assert_eq!(plain, db);
+        }
+
+        #[test]
+        fn the_real_client_is_never_a_trusted_proxy_unless_all_are(
+            chain in prop::collection::vec((0u8..4, 1u8..255), 0..6),
+            peer_trusted in any::<bool>(),
+        ) {
+            // 10.0.0.0/8 is trusted; 203.0.113.0/24 is not.
+            let settings = Settings {
+                trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+                ..Settings::default()
+            };
+            let ip = |(kind, n): (u8, u8)| -> String {
+                if kind == 0 { format!("203.0.113.{n}") } else { format!("10.0.0.{n}") }
+            };
+            let sent: Vec<String> = chain.iter().copied().map(ip).collect();
+            let sent = sent.join(", ");
+            let peer: IpAddr = if peer_trusted { "10.9.9.9".parse().unwrap() } else { "198.51.100.7".parse().unwrap() };
+            let (xff, real) = forwarded_for(peer, Some(&sent), &settings);
+            if !peer_trusted {
+                prop_assert_eq!(real, peer);
+                prop_assert_eq!(xff, peer.to_string());
+            } else {
+                prop_assert!(xff.ends_with(&peer.to_string()));
+                let untrusted_in_chain = chain.iter().any(|(k, _)| *k == 0);
+                if untrusted_in_chain {
+                    prop_assert!(!settings.is_trusted_proxy(real), "{} from {}", real, sent);
+                    // The right-most untrusted one.
+                    let last = chain.iter().rev().find(|(k, _)| *k == 0).copied().map(ip).unwrap();
+                    prop_assert_eq!(real.to_string(), last);
+                }
+            }
+        }
+    }
+}

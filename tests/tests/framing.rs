@@ -111,7 +111,12 @@ async fn mutated_framings_are_refused_or_forwarded_whole() {
     let mut rng = fastrand::Rng::with_seed(0x5eed_f00d);
     let mut refused = 0;
     let mut forwarded = 0;
-    for i in 0..300 {
+    // 300 cases in the suite; `scripts/fuzz.sh` runs many more (PORTIER_FUZZ_CASES).
+    let n: usize = std::env::var("PORTIER_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    for i in 0..n {
         let c = case(&mut rng, i);
         let (resp, _) = raw(p.http, &c.raw, Duration::from_millis(800)).await;
         let status: u16 = resp
