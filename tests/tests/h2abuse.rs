@@ -341,7 +341,8 @@ async fn malformed_http2_requests_never_reach_the_http1_worker() {
     )
     .await;
     assert!(answered, "a well-formed POST is answered");
-    let cases: Vec<(&str, Vec<u8>, Option<&[u8]>)> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, Option<&'a [u8]>);
+    let cases: Vec<Case> = vec![
         (
             "cl-longer",
             post_block("cl-longer", &literal("content-length", "5")),

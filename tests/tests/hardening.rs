@@ -343,7 +343,7 @@ async fn raw_resp(addr: SocketAddr, req: &[u8]) -> (Vec<u8>, bool) {
 /// another backend. 600 GETs while one of three workers resets: every one succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_to_a_resetting_worker_are_retried_elsewhere() {
-    let ws = vec![sim("w0").await, sim("w1").await, sim("w2").await];
+    let ws = [sim("w0").await, sim("w1").await, sim("w2").await];
     let ports = Ports::new();
     let cfg = format!(
         "{}\n[log]\naccess = false\n[pools.p]\nhttp = {}\nbreaker = {{ failures = 3, open_for = \"1s\" }}\nretries = 1\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",
