@@ -2,6 +2,7 @@
 
 mod chaos;
 mod compare;
+mod exhaustion;
 mod failure;
 mod load;
 mod noisy;
@@ -135,6 +136,14 @@ enum Command {
         /// Seconds per fault.
         #[arg(long, default_value_t = 5)]
         phase: u64,
+    },
+    /// Slowloris and connection churn: a normal client's latency alone and beside 2 000
+    /// trickling connections; RSS while 20 000 connections are opened and dropped.
+    Exhaustion {
+        #[arg(long, default_value_t = 2000)]
+        tricklers: usize,
+        #[arg(long, default_value_t = 20_000)]
+        churn: usize,
     },
     /// A login storm: browsers open an Odoo page and its four asset bundles; asset
     /// cache on/off and compression off: worker requests, page latency, bytes.
@@ -421,6 +430,20 @@ fn main() -> ExitCode {
                 rt.block_on(chaos::run(&opts)),
                 chaos::table,
                 chaos::json,
+                out,
+            )
+        }
+        Command::Exhaustion { tricklers, churn } => {
+            let opts = exhaustion::Opts {
+                portier,
+                tricklers,
+                churn,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(exhaustion::run(&opts)),
+                exhaustion::table,
+                exhaustion::json,
                 out,
             )
         }

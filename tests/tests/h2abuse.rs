@@ -425,3 +425,46 @@ async fn malformed_http2_requests_never_reach_the_http1_worker() {
         .any(|r| r.target == "/h2/ok" && r.body_len == 5));
     assert!(e.w.requests().iter().all(|r| r.target != "/h2/second"));
 }
+
+/// On HTTP/2 the host is `:authority`; a `host` header that disagrees never routes the
+/// request to its tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_authority_wins_over_a_disagreeing_host_header() {
+    let e = setup().await;
+    let block = |authority: &str, host: &str, marker: &str| {
+        let mut b = vec![0x82, 0x87];
+        let path = format!("/h2/{marker}");
+        b.push(0x04);
+        b.push(path.len() as u8);
+        b.extend_from_slice(path.as_bytes());
+        b.push(0x01);
+        b.push(authority.len() as u8);
+        b.extend_from_slice(authority.as_bytes());
+        b.extend(literal("host", host));
+        b
+    };
+    // The authority is an unknown host: whatever `host` says, nothing reaches acme.
+    let (ended, answered) = one_stream(
+        &e,
+        &block("other.test", "acme.test", "unknown-authority"),
+        None,
+    )
+    .await;
+    assert!(ended || answered);
+    // The authority is acme: refused or routed to acme, never elsewhere.
+    let _ = one_stream(
+        &e,
+        &block("acme.test", "other.test", "acme-authority"),
+        None,
+    )
+    .await;
+    for r in e.w.requests() {
+        assert_ne!(
+            r.target, "/h2/unknown-authority",
+            "routed by the host header"
+        );
+        if r.target == "/h2/acme-authority" {
+            assert_eq!(r.header("x-forwarded-host"), Some("acme.test"));
+        }
+    }
+}

@@ -376,3 +376,48 @@ async fn requests_to_a_resetting_worker_are_retried_elsewhere() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// The certificate directory disappears (an unmounted volume, a botched deploy): the
+/// loaded certificates keep being served, and the log says why nothing was reloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_certificate_directory_keeps_the_loaded_certificates() {
+    let w = sim("w").await;
+    let pki = TestPki::new();
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    pki.write_pair(&certs, "acme", &["acme.test"], 90);
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}https = \"127.0.0.1:{}\"\n[tls]\ncerts = \"{}\"\nredirect_http = false\n[pools.p]\nhttp = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        ports.https,
+        certs.display(),
+        w.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    let https = local(ports.https);
+    let client = || pki.client(&[b"http/1.1"], &[&rustls::version::TLS13]);
+    let s = tls_connect(https, "acme.test", client()).await.unwrap();
+    assert_eq!(
+        h1_over(s, "acme.test", "/web/login").await.unwrap().status,
+        200
+    );
+    std::fs::rename(&certs, root.path().join("gone")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(6), || p
+            .stderr()
+            .iter()
+            .any(|l| l.contains("cannot read the certificate directory")))
+        .await,
+        "{:?}",
+        p.stderr()
+    );
+    let s = tls_connect(https, "acme.test", client()).await.unwrap();
+    assert_eq!(presented_names(&s), vec!["acme.test".to_string()]);
+    assert_eq!(
+        h1_over(s, "acme.test", "/web/login").await.unwrap().status,
+        200
+    );
+    assert_eq!(status(p.admin).await["certificates"], 1);
+}
