@@ -562,11 +562,8 @@ async fn concurrent_streams_and_header_lists_are_bounded() {
         first = false;
     }
     let _ = s.write_all(&out).await;
-    let (ended, _) = drain_frames(&mut s, Duration::from_secs(2)).await;
-    assert!(
-        ended || true,
-        "the connection may stay open with the stream refused"
-    );
+    // Whatever the server answers (a refused stream, 431, GOAWAY), the block goes nowhere.
+    let _ = drain_frames(&mut s, Duration::from_secs(2)).await;
     assert_eq!(
         e.w.requests()
             .iter()
