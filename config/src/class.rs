@@ -78,6 +78,11 @@ pub fn is_database_manager(path: &str) -> bool {
     if is_segment_prefix(path, "/web/database") {
         return true;
     }
+    // Werkzeug's routing is case-sensitive (`/WEB/database` is a 404 in Odoo), but a
+    // case-insensitive layer in between would route it: blocked as well.
+    if path.bytes().any(|b| b.is_ascii_uppercase()) {
+        return is_database_manager(&path.to_ascii_lowercase());
+    }
     // Segment parameters (`/web/database;x/manager`) mean nothing to werkzeug, which
     // would not route them to the manager; but a server in between may strip them
     // (as servlet containers do), so those spellings are blocked too.
@@ -198,6 +203,8 @@ mod tests {
         assert!(is_database_manager("/web/database"));
         assert!(!is_database_manager("/web/databases"));
         assert!(is_database_manager("/web/database;x/manager"));
+        assert!(is_database_manager("/WEB/Database/manager"));
+        assert!(!is_database_manager("/WEB/Databases"));
         assert!(is_database_manager("/web;a/database/list"));
         assert!(!is_database_manager("/web/databases;x"));
         assert!(!is_database_manager("/web/login"));

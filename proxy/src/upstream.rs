@@ -436,3 +436,117 @@ pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeade
     *resp = out;
     Ok(())
 }
+
+/// Property tests of the request header rewrite (the stable-Rust stand-in for fuzzing;
+/// `scripts/fuzz.sh` runs them longer): whatever headers a client sends, the worker
+/// gets exactly the tenant's database headers, portier's forwarding headers and
+/// request id, and never a client's own copy of them.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("PORTIER_FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(500)
+    }
+
+    fn snapshot(trusted: bool) -> Arc<Snapshot> {
+        let text = format!(
+            "[listen]\nhttp = \"127.0.0.1:80\"\n[defaults]\ntrusted_proxies = [{}]\n[pools.p]\nhttp = [\"127.0.0.1:8069\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\ndatabase = \"acme\"\n",
+            if trusted { "\"10.0.0.0/8\"" } else { "" }
+        );
+        let (config, _) = portier_config::load_str(&text, std::path::Path::new("t.toml"))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        Arc::new(Snapshot::build(
+            config,
+            &crate::backend::Registry::default(),
+            &crate::telemetry::Metrics::new(),
+            &dashmap::DashMap::new(),
+        ))
+    }
+
+    fn header() -> impl Strategy<Value = (String, String)> {
+        let name = prop::sample::select(vec![
+            "x-odoo-database",
+            "X-Odoo-Dbfilter",
+            "x-forwarded-for",
+            "X-Forwarded-Host",
+            "x-forwarded-proto",
+            "x-real-ip",
+            "x-request-id",
+            "host",
+            "cookie",
+            "x-custom",
+            "accept",
+        ]);
+        let value = prop::sample::select(vec![
+            "acme2",
+            "^.*$",
+            "203.0.113.9",
+            "10.1.2.3, 203.0.113.9",
+            "evil.test",
+            "https",
+            "session_id=abc",
+            "x",
+            "",
+        ]);
+        (name, value).prop_map(|(n, v)| (n.to_string(), v.to_string()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        #[test]
+        fn the_worker_gets_portiers_headers_and_never_a_clients_copy(
+            headers in prop::collection::vec(header(), 0..10),
+            integration in any::<bool>(),
+            session in any::<bool>(),
+            trusted in any::<bool>(),
+            tls in any::<bool>(),
+        ) {
+            let snap = snapshot(trusted);
+            let mut client = RequestHeader::build("POST", b"/jsonrpc", None).unwrap();
+            for (n, v) in &headers {
+                client.append_header(n.clone(), v.as_str()).unwrap();
+            }
+            let mut ctx = Ctx::new();
+            ctx.snap = Some(snap);
+            ctx.tenant = Some(0);
+            ctx.tenant_name = Some(Arc::from("acme"));
+            ctx.class = Some(if integration { Class::Integration } else { Class::Interactive });
+            ctx.session_hash = session.then_some(1);
+            ctx.tls = tls;
+            ctx.request_id = HeaderValue::from_static("rid-1");
+            let peer: std::net::IpAddr = if trusted { "10.9.9.9" } else { "198.51.100.7" }.parse().unwrap();
+            ctx.client_ip = Some(peer);
+            let mut upstream = client.clone();
+            request_headers(&ctx, &client, &mut upstream).unwrap();
+            let all = |name: &str| -> Vec<String> {
+                upstream.headers.get_all(name).iter().map(|v| v.to_str().unwrap().to_string()).collect()
+            };
+            prop_assert_eq!(all("x-odoo-dbfilter"), vec!["^acme$".to_string()]);
+            let want_db: Vec<String> = if integration && !session { vec!["acme".into()] } else { vec![] };
+            prop_assert_eq!(all("x-odoo-database"), want_db);
+            prop_assert_eq!(all("x-request-id"), vec!["rid-1".to_string()]);
+            let xff = all("x-forwarded-for");
+            prop_assert_eq!(xff.len(), 1);
+            prop_assert!(xff[0].ends_with(&peer.to_string()), "{:?}", xff);
+            if !trusted {
+                prop_assert_eq!(&xff[0], &peer.to_string(), "an untrusted peer's chain is dropped");
+                prop_assert_eq!(all("x-forwarded-proto"), vec![if tls { "https" } else { "http" }.to_string()]);
+            }
+            prop_assert_eq!(all("x-real-ip").len(), 1);
+            prop_assert!(all("x-forwarded-host").len() <= 1);
+            // Everything else the client sent is passed on unchanged.
+            for (n, v) in &headers {
+                let name = http::HeaderName::from_bytes(n.as_bytes()).unwrap();
+                if !forward::is_own_header(&name) && name != header::HOST {
+                    prop_assert!(upstream.headers.get_all(&name).iter().any(|x| x == v.as_str()), "{} lost", n);
+                }
+            }
+        }
+    }
+}

@@ -310,6 +310,8 @@ async fn database_manager_spellings_are_blocked() {
         "/web/database/manager?x=1",
         "/web/database/manager#frag",
         "/web/database/../database/backup",
+        "/WEB/database/manager",
+        "/web/DataBase/manager",
     ] {
         let (st, resp) = raw_status(
             s.p.http,
