@@ -163,6 +163,9 @@ struct Answer {
     status: u16,
     body: String,
     cookie: String,
+    /// `X-Cache` and `Content-Encoding`, for the asset-cache check.
+    cache: String,
+    encoding: String,
 }
 
 async fn call(
@@ -189,8 +192,17 @@ async fn call(
         .and_then(|v| v.split(';').next())
         .unwrap_or("")
         .to_string();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     Ok(Answer {
         status: resp.status().as_u16(),
+        cache: header("x-cache"),
+        encoding: header("content-encoding"),
         body: String::from_utf8_lossy(resp.body()).into_owned(),
         cookie,
     })
@@ -348,6 +360,21 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
         ),
         Err(e) => line(false, format!("database manager: {e}")),
     }
+    // An asset bundle: from the worker once, then from portier's cache, compressed.
+    let bundle = "/web/assets/1a2b3c/web.assets_web.min.js";
+    let accept = [("accept-encoding", "gzip, br, zstd")];
+    let first = call(port, "GET", "acme.localhost", bundle, &accept, "").await;
+    let second = call(port, "GET", "acme.localhost", bundle, &accept, "").await;
+    match (first, second) {
+        (Ok(a), Ok(b)) => line(
+            a.cache == "miss" && b.cache == "hit" && b.encoding == "zstd",
+            format!(
+                "acme.localhost GET {bundle} -> X-Cache {} then {} ({} compressed)",
+                a.cache, b.cache, b.encoding
+            ),
+        ),
+        (Err(e), _) | (_, Err(e)) => line(false, format!("asset cache: {e}")),
+    }
     let http: Vec<String> = workers.http.iter().map(|a| a.to_string()).collect();
     let gevent: Vec<String> = workers.gevent.iter().map(|a| a.to_string()).collect();
     println!(
@@ -365,6 +392,7 @@ try it (*.localhost resolves to 127.0.0.1; the workers answer with what reached 
   curl -s http://acme.localhost:{port}/web/login -H 'X-Odoo-Database: acme2' # dropped: the worker sees ^acme$ and picks acme
   curl -i http://127.0.0.1:{port}/ -H 'Host: nobody.example'                  # 404 unknown host
   curl -i http://beta.saas.localhost:{port}/web/database/manager              # 403
+  curl -sI http://acme.localhost:{port}/web/assets/1a2b3c/web.assets_web.min.js -H 'Accept-Encoding: br' # X-Cache, Age, br
   curl -i -N --max-time 2 http://acme.localhost:{port}/websocket -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Origin: http://acme.localhost:{port}'
   curl -s http://127.0.0.1:{admin_port}/status
   curl -s http://127.0.0.1:{admin_port}/metrics | grep portier_requests_total

@@ -188,7 +188,7 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         .lines()
         .filter(|l| l.starts_with("  ok ") || l.starts_with("  FAIL "))
         .collect();
-    assert_eq!(checks.len(), 8, "{out}");
+    assert_eq!(checks.len(), 9, "{out}");
     assert!(checks.iter().all(|l| l.starts_with("  ok ")), "{out}");
     assert!(out.contains(&format!(
         "curl -i http://acme.localhost:{}/web/login",
