@@ -19,8 +19,9 @@ async fn a_restart_under_load_refuses_no_connection_and_fails_no_request() {
     let mut ports = Ports::new();
     ports.http = listener.local_addr().unwrap().port();
     let cfg = format!(
-        "{}\n[log]\naccess = false\n[pools.p]\nhttp = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        "{}\n[log]\naccess = false\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
         ports.listen(),
+        w.addr(),
         w.addr()
     );
     let fd = listener.as_raw_fd();
@@ -77,10 +78,23 @@ async fn a_restart_under_load_refuses_no_connection_and_fails_no_request() {
         )
         .await
     });
+    // A WebSocket open on the old process.
+    let (mut ws, _) = websocket(addr, "acme.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert_eq!(ws_roundtrip(&mut ws, "before").await.unwrap(), "before");
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let t = Instant::now();
     old.signal("TERM");
+    // The old process drains: its WebSocket goes on until the client is done with it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ws_roundtrip(&mut ws, "while draining").await.unwrap(),
+        "while draining",
+        "an open WebSocket keeps working while the old process drains"
+    );
+    drop(ws);
     let exited = tokio::task::spawn_blocking(move || {
         let s = old.wait_exit(Duration::from_secs(15));
         (old, s)
