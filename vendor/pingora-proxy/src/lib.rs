@@ -426,11 +426,14 @@ where
         match client_session {
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
-                    ClientSession::H1(mut h1) => {
-                        let (server_reused, client_reuse, error) = self
-                            .proxy_to_h1_upstream(session, &mut h1, client_reused, &peer, ctx)
+                    ClientSession::H1(h1) => {
+                        // A reusable session not yet released (proxy_1to1 releases it as
+                        // soon as the response is read whole, while the client may still
+                        // be reading) goes back to the pool here.
+                        let (server_reused, client_back, error) = self
+                            .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
                             .await;
-                        if client_reuse {
+                        if let Some(h1) = client_back {
                             let session = ClientSession::H1(h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())

@@ -29,13 +29,16 @@ impl<SV, C> HttpProxy<SV, C>
 where
     C: custom::Connector,
 {
+    // Returns whether the downstream session can be reused, the upstream session when it
+    // can be reused and was not released to the pool yet, and the error if any.
     pub(crate) async fn proxy_1to1(
         &self,
         session: &mut Session,
-        client_session: &mut HttpSessionV1,
+        mut client_session: HttpSessionV1,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
-    ) -> (bool, bool, Option<Box<Error>>)
+        initial_write_pending: std::time::Duration,
+    ) -> (bool, Option<HttpSessionV1>, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
@@ -58,7 +61,7 @@ where
                 AuthorityPolicy::Custom => set_h1_host_from_authority_if_absent(&mut req),
             };
             if let Err(e) = result {
-                return (false, true, Some(e.into_down()));
+                return (false, Some(client_session), Some(e.into_down()));
             }
         }
 
@@ -67,7 +70,7 @@ where
             peer.options.http_upstream_request_policy,
             session.req_header().version == Version::HTTP_11,
         ) {
-            return (false, true, Some(e.into_down()));
+            return (false, Some(client_session), Some(e.into_down()));
         }
 
         if session.cache.enabled() {
@@ -85,14 +88,14 @@ where
         {
             Ok(_) => { /* continue */ }
             Err(e) => {
-                return (false, true, Some(e));
+                return (false, Some(client_session), Some(e));
             }
         }
 
         // Reconcile and revalidate after request filters, which can mutate Host, URI, or target.
         if authority_policy.is_standard() {
             if let Err(e) = reconcile_upstream_authority(&mut req) {
-                return (false, true, Some(e.into_in()));
+                return (false, Some(client_session), Some(e.into_in()));
             }
             // A filter may delete Host. Restore it for requests that originally carried one or
             // whose URI or absolute-form target has an authority, without adding a new empty Host
@@ -100,17 +103,17 @@ where
             let target_has_authority = raw_target_authority(req.raw_path()).authority().is_some();
             if downstream_had_host || req.uri.authority().is_some() || target_has_authority {
                 if let Err(e) = set_h1_host_from_authority(&mut req) {
-                    return (false, true, Some(e.into_in()));
+                    return (false, Some(client_session), Some(e.into_in()));
                 }
             }
             if let Err(e) = validate_request_authority(&req) {
                 // The final filter-produced request is invalid, so classify this as internal.
-                return (false, true, Some(e.into_in()));
+                return (false, Some(client_session), Some(e.into_in()));
             }
         }
 
         if let Err(e) = finalize_h1_upstream_request_framing(&mut req, !session.is_body_empty()) {
-            return (false, true, Some(e));
+            return (false, Some(client_session), Some(e));
         }
 
         session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
@@ -122,7 +125,7 @@ where
         match client_session.write_request_header(Box::new(req)).await {
             Ok(_) => { /* Continue */ }
             Err(e) => {
-                return (false, false, Some(e.into_up()));
+                return (false, None, Some(e.into_up()));
             }
         }
 
@@ -136,7 +139,7 @@ where
             .take_downstream_custom_message_reader(&mut downstream_custom_message_writer)
         {
             Ok(reader) => reader,
-            Err(e) => return (false, false, Some(e)),
+            Err(e) => return (false, None, Some(e)),
         };
 
         let (tx_upstream, rx_upstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
@@ -148,9 +151,11 @@ where
         // closure (the downstream half finished and dropped rx) from an unexpected one.
         let pipe_state = Arc::new(AtomicU8::new(PipeState::Active as u8));
 
-        // start bi-directional streaming
-        let ret = tokio::try_join!(
-            self.proxy_handle_downstream(
+        // Start bi-directional streaming. The upstream half usually ends first (the
+        // response is read whole); its connection then goes back to the pool at once,
+        // while the downstream half may still be writing to a slow client.
+        let (ret, client_back, upstream_bytes_total, upstream_bytes_sent, upstream_write_pending) = {
+            let down = self.proxy_handle_downstream(
                 session,
                 tx_downstream,
                 rx_upstream,
@@ -158,9 +163,69 @@ where
                 &mut downstream_custom_message_writer,
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
-            ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
-        );
+            );
+            tokio::pin!(down);
+            let mut down_result: Option<Result<bool>> = None;
+            let up_result: Result<bool> = {
+                let up = self.proxy_handle_upstream(
+                    &mut client_session,
+                    tx_upstream,
+                    rx_downstream,
+                    pipe_state,
+                );
+                tokio::pin!(up);
+                loop {
+                    tokio::select! {
+                        r = &mut up => break r,
+                        r = &mut down, if down_result.is_none() => {
+                            let failed = r.is_err();
+                            down_result = Some(r);
+                            if failed {
+                                // as `try_join!`: an error of one half ends both
+                                break Ok(false);
+                            }
+                        }
+                    }
+                }
+            };
+            // Upstream statistics for logging consumers, read before the session may go.
+            let upstream_bytes_total = client_session.body_bytes_received();
+            let upstream_bytes_sent = client_session.body_bytes_sent();
+            let upstream_write_pending = client_session
+                .stream()
+                .get_write_pending_time()
+                .saturating_sub(initial_write_pending);
+            let down_failed = matches!(down_result, Some(Err(_)));
+            let mut client_back = None;
+            let mut up_error = None;
+            match up_result {
+                Ok(true) if !down_failed => {
+                    if down_result.is_none() {
+                        // released now, while the downstream half goes on
+                        self.client_upstream
+                            .release_http_session(
+                                ClientSession::H1(client_session),
+                                peer,
+                                peer.idle_timeout(),
+                            )
+                            .await;
+                    } else {
+                        client_back = Some(client_session);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => up_error = Some(e),
+            }
+            let ret: Result<bool> = match (up_error, down_result) {
+                (Some(e), _) => Err(e),
+                (None, Some(r)) => r,
+                (None, None) => down.await,
+            };
+            (ret, client_back, upstream_bytes_total, upstream_bytes_sent, upstream_write_pending)
+        };
+        session.set_upstream_body_bytes_received(upstream_bytes_total);
+        session.set_upstream_body_bytes_sent(upstream_bytes_sent);
+        session.set_upstream_write_pending_time(upstream_write_pending);
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
             if let Some(downstream_custom_message_writer) = downstream_custom_message_writer {
@@ -168,7 +233,7 @@ where
                 {
                     Ok(_) => { /* continue */ }
                     Err(e) => {
-                        return (false, false, Some(e));
+                        return (false, None, Some(e));
                     }
                 }
             }
@@ -177,29 +242,27 @@ where
                 {
                     Ok(_) => { /* continue */ }
                     Err(e) => {
-                        return (false, false, Some(e));
+                        return (false, None, Some(e));
                     }
                 }
             }
         }
 
         match ret {
-            Ok((downstream_can_reuse, upstream_can_reuse)) => {
-                (downstream_can_reuse, upstream_can_reuse, None)
-            }
-            Err(e) => (false, false, Some(e)),
+            Ok(downstream_can_reuse) => (downstream_can_reuse, client_back, None),
+            Err(e) => (false, None, Some(e)),
         }
     }
 
     pub(crate) async fn proxy_to_h1_upstream(
         &self,
         session: &mut Session,
-        client_session: &mut HttpSessionV1,
+        client_session: HttpSessionV1,
         reused: bool,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
-    ) -> (bool, bool, Option<Box<Error>>)
-    // (reuse_server, reuse_client, error)
+    ) -> (bool, Option<HttpSessionV1>, Option<Box<Error>>)
+    // (reuse_server, the client session to reuse if not released yet, error)
     where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
@@ -223,26 +286,13 @@ where
             )
             .await
         {
-            return (false, false, Some(e));
+            return (false, None, Some(e));
         }
 
-        let (server_session_reuse, client_session_reuse, error) =
-            self.proxy_1to1(session, client_session, peer, ctx).await;
-
-        // Record upstream response body bytes received (payload only) for logging consumers.
-        let upstream_bytes_total = client_session.body_bytes_received();
-        session.set_upstream_body_bytes_received(upstream_bytes_total);
-
-        // Record request body bytes written to the upstream (payload only) for logging consumers.
-        // Only HTTP/1.x tracks this; see `Session::upstream_body_bytes_sent`.
-        session.set_upstream_body_bytes_sent(client_session.body_bytes_sent());
-
-        // Record upstream write pending time for this session only (delta from baseline).
-        let current_write_pending = client_session.stream().get_write_pending_time();
-        let upstream_write_pending = current_write_pending.saturating_sub(initial_write_pending);
-        session.set_upstream_write_pending_time(upstream_write_pending);
-
-        (server_session_reuse, client_session_reuse, error)
+        // The upstream statistics (body bytes, write pending time) are recorded on
+        // `session` by `proxy_1to1`, which may release the client session early.
+        self.proxy_1to1(session, client_session, peer, ctx, initial_write_pending)
+            .await
     }
 
     async fn proxy_handle_upstream(
