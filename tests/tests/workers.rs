@@ -548,3 +548,53 @@ async fn without_room_to_spool_bodies_and_responses_stream_whole() {
         200
     );
 }
+
+/// The worker's connection goes back to the keep-alive pool when the last byte of its
+/// response has been read from it, however slowly the client reads (vendor patch 11):
+/// requests made meanwhile reuse it instead of opening new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
+    let spool = tempfile::tempdir().unwrap();
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}spool_dir = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        spool.path().display(),
+        w.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    assert_eq!(get(p.http, "a.test", "/web/login").await.unwrap().status, 200);
+    assert_eq!(w.accepted_connections(), 1);
+    // A slow download of 8 MiB on that (pooled) connection.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let mut conn = socket.connect(p.http).await.unwrap();
+    conn.write_all(b"GET /web/content/report?size=8388608 HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let reader = tokio::spawn(async move {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return got;
+            }
+            got += n;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // The worker has sent it all long before the client has read it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..3 {
+        assert_eq!(get(p.http, "a.test", "/web/login").await.unwrap().status, 200);
+    }
+    assert!(!reader.is_finished(), "the client is still reading");
+    assert_eq!(
+        w.accepted_connections(),
+        1,
+        "the requests made while the client read reused the worker's connection"
+    );
+    assert!(reader.await.unwrap() > 8 << 20);
+}
