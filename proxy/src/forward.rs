@@ -224,15 +224,20 @@ mod tests {
 /// Property tests of the framing check and the header rewrite's pieces (the stable-Rust
 /// stand-in for fuzzing; `scripts/fuzz.sh` runs them longer).
 #[cfg(test)]
-mod props {
+pub(crate) mod props {
     use super::*;
     use proptest::prelude::*;
 
-    fn cases() -> u32 {
+    /// Cases per property: `PORTIER_FUZZ_CASES` (`scripts/fuzz.sh`), else `default`.
+    pub fn fuzz_cases(default: u32) -> u32 {
         std::env::var("PORTIER_FUZZ_CASES")
             .ok()
             .and_then(|n| n.parse().ok())
-            .unwrap_or(1000)
+            .unwrap_or(default)
+    }
+
+    fn cases() -> u32 {
+        fuzz_cases(1000)
     }
 
     fn header_line() -> impl Strategy<Value = (String, bool)> {

@@ -447,10 +447,7 @@ mod props {
     use proptest::prelude::*;
 
     fn cases() -> u32 {
-        std::env::var("PORTIER_FUZZ_CASES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(500)
+        crate::forward::props::fuzz_cases(500)
     }
 
     fn snapshot(trusted: bool) -> Arc<Snapshot> {

@@ -564,7 +564,10 @@ async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
         w.addr()
     );
     let p = Portier::start(&ports, &cfg).await;
-    assert_eq!(get(p.http, "a.test", "/web/login").await.unwrap().status, 200);
+    assert_eq!(
+        get(p.http, "a.test", "/web/login").await.unwrap().status,
+        200
+    );
     assert_eq!(w.accepted_connections(), 1);
     // A slow download of 8 MiB on that (pooled) connection.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -588,7 +591,10 @@ async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
     // The worker has sent it all long before the client has read it.
     tokio::time::sleep(Duration::from_millis(600)).await;
     for _ in 0..3 {
-        assert_eq!(get(p.http, "a.test", "/web/login").await.unwrap().status, 200);
+        assert_eq!(
+            get(p.http, "a.test", "/web/login").await.unwrap().status,
+            200
+        );
     }
     assert!(!reader.is_finished(), "the client is still reading");
     assert_eq!(
