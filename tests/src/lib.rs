@@ -767,6 +767,16 @@ pub async fn h1_over(stream: TlsStream, host: &str, path: &str) -> Result<Resp, 
 
 /// One HTTP/2 request over an established TLS stream (ALPN must have chosen h2).
 pub async fn h2_over(stream: TlsStream, authority: &str, path: &str) -> Result<Resp, String> {
+    h2_over_with(stream, authority, path, &[]).await
+}
+
+/// [`h2_over`] with request headers.
+pub async fn h2_over_with(
+    stream: TlsStream,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Resp, String> {
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
@@ -774,7 +784,11 @@ pub async fn h2_over(stream: TlsStream, authority: &str, path: &str) -> Result<R
     .await
     .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = http::Request::get(format!("https://{authority}{path}"))
+    let mut req = http::Request::get(format!("https://{authority}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;

@@ -743,3 +743,32 @@ async fn maintenance_closes_the_tenants_websockets() {
             .await;
     assert_eq!(log["refused"], "maintenance");
 }
+
+/// Over HTTP/2 (TLS, ALPN h2): a bundle compressed and then served from the cache, with
+/// no HTTP/1 framing headers leaking into the HTTP/2 response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_and_the_cache_work_over_http2() {
+    let e = edge(&tenant("acme", "")).await;
+    let bundle = "/web/assets/h2/web.assets_web.min.js?size=100000";
+    let mut bodies = Vec::new();
+    for want in ["miss", "hit"] {
+        let stream = tls_connect(
+            e.https,
+            "acme.test",
+            e.pki.client(&[b"h2"], &[&rustls::version::TLS13]),
+        )
+        .await
+        .unwrap();
+        let r = h2_over_with(stream, "acme.test", bundle, &[("accept-encoding", "br")])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-cache"), Some(want));
+        assert_eq!(r.header("content-encoding"), Some("br"));
+        assert!(r.header("transfer-encoding").is_none());
+        bodies.push(decode(&r));
+    }
+    assert_eq!(bodies[0].len(), 100_000);
+    assert_eq!(bodies[0], bodies[1]);
+    assert_eq!(e.seen("/web/assets/h2/web.assets_web.min.js"), 1);
+}
