@@ -70,6 +70,9 @@ pub struct Ctx {
     pub response: crate::spool::ResponseBuffer,
     /// The encoding the client gets if the response is compressible (`compress`).
     pub encoding: Option<pingora::protocols::http::compression::Algorithm>,
+    /// `compress` applies to this request's class and method (its response may vary
+    /// by `Accept-Encoding`); false skips the response-side checks entirely.
+    pub compressible: bool,
     pub encoder: Option<crate::compress::Encoder>,
     /// The request's part in the asset cache, and the response being captured for it.
     pub cache: crate::assets::CacheState,
@@ -110,6 +113,7 @@ impl Ctx {
             queued: std::time::Duration::ZERO,
             response: Default::default(),
             encoding: None,
+            compressible: false,
             encoder: None,
             cache: Default::default(),
             capture: None,

@@ -80,6 +80,7 @@ impl Proxy {
             session.req_header(),
             ctx.websocket,
         ) {
+            ctx.compressible = true;
             ctx.encoding = compress::negotiate(
                 session
                     .req_header()

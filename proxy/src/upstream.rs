@@ -417,7 +417,9 @@ pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeade
         CacheState::Miss { fill: Some(_), .. } => assets::lifetime(resp),
         _ => None,
     };
-    ctx.encoder = compress::response_headers(ctx.encoding, &mut out)?;
+    if ctx.compressible {
+        ctx.encoder = compress::response_headers(ctx.encoding, &mut out)?;
+    }
     if let CacheState::Miss { key, fill } = &mut ctx.cache {
         out.insert_header("x-cache", "miss")?;
         if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
