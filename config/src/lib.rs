@@ -424,6 +424,66 @@ login = "sometimes"
     }
 
     #[test]
+    fn cluster_section() {
+        let base = "[listen]\nhttp = \"127.0.0.1:80\"\n";
+        let (c, _) = load(base).unwrap_or_else(|e| panic!("{}", render(&e)));
+        assert_eq!(c.cluster, None);
+        let (c, _) = load(&format!(
+            "{base}[cluster]\nredis = \"redis://10.0.2.5:6379/0\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{}", render(&e)));
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.redis, "redis://10.0.2.5:6379/0");
+        assert_eq!(cl.key_prefix, "portier:");
+        assert_eq!(cl.timeout, Duration::from_millis(50));
+        for ok in [
+            "rediss://user:pw@redis.internal:6380",
+            "redis://[::1]:6379/2",
+            "redis://localhost",
+        ] {
+            let text = format!(
+                "{base}[cluster]\nredis = \"{ok}\"\nkey_prefix = \"eu:\"\ntimeout = \"20ms\"\n"
+            );
+            let (c, _) = load(&text).unwrap_or_else(|e| panic!("{ok}: {}", render(&e)));
+            let cl = c.cluster.unwrap();
+            assert_eq!(
+                (cl.key_prefix.as_str(), cl.timeout),
+                ("eu:", Duration::from_millis(20))
+            );
+        }
+        // Every error of the section is reported, each with its position.
+        let errs = load(&format!(
+            "{base}[cluster]\nredis = \"http://10.0.2.5:6379\"\ntimeout = \"0ms\"\nprefix = \"x\"\n"
+        ))
+        .unwrap_err();
+        let all = render(&errs);
+        assert!(
+            all.contains(":4:9: `redis` must be a redis:// or rediss:// URL"),
+            "{all}"
+        );
+        assert!(
+            all.contains(":5:11: `timeout` must be longer than zero"),
+            "{all}"
+        );
+        assert!(
+            all.contains(":6:1: unknown key `prefix` in [cluster]"),
+            "{all}"
+        );
+        assert_eq!(errs.iter().filter(|d| d.is_error()).count(), 3, "{all}");
+        for (bad, why) in [
+            ("redis://", "has no host"),
+            ("redis://:6379", "has no host"),
+            ("redis://h:port", "has a bad port"),
+            ("redis://h:6379/db", "has a bad database number"),
+        ] {
+            let all = render(&load(&format!("{base}[cluster]\nredis = \"{bad}\"\n")).unwrap_err());
+            assert!(all.contains(why), "{bad}: {all}");
+        }
+        let all = render(&load(&format!("{base}[cluster]\nkey_prefix = \"x\"\n")).unwrap_err());
+        assert!(all.contains("[cluster] needs `redis`"), "{all}");
+    }
+
+    #[test]
     fn positions() {
         assert_eq!(Pos::of_offset("ab\ncd", 0), Pos { line: 1, col: 1 });
         assert_eq!(Pos::of_offset("ab\ncd", 4), Pos { line: 2, col: 2 });

@@ -22,6 +22,8 @@ pub struct Config {
     pub listen: Listen,
     pub log: LogSettings,
     pub tls: Option<Tls>,
+    /// `[cluster]` (r2): replicas share `rate` limits through Redis.
+    pub cluster: Option<Cluster>,
     pub pools: Vec<Pool>,
     pub tenants: Vec<Tenant>,
     pub hosts: HostIndex,
@@ -66,6 +68,18 @@ pub fn default_spool_dir() -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogSettings {
     pub access: bool,
+}
+
+/// `[cluster]` (r2): the Redis that replicas share their rate limits through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    /// A `redis://` or `rediss://` URL (checked for its scheme and host, never contacted
+    /// by the loader).
+    pub redis: String,
+    /// Prepended to every key, so several clusters can share one Redis.
+    pub key_prefix: String,
+    /// A Redis answer slower than this counts as Redis unavailable.
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -69,6 +69,7 @@ pub async fn run(
     }
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
+    tokio::spawn(crate::cluster::supervise(shared.clone()));
 
     // File watching: changes arrive here and are debounced.
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
@@ -371,7 +372,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             }),
         );
     }
-    serde_json::json!({
+    let mut status = serde_json::json!({
         "version": snap.config.version,
         "loaded_at": humantime::format_rfc3339_seconds(snap.loaded_at).to_string(),
         "last_error": last_error,
@@ -380,5 +381,17 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "limiters": shared.limits.len(),
         "certificates": shared.certs.len(),
         "pools": pools,
-    })
+    });
+    if snap.config.cluster.is_some() {
+        let cluster = shared.cluster.load();
+        let (up, replicas) = match &*cluster {
+            Some(c) => (c.is_up(), c.replicas()),
+            None => (false, 1),
+        };
+        status["cluster"] = serde_json::json!({
+            "redis": if up { "up" } else { "down" },
+            "replicas": replicas,
+        });
+    }
+    status
 }

@@ -18,6 +18,7 @@ use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
 use crate::answer::Answer;
+use crate::cluster::{share, LimitKey, Verdict};
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::state::{Shared, Snapshot};
@@ -118,8 +119,8 @@ pub fn maintenance(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), 
 }
 
 /// The login limit of the request, if `probe` (and, for XML-RPC, `body`) says it is a
-/// login attempt.
-pub fn login(
+/// login attempt; shared across replicas with `[cluster]`.
+pub async fn login(
     shared: &Shared,
     snap: &Snapshot,
     session: &Session,
@@ -149,7 +150,22 @@ pub fn login(
     if settings.is_admin(ip) {
         return Ok(());
     }
-    match shared.login.check(limit, name, ip) {
+    let cluster = shared.cluster.load_full();
+    let verdict = match &cluster {
+        None => shared.login.check(limit, name, ip),
+        Some(c) => match c
+            .take(LimitKey::Login(name.clone(), ip), limit.rate, limit.burst)
+            .await
+        {
+            Verdict::Admit => Ok(()),
+            Verdict::Deny(wait) => Err(wait),
+            Verdict::Local(replicas) => {
+                let (rate, burst) = share(limit.rate, limit.burst, replicas);
+                shared.login.check(&LoginLimit { rate, burst }, name, ip)
+            }
+        },
+    };
+    match verdict {
         Ok(()) => Ok(()),
         Err(retry_after) => {
             if let Some(stats) = &ctx.stats {

@@ -21,6 +21,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use portier_config::{Class, Limit, Rate};
 
 use crate::breaker::now_ms;
+use crate::cluster::{share, Cluster, LimitKey, Verdict};
 use crate::telemetry::Refusal;
 
 /// A refusal with the seconds the client should wait.
@@ -61,35 +62,34 @@ impl ClassLimiter {
         Some(fresh)
     }
 
-    /// Admits one request under `limit`, or says why not.
-    fn admit(&self, limit: &Limit) -> Result<bool, Refused> {
-        let mut counted = false;
-        if let Some(max) = limit.concurrency {
-            let now = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
-            if now > max {
-                self.inflight.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refused {
-                    why: Refusal::ConcurrencyLimited,
-                    retry_after: 1,
-                });
-            }
-            counted = true;
+    /// Takes a concurrency slot under `limit` (if it has one); `Ok(true)` when taken.
+    fn acquire(&self, limit: &Limit) -> Result<bool, Refused> {
+        let Some(max) = limit.concurrency else {
+            return Ok(false);
+        };
+        let now = self.inflight.fetch_add(1, Ordering::AcqRel) + 1;
+        if now > max {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused {
+                why: Refusal::ConcurrencyLimited,
+                retry_after: 1,
+            });
         }
-        if let Some(rate) = limit.rate {
-            if let Some(g) = self.gcra_for(rate, limit.burst) {
-                if let Err(not_until) = g.limiter.check() {
-                    if counted {
-                        self.inflight.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    let wait = not_until.wait_time_from(g.limiter.clock().now());
-                    return Err(Refused {
-                        why: Refusal::RateLimited,
-                        retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
-                    });
-                }
+        Ok(true)
+    }
+
+    /// One request under the local GCRA at `rate` and `burst`.
+    fn check_rate(&self, rate: Rate, burst: u32) -> Result<(), Refused> {
+        let Some(g) = self.gcra_for(rate, burst) else {
+            return Ok(());
+        };
+        g.limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(g.limiter.clock().now());
+            Refused {
+                why: Refusal::RateLimited,
+                retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
             }
-        }
-        Ok(counted)
+        })
     }
 
     pub fn inflight(&self) -> u32 {
@@ -114,20 +114,46 @@ impl TenantLimiter {
         }
     }
 
-    /// Admits a request of `class` under `limit`. On success the returned permit holds
-    /// the concurrency slot (if any) until it is dropped.
-    pub fn admit(self: &Arc<Self>, class: Class, limit: &Limit) -> Result<Option<Permit>, Refused> {
+    /// Admits a request of `class` under `limit`: its concurrency slot first (held by
+    /// the returned permit until it is dropped), then its rate, local or shared through
+    /// `cluster` (keyed by the tenant's effective name).
+    pub async fn admit(
+        self: &Arc<Self>,
+        class: Class,
+        limit: &Limit,
+        cluster: Option<&Cluster>,
+        tenant: &Arc<str>,
+    ) -> Result<Option<Permit>, Refused> {
         let Some(cl) = self.class(class) else {
             return Ok(None);
         };
         self.last_used.store(now_ms(), Ordering::Relaxed);
-        match cl.admit(limit)? {
-            true => Ok(Some(Permit {
-                limiter: self.clone(),
-                class,
-            })),
-            false => Ok(None),
-        }
+        let permit = cl.acquire(limit)?.then(|| Permit {
+            limiter: self.clone(),
+            class,
+        });
+        // On a refusal below, the permit drops and gives the slot back.
+        let Some(rate) = limit.rate else {
+            return Ok(permit);
+        };
+        let (rate, burst) = match cluster {
+            None => (rate, limit.burst),
+            Some(c) => {
+                let key = LimitKey::Rate(tenant.clone(), class);
+                match c.take(key, rate, limit.burst).await {
+                    Verdict::Admit => return Ok(permit),
+                    Verdict::Deny(retry_after) => {
+                        return Err(Refused {
+                            why: Refusal::RateLimited,
+                            retry_after,
+                        })
+                    }
+                    Verdict::Local(replicas) => share(rate, limit.burst, replicas),
+                }
+            }
+        };
+        cl.check_rate(rate, burst)?;
+        Ok(permit)
     }
 
     fn idle(&self) -> bool {
@@ -204,6 +230,21 @@ pub fn refusal_body(r: &Refused, tenant: &str, class: Class) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+
+    impl TenantLimiter {
+        /// `admit` without a cluster: never waits, so it completes on its first poll.
+        fn admit_local(
+            self: &Arc<Self>,
+            class: Class,
+            l: &Limit,
+        ) -> Result<Option<Permit>, Refused> {
+            let t: Arc<str> = Arc::from("t");
+            self.admit(class, l, None, &t)
+                .now_or_never()
+                .expect("a local admit does not wait")
+        }
+    }
 
     fn limit(rate: Option<&str>, burst: u32, concurrency: Option<u32>) -> Limit {
         Limit {
@@ -219,9 +260,9 @@ mod tests {
         let t = limits.get("acme");
         let l = limit(Some("1/h"), 3, None);
         for _ in 0..3 {
-            assert!(t.admit(Class::Integration, &l).is_ok());
+            assert!(t.admit_local(Class::Integration, &l).is_ok());
         }
-        let r = t.admit(Class::Integration, &l).err().unwrap();
+        let r = t.admit_local(Class::Integration, &l).err().unwrap();
         assert_eq!(r.why, Refusal::RateLimited);
         assert!(
             r.retry_after > 1000 && r.retry_after <= 3600,
@@ -235,9 +276,9 @@ mod tests {
         let limits = Limits::default();
         let t = limits.get("acme");
         let l = limit(None, 1, Some(2));
-        let a = t.admit(Class::Integration, &l).unwrap();
-        let b = t.admit(Class::Integration, &l).unwrap();
-        let r = t.admit(Class::Integration, &l).err().unwrap();
+        let a = t.admit_local(Class::Integration, &l).unwrap();
+        let b = t.admit_local(Class::Integration, &l).unwrap();
+        let r = t.admit_local(Class::Integration, &l).err().unwrap();
         assert_eq!(
             r,
             Refused {
@@ -246,7 +287,7 @@ mod tests {
             }
         );
         drop(a);
-        let c = t.admit(Class::Integration, &l).unwrap();
+        let c = t.admit_local(Class::Integration, &l).unwrap();
         assert!(c.is_some());
         drop((b, c));
         assert_eq!(t.integration.inflight(), 0);
@@ -257,8 +298,8 @@ mod tests {
         let limits = Limits::default();
         let t = limits.get("acme");
         let l = limit(Some("1/h"), 1, Some(5));
-        let _p = t.admit(Class::Integration, &l).unwrap();
-        assert!(t.admit(Class::Integration, &l).is_err());
+        let _p = t.admit_local(Class::Integration, &l).unwrap();
+        assert!(t.admit_local(Class::Integration, &l).is_err());
         assert_eq!(t.integration.inflight(), 1);
     }
 
@@ -267,13 +308,13 @@ mod tests {
         let limits = Limits::default();
         let l = limit(Some("1/h"), 1, None);
         let a = limits.get("a");
-        assert!(a.admit(Class::Integration, &l).is_ok());
-        assert!(a.admit(Class::Integration, &l).is_err());
-        assert!(a.admit(Class::Interactive, &l).is_ok());
-        assert!(limits.get("b").admit(Class::Integration, &l).is_ok());
+        assert!(a.admit_local(Class::Integration, &l).is_ok());
+        assert!(a.admit_local(Class::Integration, &l).is_err());
+        assert!(a.admit_local(Class::Interactive, &l).is_ok());
+        assert!(limits.get("b").admit_local(Class::Integration, &l).is_ok());
         // Static and longpolling are never limited.
         for _ in 0..5 {
-            assert!(a.admit(Class::Static, &l).is_ok());
+            assert!(a.admit_local(Class::Static, &l).is_ok());
         }
         assert!(Arc::ptr_eq(&a, &limits.get("a")));
     }
@@ -283,15 +324,15 @@ mod tests {
         let limits = Limits::default();
         let t = limits.get("acme");
         let l1 = limit(Some("1/h"), 1, None);
-        assert!(t.admit(Class::Integration, &l1).is_ok());
-        assert!(t.admit(Class::Integration, &l1).is_err());
+        assert!(t.admit_local(Class::Integration, &l1).is_ok());
+        assert!(t.admit_local(Class::Integration, &l1).is_err());
         // Same limit: still exhausted.
         assert!(t
-            .admit(Class::Integration, &limit(Some("1/h"), 1, None))
+            .admit_local(Class::Integration, &limit(Some("1/h"), 1, None))
             .is_err());
         // Raised: fresh budget.
         let l2 = limit(Some("1/h"), 3, None);
-        assert!(t.admit(Class::Integration, &l2).is_ok());
+        assert!(t.admit_local(Class::Integration, &l2).is_ok());
     }
 
     #[test]
@@ -299,7 +340,7 @@ mod tests {
         let limits = Limits::default();
         let l = limit(None, 1, Some(1));
         let busy = limits.get("busy");
-        let _permit = busy.admit(Class::Integration, &l).unwrap();
+        let _permit = busy.admit_local(Class::Integration, &l).unwrap();
         limits.get("idle");
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(limits.evict_idle(Duration::from_millis(10)), 1);

@@ -9,6 +9,7 @@ mod balance;
 mod body;
 mod breaker;
 mod check;
+mod cluster;
 mod compress;
 mod conns;
 mod control;

@@ -173,24 +173,28 @@ pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Cla
     Ok(class)
 }
 
-/// The tenant's rate and concurrency limits on integration (and optionally
-/// interactive) traffic; the concurrency slot is held in `ctx` until the request ends.
-pub fn tenant_limits(
+/// The limits that apply to a request: its tenant's limiter, class and limit.
+pub struct TenantLimits {
+    limiter: Arc<crate::limits::TenantLimiter>,
+    class: Class,
+    limit: portier_config::Limit,
+}
+
+/// The tenant's limits on integration (and optionally interactive) traffic, if its
+/// class has any: checked by [`tenant_limits`].
+pub fn tenant_limiter(
     shared: &Shared,
     snap: &Snapshot,
-    ctx: &mut Ctx,
+    ctx: &Ctx,
     m: &HostMatch<'_>,
     class: Class,
-) -> Result<(), Answer> {
-    let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
-        return Ok(());
-    };
+) -> Option<TenantLimits> {
+    let settings = &ctx.tenant(snap)?.settings;
     let limit = match class {
         Class::Integration => settings.integration,
         Class::Interactive => settings.interactive,
         Class::Static | Class::Longpolling => None,
-    };
-    let Some(limit) = limit else { return Ok(()) };
+    }?;
     let limiter = match m.captured {
         Some(label) => shared.limits.get(label),
         None => {
@@ -198,19 +202,35 @@ pub fn tenant_limits(
             t.limiter.get_or_init(|| shared.limits.get(&t.name)).clone()
         }
     };
-    match limiter.admit(class, &limit) {
+    Some(TenantLimits {
+        limiter,
+        class,
+        limit,
+    })
+}
+
+/// The tenant's rate and concurrency limits (the rate shared across replicas with
+/// `[cluster]`); the concurrency slot is held in `ctx` until the request ends.
+pub async fn tenant_limits(shared: &Shared, ctx: &mut Ctx, l: TenantLimits) -> Result<(), Answer> {
+    let tenant = ctx.tenant_name.clone().unwrap_or_else(|| Arc::from(""));
+    let cluster = shared.cluster.load_full();
+    match l
+        .limiter
+        .admit(l.class, &l.limit, cluster.as_deref(), &tenant)
+        .await
+    {
         Ok(permit) => {
             ctx.permit = permit;
             Ok(())
         }
         Err(refused) => {
             if let Some(stats) = &ctx.stats {
-                stats.rate_limited(class);
+                stats.rate_limited(l.class);
             }
             Err(Answer::Limited {
                 refused,
-                tenant: ctx.tenant_name.clone().unwrap_or_else(|| Arc::from("")),
-                class,
+                tenant,
+                class: l.class,
             })
         }
     }

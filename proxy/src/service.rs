@@ -153,16 +153,23 @@ impl Proxy {
             edge::maintenance(&snap, session, ctx)?;
             let req = session.req_header();
             let probe = LoginProbe::of(&req.method, req.uri.path());
-            if probe == LoginProbe::Path {
-                edge::login(&self.shared, &snap, session, ctx, probe, None)?;
-            }
-            request::tenant_limits(&self.shared, &snap, ctx, &m, class)?;
-            Ok(probe)
+            let limits = request::tenant_limiter(&self.shared, &snap, ctx, &m, class);
+            Ok((probe, limits))
         })();
-        let probe = match phases {
-            Ok(probe) => probe,
+        let (probe, limits) = match phases {
+            Ok(p) => p,
             Err(answer) => return Ok(Err(answer)),
         };
+        if probe == LoginProbe::Path {
+            if let Err(answer) = edge::login(&self.shared, &snap, session, ctx, probe, None).await {
+                return Ok(Err(answer));
+            }
+        }
+        if let Some(limits) = limits {
+            if let Err(answer) = request::tenant_limits(&self.shared, ctx, limits).await {
+                return Ok(Err(answer));
+            }
+        }
         if let Some(answer) = self.prepare_response(session, ctx, &snap).await {
             return Ok(Err(answer));
         }
@@ -185,7 +192,7 @@ impl Proxy {
         if probe == LoginProbe::XmlRpc {
             let body = ctx.body.take();
             if let Err(answer) =
-                edge::login(&self.shared, &snap, session, ctx, probe, body.as_ref())
+                edge::login(&self.shared, &snap, session, ctx, probe, body.as_ref()).await
             {
                 return Ok(Err(answer));
             }

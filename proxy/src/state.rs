@@ -165,6 +165,9 @@ pub struct Shared {
     pub limits: crate::limits::Limits,
     /// Per-address login limiters (survive reloads).
     pub login: crate::edge::LoginLimits,
+    /// `[cluster]`: the Redis that rate limits are shared through (maintained by
+    /// `cluster::supervise` on the control thread).
+    pub cluster: arc_swap::ArcSwapOption<crate::cluster::Cluster>,
     /// Cached asset bundles (survive reloads).
     pub assets: Arc<crate::assets::AssetCache>,
     /// Bumped after each applied reload (WebSockets of tenants entering maintenance
@@ -202,6 +205,7 @@ impl Shared {
             metrics,
             limits: Default::default(),
             login: Default::default(),
+            cluster: arc_swap::ArcSwapOption::empty(),
             assets,
             reloaded: tokio::sync::watch::Sender::new(0),
             certs: Arc::new(portier_certs::CertStore::new()),

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub access_log_dropped: IntCounter,
+    /// `portier_cluster_redis_up`: registered when a `[cluster]` is first configured.
+    pub cluster_up: IntGauge,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
 }
@@ -289,6 +291,11 @@ impl Metrics {
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
         ));
+        let cluster_up = IntGauge::new(
+            "portier_cluster_redis_up",
+            "1 while the [cluster] Redis answers within its timeout (rate limits shared), 0 while replicas fall back to local limits",
+        )
+        .expect("valid metric definition");
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
         }
@@ -319,9 +326,15 @@ impl Metrics {
             cache_hits,
             cache_misses,
             access_log_dropped,
+            cluster_up,
             tenants: DashMap::new(),
             other: OnceLock::new(),
         }
+    }
+
+    /// Exposes `portier_cluster_redis_up` (from the first `[cluster]` on; once).
+    pub fn register_cluster_up(&self) {
+        let _ = self.registry.register(Box::new(self.cluster_up.clone()));
     }
 
     /// Counts one login attempt refused for a tenant (its bounded label).

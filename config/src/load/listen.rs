@@ -1,4 +1,4 @@
-//! `[listen]`, `[log]` and `[tls]`.
+//! `[listen]`, `[log]`, `[cluster]` and `[tls]`.
 
 use super::*;
 
@@ -112,6 +112,88 @@ pub(super) fn read_log(cx: &mut Cx<'_>, t: &DeTable<'_>) -> LogSettings {
     }
     tbl.finish(cx);
     log
+}
+
+/// `[cluster]`: `redis` must be a `redis://` or `rediss://` URL with a host; Redis is
+/// not contacted (`check` works without it).
+pub(super) fn read_cluster(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Cluster> {
+    let mut tbl = Tbl::new(t, "[cluster]", CLUSTER_KEYS);
+    let mut ok = true;
+    let redis = match tbl.get("redis") {
+        Some(v) => match want_str(cx, "redis", v) {
+            Some(s) => match check_redis_url(s) {
+                Ok(()) => Some(s.to_string()),
+                Err(why) => {
+                    cx.error(&v.span(), format!("`redis` {why}"));
+                    None
+                }
+            },
+            None => None,
+        },
+        None => {
+            cx.error(
+                &(0..0),
+                "[cluster] needs `redis`, e.g. redis = \"redis://10.0.2.5:6379/0\"",
+            );
+            None
+        }
+    };
+    let mut key_prefix = "portier:".to_string();
+    if let Some(v) = tbl.get("key_prefix") {
+        match want_str(cx, "key_prefix", v) {
+            Some(s) => key_prefix = s.to_string(),
+            None => ok = false,
+        }
+    }
+    let mut timeout = Duration::from_millis(50);
+    if let Some(v) = tbl.get("timeout") {
+        match want_positive_duration(cx, "timeout", v) {
+            Some(d) => timeout = d,
+            None => ok = false,
+        }
+    }
+    tbl.finish(cx);
+    let redis = redis?;
+    ok.then_some(Cluster {
+        redis,
+        key_prefix,
+        timeout,
+    })
+}
+
+/// A `redis://` or `rediss://` URL with a host (`redis://[user:pass@]host[:port][/db]`).
+fn check_redis_url(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("redis://")
+        .or_else(|| s.strip_prefix("rediss://"))
+        .ok_or_else(|| format!("must be a redis:// or rediss:// URL, not {s:?}"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, after)) => (h, after.strip_prefix(':')),
+            None => ("", None),
+        },
+        None => match host_port.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(format!("has no host: {s:?}"));
+    }
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return Err(format!("has a bad port: {s:?}"));
+    }
+    if let Some(db) = rest
+        .split_once('/')
+        .map(|(_, d)| d.split('?').next().unwrap_or(""))
+    {
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(format!("has a bad database number {db:?}: {s:?}"));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {

@@ -27,7 +27,7 @@ use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::{Diagnostic, Pos};
 
 use cx::*;
-use listen::{read_listen, read_log, read_tls};
+use listen::{read_cluster, read_listen, read_log, read_tls};
 use pool::read_pool;
 use tenant::{read_settings, read_tenant};
 
@@ -74,7 +74,9 @@ pub fn load_str(text: &str, path: &Path) -> Result<(Config, Vec<Diagnostic>), Ve
     }
 }
 
-pub(super) const ROOT_KEYS: &[&str] = &["listen", "log", "tls", "defaults", "pools", "tenants"];
+pub(super) const ROOT_KEYS: &[&str] = &[
+    "listen", "log", "tls", "cluster", "defaults", "pools", "tenants",
+];
 pub(super) const LISTEN_KEYS: &[&str] = &[
     "http",
     "https",
@@ -88,6 +90,7 @@ pub(super) const LISTEN_KEYS: &[&str] = &[
     "idle_timeout",
 ];
 pub(super) const LOG_KEYS: &[&str] = &["access"];
+pub(super) const CLUSTER_KEYS: &[&str] = &["redis", "key_prefix", "timeout"];
 pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts"];
 pub(super) const SETTINGS_KEYS: &[&str] = &[
     "connect_timeout",
@@ -173,6 +176,9 @@ fn read_document(
         Some(v) => want_table(cx, "log", v).map(|t| read_log(cx, t)),
         None => Some(LogSettings { access: true }),
     };
+    let cluster = root
+        .get("cluster")
+        .and_then(|v| want_table(cx, "cluster", v).and_then(|t| read_cluster(cx, t)));
     let tls_val = root.get("tls");
     let tls =
         tls_val.and_then(|v| want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, base_dir)));
@@ -271,6 +277,7 @@ fn read_document(
         listen: listen?,
         log: log?,
         tls,
+        cluster,
         pools,
         tenants,
         hosts,
