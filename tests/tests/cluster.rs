@@ -18,12 +18,17 @@ use support::Redis;
 
 const RPC: &[u8] = br#"{"jsonrpc":"2.0","method":"call","params":{},"id":1}"#;
 
-/// Two tenants with the same integration limit, and `[cluster]` on `redis_url`; no
-/// `admin_cidrs` (the default, loopback, would exempt the tests' login attempts).
-fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis_url: &str, prefix: &str) -> String {
+/// Two tenants with the same integration limit, and `[cluster]` on `redis` (URL, key
+/// prefix) if given; no `admin_cidrs` (the default, loopback, would exempt the tests'
+/// login attempts).
+fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis: Option<(&str, &str)>) -> String {
+    let cluster = redis
+        .map(|(url, prefix)| {
+            format!("[cluster]\nredis = \"{url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"50ms\"\n")
+        })
+        .unwrap_or_default();
     format!(
-        "{}\n[cluster]\nredis = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\ntimeout = \"50ms\"\n\
-         [defaults]\nadmin_cidrs = []\n[pools.p]\nhttp = [\"{worker}\"]\n\
+        "{}\n{cluster}[defaults]\nadmin_cidrs = []\n[pools.p]\nhttp = [\"{worker}\"]\n\
          [tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\nintegration = {limit}\n\
          [tenants.other]\nhosts = [\"other.test\"]\npool = \"p\"\nintegration = {limit}\n",
         ports.listen()
@@ -33,8 +38,9 @@ fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis_url: &str, prefi
 async fn replicas(redis_url: &str, limit: &str, prefix: &str) -> (Portier, Portier, SimWorker) {
     let w = sim("w").await;
     let (pa, pb) = (Ports::new(), Ports::new());
-    let a = Portier::start(&pa, &config(&pa, w.addr(), limit, redis_url, prefix)).await;
-    let b = Portier::start(&pb, &config(&pb, w.addr(), limit, redis_url, prefix)).await;
+    let cluster = Some((redis_url, prefix));
+    let a = Portier::start(&pa, &config(&pa, w.addr(), limit, cluster)).await;
+    let b = Portier::start(&pb, &config(&pb, w.addr(), limit, cluster)).await;
     for p in [&a, &b] {
         wait_status(p, Duration::from_secs(10), |s| {
             s["cluster"]["redis"] == "up" && s["cluster"]["replicas"] == 2
@@ -70,6 +76,8 @@ struct Tally {
     limited: AtomicU64,
     /// Anything but 200 and 429: a failed request.
     failed: AtomicU64,
+    /// The slowest answer (ms).
+    slowest_ms: AtomicU64,
 }
 
 /// Floods `host` through every replica in `targets` (4 keep-alive clients each) for
@@ -85,6 +93,7 @@ async fn flood(targets: &[SocketAddr], host: &'static str, secs: f64) -> (Arc<Ta
             tasks.push(tokio::spawn(async move {
                 let mut conn = connect(addr).await;
                 while Instant::now() < until {
+                    let sent = Instant::now();
                     let r = send(
                         &mut conn,
                         "POST",
@@ -94,6 +103,8 @@ async fn flood(targets: &[SocketAddr], host: &'static str, secs: f64) -> (Arc<Ta
                         Bytes::from_static(RPC),
                     )
                     .await;
+                    let took = sent.elapsed().as_millis() as u64;
+                    tally.slowest_ms.fetch_max(took, Ordering::Relaxed);
                     match r.map(|r| r.status) {
                         Ok(200) => tally.ok.fetch_add(1, Ordering::Relaxed),
                         Ok(429) => tally.limited.fetch_add(1, Ordering::Relaxed),
@@ -205,15 +216,41 @@ async fn two_replicas_share_each_tenants_rate() {
     assert_eq!(passed, 5, "login attempts admitted across two replicas");
 }
 
-/// Redis killed mid-flood: no request fails, both replicas switch to local limits at
-/// half the rate each within `timeout` + a second, say so in `/status` and the metric,
-/// log it once, and together still admit about the configured rate. Redis restarted:
-/// shared limits again.
+/// Redis too slow (`DEBUG SLEEP` blocks it for 2 s) mid-flood: no request waits on it
+/// (none takes a second) or fails, the replicas say "down", and take Redis back when
+/// it answers again. Redis killed mid-flood: no request fails, both replicas switch to
+/// local limits at half the rate each within `timeout` + a second, say so in `/status`
+/// and the metric, log it once, and together still admit about the configured rate.
+/// Redis restarted: shared limits again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_gone_means_local_shares_and_no_failed_request() {
     let mut redis = Redis::start().await;
     let (a, b, _w) = replicas(&redis.url(), "{ rate = \"20/s\", burst = 4 }", "t3:").await;
     let both = [a.http, b.http];
+
+    let flooding = tokio::spawn(async move { flood(&both, "other.test", 3.0).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sleeping = redis.debug_sleep(2.0);
+    wait_status(&a, Duration::from_secs(2), |s| {
+        s["cluster"]["redis"] == "down"
+    })
+    .await;
+    let (t, _) = flooding.await.unwrap();
+    assert_eq!(
+        t.failed.load(Ordering::Relaxed),
+        0,
+        "a request failed while Redis slept"
+    );
+    let slowest = t.slowest_ms.load(Ordering::Relaxed);
+    assert!(
+        slowest < 1000,
+        "a request waited {slowest} ms on a sleeping Redis"
+    );
+    sleeping.join().expect("DEBUG SLEEP answered");
+    for p in [&a, &b] {
+        wait_status(p, Duration::from_secs(5), |s| s["cluster"]["redis"] == "up").await;
+    }
+
     let flooding = tokio::spawn(async move { flood(&both, "acme.test", 4.0).await });
     tokio::time::sleep(Duration::from_millis(1000)).await;
     redis.stop();
@@ -245,7 +282,8 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
             .into_iter()
             .filter(|l| l.contains("Redis unavailable"))
             .collect();
-        assert_eq!(said.len(), 1, "logged once: {said:?}");
+        // Once for the sleep, once for the kill: one line per outage, not per request.
+        assert_eq!(said.len(), 2, "logged once per outage: {said:?}");
         assert!(
             said[0].contains("replicas=2") || said[0].contains("\"replicas\":2"),
             "{said:?}"
@@ -287,13 +325,8 @@ async fn a_redis_that_never_answers_is_down_not_waited_on() {
     let w = sim("w").await;
     let ports = Ports::new();
     let url = format!("redis://127.0.0.1:{port}/0");
-    let cfg = config(
-        &ports,
-        w.addr(),
-        "{ rate = \"5/s\", burst = 3 }",
-        &url,
-        "t4:",
-    );
+    let limit = "{ rate = \"5/s\", burst = 3 }";
+    let cfg = config(&ports, w.addr(), limit, Some((&url, "t4:")));
     let p = Portier::start(&ports, &cfg).await;
     wait_status(&p, Duration::from_secs(5), |s| {
         s["cluster"]["redis"] == "down"
@@ -342,6 +375,16 @@ async fn a_redis_that_never_answers_is_down_not_waited_on() {
 
     let (code, out, err) = run_cli(&["check", "-c", p.config_path().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
+
+    // A reload that removes [cluster]: limits per replica, no cluster in /status.
+    let cfg = config(&ports, w.addr(), limit, None);
+    std::fs::write(p.config_path(), cfg).unwrap();
+    let r = request(p.admin, "POST", "admin", "/reload", &[], Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = status(p.admin).await;
+    assert!(s.get("cluster").is_none(), "{s}");
     drop(p);
     drop(held);
 }

@@ -33,6 +33,7 @@ impl Redis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(["--enable-debug-command", "local"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -44,6 +45,29 @@ impl Redis {
         })
         .await;
         assert!(up, "redis-server did not listen on {addr}");
+    }
+
+    /// `DEBUG SLEEP secs` on a thread: Redis answers nobody for that long. Join the
+    /// handle to wait for its answer.
+    pub fn debug_sleep(&self, secs: f64) -> std::thread::JoinHandle<()> {
+        use std::io::{Read, Write};
+        let port = self.port;
+        let handle = std::thread::spawn(move || {
+            let mut c =
+                std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+            let arg = format!("{secs}");
+            let cmd = format!(
+                "*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n${}\r\n{arg}\r\n",
+                arg.len()
+            );
+            c.write_all(cmd.as_bytes()).expect("send DEBUG SLEEP");
+            let mut reply = [0u8; 5];
+            c.read_exact(&mut reply).expect("DEBUG SLEEP reply");
+            assert_eq!(&reply, b"+OK\r\n");
+        });
+        // Time for the command to reach Redis.
+        std::thread::sleep(Duration::from_millis(50));
+        handle
     }
 
     /// Kills it (SIGKILL, by PID) and waits for it to go.
