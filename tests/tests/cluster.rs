@@ -36,11 +36,21 @@ fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis: Option<(&str, &
 }
 
 async fn replicas(redis_url: &str, limit: &str, prefix: &str) -> (Portier, Portier, SimWorker) {
+    replicas_with(redis_url, limit, prefix, &[]).await
+}
+
+/// Two replicas on one Redis, each started with `env`; waits until both see each other.
+async fn replicas_with(
+    redis_url: &str,
+    limit: &str,
+    prefix: &str,
+    env: &[(&str, &str)],
+) -> (Portier, Portier, SimWorker) {
     let w = sim("w").await;
     let (pa, pb) = (Ports::new(), Ports::new());
     let cluster = Some((redis_url, prefix));
-    let a = Portier::start(&pa, &config(&pa, w.addr(), limit, cluster)).await;
-    let b = Portier::start(&pb, &config(&pb, w.addr(), limit, cluster)).await;
+    let a = Portier::start_with(&pa, &config(&pa, w.addr(), limit, cluster), env).await;
+    let b = Portier::start_with(&pb, &config(&pb, w.addr(), limit, cluster), env).await;
     for p in [&a, &b] {
         wait_status(p, Duration::from_secs(10), |s| {
             s["cluster"]["redis"] == "up" && s["cluster"]["replicas"] == 2
@@ -302,6 +312,38 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
         assert!(p.stderr().iter().any(|l| l.contains("Redis reached")));
     }
     flood_within_limit(&both, "other.test", 2.0, 20.0, 4.0, "shared again").await;
+}
+
+/// `rediss://`: the same sharing over TLS (rustls), the server's certificate checked
+/// against the roots in `SSL_CERT_FILE` (here the test CA; by default the system's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_through_redis_over_tls() {
+    let pki = TestPki::new();
+    let redis = Redis::start_tls(&pki).await;
+    assert!(redis.url().starts_with("rediss://"));
+    let ca = tempfile::tempdir().unwrap();
+    let ca_file = ca.path().join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
+    let limit = "{ rate = \"20/s\", burst = 5 }";
+    let (a, b, _w) = replicas_with(&redis.url(), limit, "t5:", &env).await;
+    flood_within_limit(&[a.http, b.http], "acme.test", 2.0, 20.0, 5.0, "over TLS").await;
+
+    // A replica that does not trust the server's certificate does not share: down.
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let cfg = config(&ports, w.addr(), limit, Some((&redis.url(), "t5:")));
+    let untrusting = Portier::start(&ports, &cfg).await;
+    let said = eventually(Duration::from_secs(5), || {
+        untrusting
+            .stderr()
+            .iter()
+            .any(|l| l.contains("Redis unavailable"))
+    })
+    .await;
+    assert!(said, "{}", untrusting.stderr().join("\n"));
+    let s = status(untrusting.admin).await;
+    assert_eq!(s["cluster"]["redis"], "down", "{s}");
 }
 
 /// A "Redis" that accepts connections and never answers is down, not waited on: every

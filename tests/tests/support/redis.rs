@@ -10,6 +10,8 @@ use portier_tests::*;
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// With TLS: the directory of its certificate and key (rediss://).
+    tls: Option<tempfile::TempDir>,
 }
 
 impl Redis {
@@ -17,20 +19,52 @@ impl Redis {
         let mut r = Redis {
             port: free_port(),
             child: None,
+            tls: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    /// TLS only (`rediss://`), with a certificate for 127.0.0.1 from `pki`; clients
+    /// are not asked for one.
+    pub async fn start_tls(pki: &TestPki) -> Redis {
+        let dir = tempfile::tempdir().expect("temp dir");
+        pki.write_pair(dir.path(), "redis", &["127.0.0.1"], 30);
+        std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).expect("write ca");
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            tls: Some(dir),
         };
         r.restart().await;
         r
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// Starts (again) on the same port; waits until it accepts connections.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(dir) => {
+                let file = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+                cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .args(["--tls-cert-file", &file("redis.crt")])
+                    .args(["--tls-key-file", &file("redis.key")])
+                    .args(["--tls-ca-cert-file", &file("ca.pem")])
+                    .args(["--tls-auth-clients", "no"])
+            }
+        };
+        let child = cmd
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .args(["--enable-debug-command", "local"])
