@@ -1,6 +1,7 @@
 //! `portier-bench`: portier's bench harness. See benches/README.md.
 
 mod chaos;
+mod cluster;
 mod compare;
 mod exhaustion;
 mod failure;
@@ -144,6 +145,15 @@ enum Command {
         tricklers: usize,
         #[arg(long, default_value_t = 20_000)]
         churn: usize,
+    },
+    /// Cluster mode: the cost of [cluster] on interactive requests, and a tenant
+    /// flooding two replicas held to its rate with Redis up and after it stops.
+    Cluster {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The flooding tenant's integration limit, requests per second.
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
     },
     /// A login storm: browsers open an Odoo page and its four asset bundles; asset
     /// cache on/off and compression off: worker requests, page latency, bytes.
@@ -444,6 +454,20 @@ fn main() -> ExitCode {
                 rt.block_on(exhaustion::run(&opts)),
                 exhaustion::table,
                 exhaustion::json,
+                out,
+            )
+        }
+        Command::Cluster { seconds, limit } => {
+            let opts = cluster::Opts {
+                portier,
+                seconds,
+                limit,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(cluster::run(&opts)),
+                cluster::table,
+                |r| cluster::json(r, &opts),
                 out,
             )
         }

@@ -333,6 +333,23 @@ impl Cluster {
         });
     }
 
+    /// A replica going away (draining) takes its announcement back, so the others'
+    /// share while Redis is down is not computed with it (best effort: otherwise it
+    /// lapses after `REPLICA_TTL_MS`).
+    async fn leave(&self) {
+        let Some(conn) = self.conn.load_full().filter(|_| self.is_up()) else {
+            return;
+        };
+        let mut conn = (*conn).clone();
+        let key = format!("{}replicas", self.cfg.key_prefix);
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(key).arg(&self.id);
+        let left = tokio::time::timeout(self.cfg.timeout, cmd.query_async::<i64>(&mut conn)).await;
+        if !matches!(left, Ok(Ok(1))) {
+            tracing::debug!("cluster: could not take this replica's announcement back");
+        }
+    }
+
     /// Connects if needed and announces this replica; the replicas alive.
     async fn reach(&self) -> Result<u32, String> {
         let timeout = self.cfg.timeout;
@@ -395,6 +412,13 @@ pub async fn supervise(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if shared.draining.load(Ordering::Acquire) {
+            // Going away: no more announcements; the lease state serves the drain.
+            if let Some(c) = shared.cluster.load_full() {
+                c.leave().await;
+            }
+            return;
+        }
         let want = shared.snapshot.load().config.cluster.clone();
         let current = shared.cluster.load_full();
         match (&want, &current) {

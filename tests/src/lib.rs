@@ -51,11 +51,23 @@ pub fn portier_bin() -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+/// Never the same port twice in one test process: the kernel may hand a released port
+/// out again, and two tests running at once would then start two processes on it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let Ok(mut given) = GIVEN.lock() else {
+            return port;
+        };
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn local(port: u16) -> SocketAddr {

@@ -201,7 +201,8 @@ async fn two_replicas_share_each_tenants_rate() {
     drop((a, b));
 
     // A rate high enough for leases of several tokens.
-    let (a, b, _w) = replicas(&redis.url(), "{ rate = \"200/s\", burst = 20 }", "t2:").await;
+    let limit2 = "{ rate = \"200/s\", burst = 20 }";
+    let (a, b, w2) = replicas(&redis.url(), limit2, "t2:").await;
     flood_within_limit(&[a.http, b.http], "acme.test", 2.0, 200.0, 20.0, "leased").await;
 
     // Login attempts from one address: the default budget (burst 5) across both.
@@ -224,6 +225,29 @@ async fn two_replicas_share_each_tenants_rate() {
         }
     }
     assert_eq!(passed, 5, "login attempts admitted across two replicas");
+
+    // A third replica is counted; stopped (SIGTERM), it takes its announcement back at
+    // once instead of being counted until it lapses (10 s).
+    let pc = Ports::new();
+    let cfg = config(&pc, w2.addr(), limit2, Some((&redis.url(), "t2:")));
+    let mut c = Portier::start(&pc, &cfg).await;
+    wait_status(&a, Duration::from_secs(5), |s| {
+        s["cluster"]["replicas"] == 3
+    })
+    .await;
+    c.signal("TERM");
+    assert!(
+        c.wait_exit(Duration::from_secs(10)).is_some(),
+        "the third replica did not exit"
+    );
+    let took = wait_status(&a, Duration::from_secs(8), |s| {
+        s["cluster"]["replicas"] == 2
+    })
+    .await;
+    assert!(
+        took < Duration::from_secs(4),
+        "counted {took:?} after it left"
+    );
 }
 
 /// Redis too slow (`DEBUG SLEEP` blocks it for 2 s) mid-flood: no request waits on it
