@@ -30,6 +30,9 @@ pub struct Opts {
     pub proxy_cpus: Option<String>,
 }
 
+/// Rounds of the cost phases (off, on, off, on, ...).
+const ROUNDS: usize = 3;
+
 pub struct CostPhase {
     pub name: &'static str,
     pub stats: Stats,
@@ -198,7 +201,10 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         "/web/dataset/call_kw/res.partner/read?size=2048",
     ));
     let mut cost = Vec::new();
-    for (name, cluster) in [("[cluster] off", None), ("[cluster] on", Some(redis.port))] {
+    // Off and on alternate, `ROUNDS` times each: this machine's throughput drifts by
+    // ±10 % between runs, more than what is measured.
+    let configs = [("[cluster] off", None), ("[cluster] on", Some(redis.port))];
+    for (name, cluster) in (0..ROUNDS).flat_map(|_| configs) {
         let started = start(
             opts,
             dir.path(),
@@ -319,6 +325,22 @@ pub fn table(r: &Report) -> String {
             p.stats.failures(),
         ));
     }
+    let median = |name: &str, f: &dyn Fn(&CostPhase) -> f64| {
+        let mut v: Vec<f64> = r.cost.iter().filter(|p| p.name == name).map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let rps = |p: &CostPhase| p.stats.rps();
+    let p99 = |p: &CostPhase| p.stats.ms(0.99);
+    let cpu_us = |p: &CostPhase| p.cpu_seconds * 1e6 / p.stats.answered().max(1) as f64;
+    out.push_str(&format!(
+        "\nMedians of {ROUNDS} rounds, on / off: req/s {:.3}x, p99 {:.3}x, portier CPU per request {:.1} µs / {:.1} µs ({:.3}x).\n",
+        median("[cluster] on", &rps) / median("[cluster] off", &rps).max(1e-9),
+        median("[cluster] on", &p99) / median("[cluster] off", &p99).max(1e-9),
+        median("[cluster] on", &cpu_us),
+        median("[cluster] off", &cpu_us),
+        median("[cluster] on", &cpu_us) / median("[cluster] off", &cpu_us).max(1e-9),
+    ));
     out.push_str(
         "\n| flooding tenant | admitted | allowed by the limit | admitted / allowed | refused (429) | failed |\n|---|---|---|---|---|---|\n",
     );
