@@ -43,7 +43,9 @@ const IDLE_LEASE_MS: u64 = 10_000;
 /// One GCRA in Redis, taking up to `want` tokens at once.
 /// KEYS[1]: the limit's key (its theoretical arrival time, µs of Redis' clock).
 /// ARGV: emission interval (µs), burst, tokens wanted.
-/// Returns {granted, ms until one token is due, ms until `want` tokens are due}.
+/// Returns {granted, ms until one more token is due, ms until `want` more are due}:
+/// a replica that spends its lease asks again only then (a flood costs each replica
+/// one call per lease, not a grant and a refusal).
 /// Redis' own clock (`TIME`) is used, so replicas' clocks need not agree.
 const GCRA_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -62,7 +64,9 @@ end
 local n = math.min(want, avail)
 tat = tat + n * interval
 redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-return {n, 0, 0}
+local next = tat + want * interval - tolerance - now
+if next < 0 then next = 0 end
+return {n, math.ceil((tat + interval - tolerance - now) / 1000), math.ceil(next / 1000)}
 "#;
 
 /// A replica announces itself: KEYS[1] the sorted set of replicas, ARGV: this replica's
@@ -249,11 +253,19 @@ impl Cluster {
                 .store(now + wait_all.max(1), Ordering::Release);
             return Verdict::Deny(retry);
         }
-        // One of the granted tokens is this request's.
+        // One of the granted tokens is this request's. Once the rest is spent, refuse
+        // locally until `want` more are due (none is due earlier: Redis' state says so).
         lease.tokens.store(granted - 1, Ordering::Release);
         lease
             .expires_ms
             .store(now + LEASE_TTL_MS, Ordering::Release);
+        if wait_all > 0 {
+            let retry = wait_one.div_ceil(1000).max(1);
+            lease.retry_after.store(retry, Ordering::Relaxed);
+            lease
+                .denied_until_ms
+                .store(now + wait_all, Ordering::Release);
+        }
         Verdict::Admit
     }
 
@@ -405,6 +417,22 @@ pub fn share(rate: Rate, burst: u32, replicas: u32) -> (Rate, u32) {
     )
 }
 
+/// At the start of a drain (on the drain thread): this replica's announcement is
+/// taken back, so the others' share while Redis is down no longer counts it.
+pub fn leave(shared: &Shared) {
+    let Some(c) = shared.cluster.load_full() else {
+        return;
+    };
+    // The connection's driver runs on the control thread; this only waits for it.
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt.block_on(c.leave()),
+        Err(e) => tracing::debug!(error = %e, "cluster: no runtime to leave with"),
+    }
+}
+
 /// The background task (control thread): applies `[cluster]` changes from reloads and
 /// keeps the connection, the announcement and the lease table up to date.
 pub async fn supervise(shared: Arc<Shared>) {
@@ -413,10 +441,8 @@ pub async fn supervise(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         if shared.draining.load(Ordering::Acquire) {
-            // Going away: no more announcements; the lease state serves the drain.
-            if let Some(c) = shared.cluster.load_full() {
-                c.leave().await;
-            }
+            // Going away (`leave` takes the announcement back): no more announcements;
+            // the lease state serves the drain.
             return;
         }
         let want = shared.snapshot.load().config.cluster.clone();

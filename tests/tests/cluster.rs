@@ -18,8 +18,9 @@ use support::Redis;
 
 const RPC: &[u8] = br#"{"jsonrpc":"2.0","method":"call","params":{},"id":1}"#;
 
-/// Two tenants with the same integration limit, and `[cluster]` on `redis` (URL, key
-/// prefix) if given; no `admin_cidrs` (the default, loopback, would exempt the tests'
+/// Two tenants with the same integration limit (`acme` also as its interactive limit),
+/// a third (`slow`) with only a concurrency limit of 1, and `[cluster]` on `redis` (URL,
+/// key prefix) if given; no `admin_cidrs` (the default, loopback, would exempt the tests'
 /// login attempts).
 fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis: Option<(&str, &str)>) -> String {
     let cluster = redis
@@ -29,8 +30,9 @@ fn config(ports: &Ports, worker: SocketAddr, limit: &str, redis: Option<(&str, &
         .unwrap_or_default();
     format!(
         "{}\n{cluster}[defaults]\nadmin_cidrs = []\n[pools.p]\nhttp = [\"{worker}\"]\n\
-         [tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\nintegration = {limit}\n\
-         [tenants.other]\nhosts = [\"other.test\"]\npool = \"p\"\nintegration = {limit}\n",
+         [tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\nintegration = {limit}\ninteractive = {limit}\n\
+         [tenants.other]\nhosts = [\"other.test\"]\npool = \"p\"\nintegration = {limit}\n\
+         [tenants.slow]\nhosts = [\"slow.test\"]\npool = \"p\"\nintegration = {{ concurrency = 1 }}\n",
         ports.listen()
     )
 }
@@ -90,9 +92,18 @@ struct Tally {
     slowest_ms: AtomicU64,
 }
 
-/// Floods `host` through every replica in `targets` (4 keep-alive clients each) for
-/// `secs`; returns the tally and the time it took.
-async fn flood(targets: &[SocketAddr], host: &'static str, secs: f64) -> (Arc<Tally>, Duration) {
+/// JSON-RPC of the web client (interactive) and of an integration.
+const INTERACTIVE: &str = "/web/dataset/call_kw/res.partner/read";
+const INTEGRATION: &str = "/jsonrpc";
+
+/// POSTs to `host` `path` through every replica in `targets` (4 keep-alive clients
+/// each) for `secs`; returns the tally and the time it took.
+async fn flood(
+    targets: &[SocketAddr],
+    host: &'static str,
+    path: &'static str,
+    secs: f64,
+) -> (Arc<Tally>, Duration) {
     let tally = Arc::new(Tally::default());
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
@@ -108,7 +119,7 @@ async fn flood(targets: &[SocketAddr], host: &'static str, secs: f64) -> (Arc<Ta
                         &mut conn,
                         "POST",
                         host,
-                        "/jsonrpc",
+                        path,
                         &[("content-type", "application/json")],
                         Bytes::from_static(RPC),
                     )
@@ -151,12 +162,13 @@ fn assert_within_10pct(admitted: u64, rate: f64, burst: f64, elapsed: Duration, 
 async fn flood_within_limit(
     targets: &[SocketAddr],
     host: &'static str,
+    path: &'static str,
     secs: f64,
     rate: f64,
     burst: f64,
     what: &str,
 ) -> Arc<Tally> {
-    let (t, elapsed) = flood(targets, host, secs).await;
+    let (t, elapsed) = flood(targets, host, path, secs).await;
     assert_eq!(
         t.failed.load(Ordering::Relaxed),
         0,
@@ -189,21 +201,76 @@ async fn two_replicas_share_each_tenants_rate() {
         Some("1")
     );
     let both = [a.http, b.http];
-    let (acme, other) = tokio::join!(
-        flood_within_limit(&both, "acme.test", 3.0, 20.0, 5.0, "acme"),
-        flood_within_limit(&both, "other.test", 3.0, 20.0, 5.0, "other")
+    let (acme, other, clicks) = tokio::join!(
+        flood_within_limit(&both, "acme.test", INTEGRATION, 3.0, 20.0, 5.0, "acme"),
+        flood_within_limit(&both, "other.test", INTEGRATION, 3.0, 20.0, 5.0, "other"),
+        flood_within_limit(
+            &both,
+            "acme.test",
+            INTERACTIVE,
+            3.0,
+            20.0,
+            5.0,
+            "acme interactive"
+        )
     );
     assert_eq!(
         w.hits(),
-        acme.ok.load(Ordering::Relaxed) + other.ok.load(Ordering::Relaxed),
+        [acme, other, clicks]
+            .iter()
+            .map(|t| t.ok.load(Ordering::Relaxed))
+            .sum::<u64>(),
         "a refused request reached the worker"
     );
+
+    // Concurrency stays per replica: one slow call at a time on each, so two at once
+    // across two replicas, and a second one on the same replica is refused.
+    let slow = |p: SocketAddr| async move {
+        let r = request(
+            p,
+            "POST",
+            "slow.test",
+            "/jsonrpc?sleep_ms=600",
+            &[],
+            Bytes::from_static(RPC),
+        );
+        r.await.map(|r| r.status).unwrap_or(0)
+    };
+    let (sa, sb, sa2) = tokio::join!(slow(a.http), slow(b.http), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        slow(a.http).await
+    });
+    assert_eq!((sa, sb, sa2), (200, 200, 429), "per-replica concurrency");
     drop((a, b));
 
     // A rate high enough for leases of several tokens.
     let limit2 = "{ rate = \"200/s\", burst = 20 }";
     let (a, b, w2) = replicas(&redis.url(), limit2, "t2:").await;
-    flood_within_limit(&[a.http, b.http], "acme.test", 2.0, 200.0, 20.0, "leased").await;
+    let calls0 = redis.script_calls();
+    let t = flood_within_limit(
+        &[a.http, b.http],
+        "acme.test",
+        INTEGRATION,
+        2.0,
+        200.0,
+        20.0,
+        "leased",
+    )
+    .await;
+    // Most requests do not reach Redis: leases of 10 tokens, refusals answered from the
+    // lease state until 10 tokens are due again.
+    let calls = redis.script_calls() - calls0;
+    let (ok, refused) = (
+        t.ok.load(Ordering::Relaxed),
+        t.limited.load(Ordering::Relaxed),
+    );
+    eprintln!("leased: {calls} Redis calls for {ok} admitted and {refused} refused");
+    assert!(calls * 3 < ok, "{calls} Redis calls for {ok} admitted");
+    assert!(
+        calls * 10 < ok + refused,
+        "{calls} Redis calls for {} requests",
+        ok + refused
+    );
 
     // Login attempts from one address: the default budget (burst 5) across both.
     let mut passed = 0;
@@ -225,6 +292,17 @@ async fn two_replicas_share_each_tenants_rate() {
         }
     }
     assert_eq!(passed, 5, "login attempts admitted across two replicas");
+
+    // A replica with another key_prefix is another cluster: not counted.
+    let px = Ports::new();
+    let cfg = config(&px, w2.addr(), limit2, Some((&redis.url(), "elsewhere:")));
+    let x = Portier::start(&px, &cfg).await;
+    wait_status(&x, Duration::from_secs(5), |s| {
+        s["cluster"]["replicas"] == 1
+    })
+    .await;
+    assert_eq!(status(a.admin).await["cluster"]["replicas"], 2);
+    drop(x);
 
     // A third replica is counted; stopped (SIGTERM), it takes its announcement back at
     // once instead of being counted until it lapses (10 s).
@@ -262,7 +340,7 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
     let (a, b, _w) = replicas(&redis.url(), "{ rate = \"20/s\", burst = 4 }", "t3:").await;
     let both = [a.http, b.http];
 
-    let flooding = tokio::spawn(async move { flood(&both, "other.test", 3.0).await });
+    let flooding = tokio::spawn(async move { flood(&both, "other.test", INTEGRATION, 3.0).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sleeping = redis.debug_sleep(2.0);
     wait_status(&a, Duration::from_secs(2), |s| {
@@ -285,7 +363,7 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
         wait_status(p, Duration::from_secs(5), |s| s["cluster"]["redis"] == "up").await;
     }
 
-    let flooding = tokio::spawn(async move { flood(&both, "acme.test", 4.0).await });
+    let flooding = tokio::spawn(async move { flood(&both, "acme.test", INTEGRATION, 4.0).await });
     tokio::time::sleep(Duration::from_millis(1000)).await;
     redis.stop();
     let took = wait_status(&a, Duration::from_secs(5), |s| {
@@ -324,7 +402,16 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
         );
     }
     // Local shares: 10/s and a burst of 2 each, so about the configured rate together.
-    flood_within_limit(&both, "acme.test", 2.0, 20.0, 4.0, "local shares").await;
+    flood_within_limit(
+        &both,
+        "acme.test",
+        INTEGRATION,
+        2.0,
+        20.0,
+        4.0,
+        "local shares",
+    )
+    .await;
 
     redis.restart().await;
     for p in [&a, &b] {
@@ -335,7 +422,16 @@ async fn redis_gone_means_local_shares_and_no_failed_request() {
         );
         assert!(p.stderr().iter().any(|l| l.contains("Redis reached")));
     }
-    flood_within_limit(&both, "other.test", 2.0, 20.0, 4.0, "shared again").await;
+    flood_within_limit(
+        &both,
+        "other.test",
+        INTEGRATION,
+        2.0,
+        20.0,
+        4.0,
+        "shared again",
+    )
+    .await;
 }
 
 /// `rediss://`: the same sharing over TLS (rustls), the server's certificate checked
@@ -351,7 +447,16 @@ async fn replicas_share_through_redis_over_tls() {
     let env = [("SSL_CERT_FILE", ca_file.to_str().unwrap())];
     let limit = "{ rate = \"20/s\", burst = 5 }";
     let (a, b, _w) = replicas_with(&redis.url(), limit, "t5:", &env).await;
-    flood_within_limit(&[a.http, b.http], "acme.test", 2.0, 20.0, 5.0, "over TLS").await;
+    flood_within_limit(
+        &[a.http, b.http],
+        "acme.test",
+        INTEGRATION,
+        2.0,
+        20.0,
+        5.0,
+        "over TLS",
+    )
+    .await;
 
     // A replica that does not trust the server's certificate does not share: down.
     let w = sim("w").await;

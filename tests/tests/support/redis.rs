@@ -104,6 +104,27 @@ impl Redis {
         handle
     }
 
+    /// Lua script calls (`EVALSHA` and `EVAL`) it has answered, from `INFO commandstats`.
+    pub fn script_calls(&self) -> u64 {
+        let out = Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "info",
+                "commandstats",
+            ])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| l.split([':', ',']).find_map(|kv| kv.strip_prefix("calls=")))
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    }
+
     /// Kills it (SIGKILL, by PID) and waits for it to go.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
