@@ -114,6 +114,13 @@ impl TlsSettings {
         self.alpn_protocols = Some(alpn.to_wire_protocols());
     }
 
+    /// Set the ALPN protocols offered, in order of preference, as raw protocol names
+    /// (e.g. `acme-tls/1` after `h2` and `http/1.1`, RFC 8737). A connection that
+    /// negotiates a protocol other than `h2` is served as HTTP/1.x.
+    pub fn set_alpn_protocols(&mut self, protocols: Vec<Vec<u8>>) {
+        self.alpn_protocols = Some(protocols);
+    }
+
     /// Configure mTLS by providing a rustls client certificate verifier.
     pub fn set_client_cert_verifier(&mut self, verifier: Arc<dyn ClientCertVerifier>) {
         self.client_cert_verifier = Some(verifier);
