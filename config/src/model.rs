@@ -92,6 +92,30 @@ pub struct Tls {
     pub default_pos: Option<Pos>,
     pub redirect_http: bool,
     pub hsts: Option<String>,
+    /// `[tls.acme]` (r2): certificates obtained and renewed automatically.
+    pub acme: Option<Acme>,
+}
+
+/// `[tls.acme]`: the ACME account and what to order (RFC 8555).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Acme {
+    /// The account's contact (`mailto:`), if any.
+    pub email: Option<String>,
+    pub directory: String,
+    pub challenge: AcmeChallenge,
+    /// An extra root trusted for the directory's TLS (private ACME servers, tests).
+    pub ca: Option<PathBuf>,
+    /// Renew when a certificate has less than this left.
+    pub renew_before: Duration,
+    /// Template tenants: order a host's certificate at its first handshake.
+    pub on_demand: bool,
+    pub on_demand_rate: Rate,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    Http01,
+    TlsAlpn01,
 }
 
 /// Per-tenant settings: `[defaults]`, overridden key by key in a tenant.

@@ -246,15 +246,22 @@ pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Opt
             }
         }
     }
+    let mut acme = None;
+    let mut acme_ok = true;
+    if let Some(v) = tbl.get("acme") {
+        acme = want_table(cx, "tls.acme", v).and_then(|t| super::acme::read_acme(cx, t, base_dir));
+        acme_ok = acme.is_some();
+    }
     tbl.finish(cx);
     let (certs, certs_pos) = certs?;
-    Some(Tls {
+    acme_ok.then_some(Tls {
         certs,
         certs_pos,
         default,
         default_pos,
         redirect_http,
         hsts,
+        acme,
     })
 }
 

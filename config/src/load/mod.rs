@@ -5,6 +5,7 @@
 //! the file has a module of its own: `listen` (`[listen]`, `[log]`, `[tls]`), `pool`
 //! (`[pools.*]`), `tenant` (`[defaults]` and `[tenants.*]`).
 
+mod acme;
 mod cx;
 mod listen;
 mod pool;
@@ -28,6 +29,7 @@ use crate::{Diagnostic, Pos};
 
 use cx::*;
 use listen::{read_cluster, read_listen, read_log, read_tls};
+
 use pool::read_pool;
 use tenant::{read_settings, read_tenant};
 
@@ -91,7 +93,16 @@ pub(super) const LISTEN_KEYS: &[&str] = &[
 ];
 pub(super) const LOG_KEYS: &[&str] = &["access"];
 pub(super) const CLUSTER_KEYS: &[&str] = &["redis", "key_prefix", "timeout"];
-pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts"];
+pub(super) const TLS_KEYS: &[&str] = &["certs", "default", "redirect_http", "hsts", "acme"];
+pub(super) const ACME_KEYS: &[&str] = &[
+    "email",
+    "directory",
+    "challenge",
+    "ca",
+    "renew_before",
+    "on_demand",
+    "on_demand_rate",
+];
 pub(super) const SETTINGS_KEYS: &[&str] = &[
     "connect_timeout",
     "request_timeout",
@@ -263,6 +274,12 @@ fn read_document(
             cx.error(
                 &(0..0),
                 "`listen.https` is set but there is no [tls] section",
+            );
+        }
+        if l.https.is_none() && tls.as_ref().is_some_and(|t| t.acme.is_some()) {
+            cx.error(
+                &(0..0),
+                "[tls.acme] needs an `https` listener (certificates are for it; TLS-ALPN-01 is answered on it)",
             );
         }
         if l.http.is_none() && l.https.is_none() {
