@@ -305,10 +305,16 @@ pub struct ReloadReport {
     pub kept: Vec<String>,
 }
 
+/// The ALPN protocol of ACME's TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// The live certificate set, swapped atomically on reload.
 #[derive(Default)]
 pub struct CertStore {
     index: ArcSwap<Index>,
+    /// Where TLS-ALPN-01 challenge certificates are written (`HOST.crt` + `HOST.key`),
+    /// by this replica or another sharing the directory; `None` without ACME.
+    alpn_challenges: arc_swap::ArcSwapOption<PathBuf>,
 }
 
 impl CertStore {
@@ -349,6 +355,35 @@ impl CertStore {
         self.len() == 0
     }
 
+    /// Sets (or clears) the directory of TLS-ALPN-01 challenge certificates.
+    pub fn set_alpn_challenge_dir(&self, dir: Option<PathBuf>) {
+        self.alpn_challenges.store(dir.map(Arc::new));
+    }
+
+    /// The challenge certificate for `host`, read from the challenge directory (only
+    /// validation handshakes, which offer nothing but `acme-tls/1`, come here).
+    fn alpn_challenge(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let dir = self.alpn_challenges.load_full()?;
+        let plain = !host.is_empty()
+            && !host.starts_with('.')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !plain {
+            return None;
+        }
+        let crt = read(&dir.join(format!("{host}.crt"))).ok()?;
+        let key = read(&dir.join(format!("{host}.key"))).ok()?;
+        // Not `load_pair`: webpki (behind rustls' key check) rejects the challenge
+        // certificate's critical acmeIdentifier extension, which only the validator reads.
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let der = PrivateKeyDer::from_pem_slice(&key).ok()?;
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&der).ok()?;
+        Some(Arc::new(CertifiedKey::new(chain, signer)))
+    }
+
     /// True when a certificate names `host` (the default pair does not count).
     pub fn covers(&self, host: &str) -> bool {
         let index = self.index.load();
@@ -376,6 +411,13 @@ impl ResolvesServerCert for Resolver {
         let sni = hello
             .server_name()
             .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+        if hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN))
+        {
+            // A TLS-ALPN-01 validation: the challenge certificate or nothing.
+            return self.0.alpn_challenge(sni.as_deref()?);
+        }
         index.lookup(sni.as_deref()).map(|p| p.key.clone())
     }
 }

@@ -56,6 +56,8 @@ pub enum Answer {
     LoginLimited { tenant: Arc<str>, retry_after: u64 },
     /// A fresh asset-cache entry.
     Cached(Arc<crate::assets::Entry>),
+    /// `200` with an ACME HTTP-01 key authorization.
+    AcmeChallenge(Bytes),
 }
 
 impl Answer {
@@ -95,7 +97,7 @@ impl Answer {
             Answer::NoSlot(why) => Some(*why),
             Answer::Maintenance => Some(Refusal::Maintenance),
             Answer::LoginLimited { .. } => Some(Refusal::LoginLimited),
-            Answer::Cached(_) => None,
+            Answer::Cached(_) | Answer::AcmeChallenge(_) => None,
         }
     }
 }
@@ -181,6 +183,13 @@ impl From<Answer> for Reply {
                 body: Bytes::new(),
                 extra: None,
                 close: true,
+            },
+            Answer::AcmeChallenge(key_authorization) => Reply {
+                status: 200,
+                content_type: "application/octet-stream",
+                body: key_authorization,
+                extra: None,
+                close: false,
             },
             Answer::NoSlot(why) => Reply {
                 status: 503,

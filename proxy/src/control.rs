@@ -70,6 +70,7 @@ pub async fn run(
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
     tokio::spawn(crate::cluster::supervise(shared.clone()));
+    tokio::spawn(crate::acme::run(shared.clone()));
 
     // File watching: changes arrive here and are debounced.
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
@@ -382,6 +383,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "certificates": shared.certs.len(),
         "pools": pools,
     });
+    if snap.config.tls.as_ref().is_some_and(|t| t.acme.is_some()) {
+        status["acme"] = shared.acme.status_json();
+    }
     if snap.config.cluster.is_some() {
         let cluster = shared.cluster.load();
         let (up, replicas) = match &*cluster {

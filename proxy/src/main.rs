@@ -1,6 +1,7 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
 mod access_log;
+mod acme;
 mod admission;
 mod answer;
 mod assets;

@@ -61,7 +61,8 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
     let listen = config.listen.clone();
     let shared = Shared::new(config, config_path);
     crate::tls::reload_certs(&shared);
-    if listen.https.is_some() && shared.certs.is_empty() {
+    let acme = config_has_acme(&shared);
+    if listen.https.is_some() && shared.certs.is_empty() && !acme {
         eprintln!("portier: the https listener has no certificate to serve (see the errors above)");
         return 1;
     }
@@ -148,7 +149,14 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
             }
         };
         settings.set_cert_resolver(Arc::new(portier_certs::Resolver(shared.certs.clone())));
-        settings.enable_h2();
+        // h2, http/1.1, and acme-tls/1 for TLS-ALPN-01 validations (vendor patch 12:
+        // rustls refuses a handshake whose offered protocols it does not list; clients
+        // never offer it, and the resolver answers it only with a challenge certificate).
+        settings.set_alpn_protocols(vec![
+            b"h2".to_vec(),
+            b"http/1.1".to_vec(),
+            portier_certs::ACME_TLS_ALPN.to_vec(),
+        ]);
         // TLS reads whole records (up to 16 KiB): one record's worth of L4 read buffer
         // saves syscalls without the 64 KiB default per connection.
         proxy.add_listener(
@@ -216,6 +224,18 @@ impl ShutdownSignalWatch for SignalWatch {
         begin_drain(&self.shared, self.drain);
         ShutdownSignal::GracefulTerminate
     }
+}
+
+/// With `[tls.acme]` the https listener may start without a certificate: ACME's
+/// arrive in the directory, and until then handshakes fail as without one.
+fn config_has_acme(shared: &Shared) -> bool {
+    shared
+        .snapshot
+        .load()
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.acme.is_some())
 }
 
 /// Marks the process as draining and exits as soon as no request is in flight (or

@@ -147,6 +147,7 @@ impl Proxy {
         let phases = (|| {
             request::check_framing(session)?;
             let host = request::host(session)?;
+            crate::acme::http01(&snap, session, ctx)?;
             request::https_redirect(&self.shared, &snap, session, ctx, &host)?;
             let m = request::tenant(&self.shared, &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;

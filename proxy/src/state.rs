@@ -168,6 +168,8 @@ pub struct Shared {
     /// `[cluster]`: the Redis that rate limits are shared through (maintained by
     /// `cluster::supervise` on the control thread).
     pub cluster: arc_swap::ArcSwapOption<crate::cluster::Cluster>,
+    /// ACME's hosts and account (survive reloads).
+    pub acme: crate::acme::AcmeState,
     /// Cached asset bundles (survive reloads).
     pub assets: Arc<crate::assets::AssetCache>,
     /// Bumped after each applied reload (WebSockets of tenants entering maintenance
@@ -206,6 +208,7 @@ impl Shared {
             limits: Default::default(),
             login: Default::default(),
             cluster: arc_swap::ArcSwapOption::empty(),
+            acme: Default::default(),
             assets,
             reloaded: tokio::sync::watch::Sender::new(0),
             certs: Arc::new(portier_certs::CertStore::new()),

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub access_log_dropped: IntCounter,
+    /// `portier_acme_orders_total{result}`: ok, error.
+    pub acme_orders: IntCounterVec,
     /// `portier_cluster_redis_up`: registered when a `[cluster]` is first configured.
     pub cluster_up: IntGauge,
     tenants: DashMap<String, Arc<TenantStats>>,
@@ -291,6 +293,16 @@ impl Metrics {
             "portier_access_log_dropped_total",
             "Access-log lines dropped because stderr could not keep up"
         ));
+        let acme_orders = reg!(IntCounterVec::new(
+            Opts::new(
+                "portier_acme_orders_total",
+                "ACME certificate orders (new and renewals), by result: ok or error"
+            ),
+            &["result"]
+        ));
+        for r in ["ok", "error"] {
+            acme_orders.with_label_values(&[r]);
+        }
         let cluster_up = IntGauge::new(
             "portier_cluster_redis_up",
             "1 while the [cluster] Redis answers within its timeout (rate limits shared), 0 while replicas fall back to local limits",
@@ -326,6 +338,7 @@ impl Metrics {
             cache_hits,
             cache_misses,
             access_log_dropped,
+            acme_orders,
             cluster_up,
             tenants: DashMap::new(),
             other: OnceLock::new(),

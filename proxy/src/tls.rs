@@ -164,7 +164,9 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
             ));
         }
     }
-    if config.listen.https.is_some() && pairs.is_empty() && errors.is_empty() {
+    // With ACME the directory may start empty: its certificates arrive there.
+    if config.listen.https.is_some() && pairs.is_empty() && errors.is_empty() && tls.acme.is_none()
+    {
         diags.push(Diagnostic::error(
             &file,
             tls.certs_pos,

@@ -1,0 +1,359 @@
+//! Automatic certificates (contract "ACME", `[tls.acme]`): every exact host of every
+//! tenant that no pair in `certs` covers gets a certificate from the ACME directory,
+//! renewed `renew_before` its expiry. The work runs on the control thread, one order
+//! at a time; issued pairs are written into `certs` and served by the same store as
+//! every other pair. Challenges (HTTP-01 answered on the `http` listener before any
+//! redirect or tenant lookup, TLS-ALPN-01 through the SNI resolver) are files in the
+//! directory, so any replica sharing it can answer them; a lock file per host makes
+//! one replica order at a time (`store.rs`).
+
+mod order;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use pingora::proxy::Session;
+use portier_config::{Acme, Config, HostPattern};
+
+use crate::answer::Answer;
+use crate::ctx::Ctx;
+use crate::state::{Shared, Snapshot};
+use store::Store;
+
+const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+/// How often the hosts are looked at.
+const TICK: Duration = Duration::from_secs(2);
+/// An order that takes longer is abandoned (and retried with backoff).
+const ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// A host's lock outlives an order that hangs to its timeout.
+const LOCK_LEASE: Duration = Duration::from_secs(600);
+/// While another replica holds a host's lock, look again this often.
+const LOCKED_RETRY: Duration = Duration::from_secs(5);
+/// Failed orders are retried after 1, 2, 4, ... times this, at most `RETRY_MAX`
+/// (`PORTIER_ACME_RETRY_SECONDS` overrides the base, for tests against a local CA).
+const RETRY_BASE: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// What `/status` shows of one host.
+#[derive(Clone, Debug, Default)]
+struct HostStatus {
+    state: &'static str,
+    not_after: Option<SystemTime>,
+    last_error: Option<String>,
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+/// ACME's runtime state (in `Shared`; survives reloads).
+#[derive(Default)]
+pub struct AcmeState {
+    hosts: Mutex<BTreeMap<String, HostStatus>>,
+    /// The account, for the directory it belongs to.
+    account: tokio::sync::Mutex<Option<(String, instant_acme::Account)>>,
+}
+
+impl AcmeState {
+    fn with_hosts<T>(&self, f: impl FnOnce(&mut BTreeMap<String, HostStatus>) -> T) -> T {
+        let mut g = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    /// `/status` `acme`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let hosts: Vec<serde_json::Value> = self.with_hosts(|h| {
+            h.iter()
+                .map(|(host, s)| {
+                    serde_json::json!({
+                        "host": host,
+                        "state": s.state,
+                        "not_after": s.not_after.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        "last_error": s.last_error,
+                    })
+                })
+                .collect()
+        });
+        serde_json::json!({ "hosts": hosts })
+    }
+}
+
+/// The key authorization for an HTTP-01 validation request on the `http` listener,
+/// answered before any redirect or tenant lookup. Tokens ACME did not publish pass on
+/// (an operator's own ACME client behind portier still works).
+pub fn http01(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
+    if ctx.tls {
+        return Ok(());
+    }
+    let Some(tls) = snap.config.tls.as_ref().filter(|t| t.acme.is_some()) else {
+        return Ok(());
+    };
+    let Some(token) = session.req_header().uri.path().strip_prefix(CHALLENGE_PATH) else {
+        return Ok(());
+    };
+    match Store::new(&tls.certs).http01(token) {
+        Some(key_authorization) => Err(Answer::AcmeChallenge(Bytes::from(key_authorization))),
+        None => Ok(()),
+    }
+}
+
+/// The exact hosts of every tenant, sorted and without duplicates.
+fn exact_hosts(config: &Config) -> Vec<String> {
+    let mut hosts: Vec<String> = config
+        .tenants
+        .iter()
+        .flat_map(|t| t.hosts.iter())
+        .filter_map(|h| match h {
+            HostPattern::Exact(h) if store::plain_host(h) => Some(h.clone()),
+            _ => None,
+        })
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+fn retry_base() -> Duration {
+    std::env::var("PORTIER_ACME_RETRY_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(RETRY_BASE)
+}
+
+/// The wait after `failures` failed orders in a row.
+fn backoff(failures: u32, base: Duration) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(RETRY_MAX)
+}
+
+/// The background task (control thread): every `TICK`, orders what is missing or due.
+pub async fn run(shared: Arc<Shared>) {
+    let owner = format!("{}:{}", hostname(), std::process::id());
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if shared.draining.load(Ordering::Acquire) {
+            return;
+        }
+        let snap = shared.snapshot.load_full();
+        let Some(tls) = snap.config.tls.as_ref() else {
+            continue;
+        };
+        let Some(cfg) = tls.acme.as_ref() else {
+            shared.certs.set_alpn_challenge_dir(None);
+            shared.acme.with_hosts(|h| h.clear());
+            continue;
+        };
+        let store = Store::new(&tls.certs);
+        shared.certs.set_alpn_challenge_dir(Some(store.alpn_dir()));
+        let wanted = exact_hosts(&snap.config);
+        shared
+            .acme
+            .with_hosts(|h| h.retain(|host, _| wanted.binary_search(host).is_ok()));
+        for host in &wanted {
+            visit(&shared, cfg, &store, host, &owner).await;
+            if shared.draining.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+/// One host: nothing to do (an operator's pair, a valid certificate, a retry not due
+/// yet), or an order.
+async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owner: &str) {
+    let now = SystemTime::now();
+    let ours = {
+        let index = shared.certs.index();
+        match index.covering(host) {
+            // Another pair covers it (a wildcard, another name): ACME stays out.
+            Some(p) if p.name != host || !store.is_issued(host) => {
+                drop(index);
+                shared.acme.with_hosts(|h| h.remove(host));
+                return;
+            }
+            Some(p) => Some(p.not_after),
+            None => None,
+        }
+    };
+    if ours.is_none() && store.operator_pair(host) {
+        // An operator's files that do not load (yet): never overwritten.
+        shared.acme.with_hosts(|h| h.remove(host));
+        return;
+    }
+    let due = match ours {
+        Some(not_after) => not_after
+            .duration_since(now)
+            .map(|left| left < cfg.renew_before)
+            .unwrap_or(true),
+        None => true,
+    };
+    let retry_at = shared.acme.with_hosts(|h| {
+        let s = h.entry(host.to_string()).or_default();
+        if let Some(na) = ours {
+            s.not_after = Some(na);
+        }
+        if !due {
+            s.state = "valid";
+            s.last_error = None;
+            s.failures = 0;
+        } else if s.state.is_empty() {
+            s.state = "pending";
+        }
+        s.next_try
+    });
+    if !due || retry_at.is_some_and(|t| t > Instant::now()) {
+        return;
+    }
+    let lock = match store.try_lock(host, owner, LOCK_LEASE) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            // Another replica is ordering it; its pair will appear in the directory.
+            shared.acme.with_hosts(|h| {
+                let s = h.entry(host.to_string()).or_default();
+                s.state = if ours.is_some() { "valid" } else { "pending" };
+                s.next_try = Some(Instant::now() + LOCKED_RETRY);
+            });
+            return;
+        }
+        Err(e) => {
+            failed(shared, host, &e.to_string());
+            return;
+        }
+    };
+    // Another replica may have finished while this one waited for the lock.
+    crate::tls::reload_if_changed(shared);
+    if ours.is_none() && shared.certs.index().covering(host).is_some() {
+        return;
+    }
+    let renewal = ours.is_some();
+    tracing::info!(host, renewal, directory = %cfg.directory, "acme: ordering a certificate");
+    let result = tokio::time::timeout(ORDER_TIMEOUT, order_for(shared, cfg, store, host, owner))
+        .await
+        .unwrap_or(Err(order::OrderError::Timeout(ORDER_TIMEOUT)));
+    match result {
+        Ok(()) => {
+            drop(lock);
+            crate::tls::reload_certs(shared);
+            let not_after = shared.certs.index().get(host).map(|p| p.not_after);
+            shared.metrics.acme_orders.with_label_values(&["ok"]).inc();
+            let immediate = not_after
+                .and_then(|na| na.duration_since(SystemTime::now()).ok())
+                .is_some_and(|left| left < cfg.renew_before);
+            shared.acme.with_hosts(|h| {
+                let s = h.entry(host.to_string()).or_default();
+                s.state = "valid";
+                s.not_after = not_after;
+                s.last_error = None;
+                s.failures = 0;
+                // A CA whose certificates are shorter than `renew_before` would be asked
+                // again at once: wait half the lifetime instead.
+                s.next_try = immediate.then(|| {
+                    let left = not_after
+                        .and_then(|na| na.duration_since(SystemTime::now()).ok())
+                        .unwrap_or_default();
+                    Instant::now() + left / 2
+                });
+            });
+            tracing::info!(host, renewal, not_after = ?not_after.map(humantime::format_rfc3339_seconds), "acme: certificate issued");
+            if immediate {
+                tracing::warn!(
+                    host,
+                    "acme: the certificate's lifetime is shorter than renew_before"
+                );
+            }
+        }
+        Err(e) => {
+            drop(lock);
+            failed(shared, host, &e.to_string());
+        }
+    }
+}
+
+async fn order_for(
+    shared: &Arc<Shared>,
+    cfg: &Acme,
+    store: &Store,
+    host: &str,
+    owner: &str,
+) -> Result<(), order::OrderError> {
+    let account = {
+        let mut cached = shared.acme.account.lock().await;
+        match cached.as_ref().filter(|(dir, _)| *dir == cfg.directory) {
+            Some((_, a)) => a.clone(),
+            None => {
+                // One replica creates the account; the others read it once written.
+                let mut lock = None;
+                for _ in 0..20 {
+                    lock = store.try_lock("account", owner, LOCK_LEASE)?;
+                    if lock.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                let a = order::account(cfg, store).await?;
+                drop(lock);
+                *cached = Some((cfg.directory.clone(), a.clone()));
+                a
+            }
+        }
+    };
+    let (chain, key) = order::obtain(&account, host, cfg.challenge, store).await?;
+    store.write_pair(host, &chain, &key)?;
+    Ok(())
+}
+
+fn failed(shared: &Shared, host: &str, error: &str) {
+    shared
+        .metrics
+        .acme_orders
+        .with_label_values(&["error"])
+        .inc();
+    let wait = shared.acme.with_hosts(|h| {
+        let s = h.entry(host.to_string()).or_default();
+        s.failures += 1;
+        s.state = "failed";
+        s.last_error = Some(error.to_string());
+        let wait = backoff(s.failures, retry_base());
+        s.next_try = Some(Instant::now() + wait);
+        wait
+    });
+    tracing::warn!(host, error, retry_in = ?wait, "acme: order failed");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let base = Duration::from_secs(60);
+        assert_eq!(backoff(1, base), Duration::from_secs(60));
+        assert_eq!(backoff(2, base), Duration::from_secs(120));
+        assert_eq!(backoff(5, base), Duration::from_secs(960));
+        assert_eq!(backoff(30, base), RETRY_MAX);
+        assert_eq!(backoff(0, base), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn only_exact_hosts_are_ordered() {
+        let text = "[listen]\nhttp = \"127.0.0.1:80\"\n[pools.p]\nhttp = [\"127.0.0.1:8069\"]\n\
+            [tenants.a]\nhosts = [\"b.test\", \"a.test\"]\npool = \"p\"\n\
+            [tenants.t]\nhosts = [\"{tenant}.saas.test\", \"a.test.\"]\npool = \"p\"\n";
+        // Two tenants claiming one host is an error; use distinct ones.
+        let text = text.replace("\"a.test.\"", "\"c.test\"");
+        let (c, _) = portier_config::load_str(&text, std::path::Path::new("/x.toml")).unwrap();
+        assert_eq!(exact_hosts(&c), ["a.test", "b.test", "c.test"]);
+    }
+}
