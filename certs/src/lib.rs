@@ -315,7 +315,13 @@ pub struct CertStore {
     /// Where TLS-ALPN-01 challenge certificates are written (`HOST.crt` + `HOST.key`),
     /// by this replica or another sharing the directory; `None` without ACME.
     alpn_challenges: arc_swap::ArcSwapOption<PathBuf>,
+    /// Called with a handshake's SNI name that no pair covers (ACME's on-demand
+    /// certificates); must be cheap: it runs inside the handshake.
+    on_miss: std::sync::OnceLock<MissHook>,
 }
+
+/// See [`CertStore::set_on_miss`].
+pub type MissHook = Box<dyn Fn(&str) + Send + Sync>;
 
 impl CertStore {
     pub fn new() -> CertStore {
@@ -353,6 +359,11 @@ impl CertStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sets, once, what is called with an SNI name no pair covers.
+    pub fn set_on_miss(&self, hook: MissHook) {
+        let _ = self.on_miss.set(hook);
     }
 
     /// Sets (or clears) the directory of TLS-ALPN-01 challenge certificates.
@@ -417,6 +428,11 @@ impl ResolvesServerCert for Resolver {
         {
             // A TLS-ALPN-01 validation: the challenge certificate or nothing.
             return self.0.alpn_challenge(sni.as_deref()?);
+        }
+        if let (Some(name), Some(hook)) = (sni.as_deref(), self.0.on_miss.get()) {
+            if index.covering(name).is_none() {
+                hook(name);
+            }
         }
         index.lookup(sni.as_deref()).map(|p| p.key.clone())
     }

@@ -61,6 +61,9 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
     let listen = config.listen.clone();
     let shared = Shared::new(config, config_path);
     crate::tls::reload_certs(&shared);
+    shared
+        .certs
+        .set_on_miss(crate::acme::on_demand_hook(&shared));
     let acme = config_has_acme(&shared);
     if listen.https.is_some() && shared.certs.is_empty() && !acme {
         eprintln!("portier: the https listener has no certificate to serve (see the errors above)");

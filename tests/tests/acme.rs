@@ -250,6 +250,9 @@ async fn a_failing_directory_is_retried_with_backoff_until_it_answers() {
         .collect();
     assert_eq!(&retries[..3], ["1s", "2s", "4s"], "{retries:?}");
     assert!(orders(&p, "error").await >= 3);
+    // `check` validates [tls.acme] without reaching the directory.
+    let (code, out, err) = run_cli(&["check", "-c", p.config_path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
 
     pebble.restart().await;
     wait_host(&p, "acme.test", "valid", Duration::from_secs(40)).await;
@@ -285,4 +288,80 @@ async fn two_replicas_sharing_the_directory_order_once() {
     };
     assert_eq!(issued(&a) + issued(&b), 1, "acme.test ordered once");
     assert_eq!(orders(&a, "ok").await + orders(&b, "ok").await, 2);
+}
+
+/// `on_demand`: a template tenant's host gets a certificate ordered at its first
+/// handshake, which is answered with the `default` certificate; later handshakes get
+/// the new one. A host no tenant matches gets no order; beyond `on_demand_rate` new
+/// hosts get none either (until the rate allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_certificates_for_template_hosts_within_the_rate() {
+    let setup = Setup::new().await;
+    let pebble = Pebble::start(setup.ports.http, setup.ports.https, None).await;
+    let certs = tempfile::tempdir().unwrap();
+    let operator = TestPki::new();
+    operator.write_pair(certs.path(), "default", &["default.test"], 30);
+    operator.write_pair(certs.path(), "covered", &["covered.test"], 30);
+    let cfg = setup
+        .config(
+            &pebble,
+            certs.path(),
+            "on_demand = true\non_demand_rate = \"2/min\"",
+        )
+        .replace("[tls.acme]", "default = \"default\"\n[tls.acme]");
+    let p = Portier::start(&setup.ports, &cfg).await;
+    wait_host(&p, "acme.test", "valid", Duration::from_secs(60)).await;
+
+    // A client trusting the operator's CA (which issued `default`) checks the name, so
+    // the default certificate shows as a name mismatch naming default.test.
+    let operator_client = operator.client(&[b"http/1.1"], &[&rustls::version::TLS13]);
+    let presented = |host: &'static str| {
+        let cfg = operator_client.clone();
+        async move {
+            match tls_connect(local(setup.ports.https), host, cfg).await {
+                Ok(s) => presented_names(&s).join(","),
+                Err(e) => e,
+            }
+        }
+    };
+    let first = presented("one.saas.test").await;
+    assert!(
+        first.contains("default.test"),
+        "the first handshake gets the default: {first}"
+    );
+    wait_host(&p, "one.saas.test", "valid", Duration::from_secs(60)).await;
+    served(&p, &pebble, setup.ports.https, "one.saas.test").await;
+
+    // No tenant matches: the default, and no order.
+    let stranger = presented("stranger.example").await;
+    assert!(stranger.contains("default.test"), "{stranger}");
+    // The rate (2 a minute) allows one more new host now, not two.
+    for h in ["two.saas.test", "three.saas.test"] {
+        presented(h).await;
+    }
+    wait_host(&p, "two.saas.test", "valid", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(p.admin).await;
+    let hosts: Vec<&str> = s["acme"]["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["host"].as_str())
+        .collect();
+    assert_eq!(
+        hosts,
+        ["acme.test", "one.saas.test", "two.saas.test"],
+        "{s}"
+    );
+    assert!(p
+        .stderr()
+        .iter()
+        .any(|l| l.contains("on_demand_rate spent") && l.contains("three.saas.test")));
+    assert!(!certs.path().join("stranger.example.crt").exists());
+
+    // After a restart, the on-demand certificates are served and kept (renewed).
+    drop(p);
+    let p = Portier::start(&setup.ports, &cfg).await;
+    wait_host(&p, "one.saas.test", "valid", Duration::from_secs(10)).await;
+    served(&p, &pebble, setup.ports.https, "one.saas.test").await;
 }

@@ -54,9 +54,43 @@ pub struct AcmeState {
     hosts: Mutex<BTreeMap<String, HostStatus>>,
     /// The account, for the directory it belongs to.
     account: tokio::sync::Mutex<Option<(String, instant_acme::Account)>>,
+    /// Template tenants' hosts asked for at a handshake (`on_demand`).
+    on_demand: Mutex<std::collections::BTreeSet<String>>,
+    /// `on_demand_rate`, for the rate it was built with.
+    on_demand_limit: Mutex<Option<(portier_config::Rate, governor::DefaultDirectRateLimiter)>>,
+    /// Wakes the task (an on-demand host arrived).
+    wake: tokio::sync::Notify,
 }
 
 impl AcmeState {
+    /// A handshake named `host`, which no pair covers and a template tenant matches:
+    /// it is ordered unless `rate` is spent (a host already asked for costs nothing).
+    fn ask_on_demand(&self, host: &str, rate: portier_config::Rate) -> bool {
+        let mut asked = self.on_demand.lock().unwrap_or_else(|e| e.into_inner());
+        if asked.contains(host) {
+            return true;
+        }
+        let mut limit = self
+            .on_demand_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if limit.as_ref().is_none_or(|(r, _)| *r != rate) {
+            let quota = governor::Quota::with_period(rate.interval().max(Duration::from_millis(1)))
+                .map(|q| {
+                    q.allow_burst(
+                        std::num::NonZeroU32::MIN.saturating_add(rate.count.saturating_sub(1)),
+                    )
+                });
+            *limit = quota.map(|q| (rate, governor::RateLimiter::direct(q)));
+        }
+        let allowed = limit.as_ref().is_some_and(|(_, l)| l.check().is_ok());
+        if allowed {
+            asked.insert(host.to_string());
+            self.wake.notify_one();
+        }
+        allowed
+    }
+
     fn with_hosts<T>(&self, f: impl FnOnce(&mut BTreeMap<String, HostStatus>) -> T) -> T {
         let mut g = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut g)
@@ -99,6 +133,77 @@ pub fn http01(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answe
     }
 }
 
+/// The certificate store's hook for handshakes whose SNI no pair covers: with
+/// `on_demand`, a host that a template tenant matches (and only such a host) is asked
+/// for, within `on_demand_rate`. That handshake gets the `default` certificate (or
+/// fails); later ones get the new certificate once it is issued.
+pub fn on_demand_hook(shared: &Arc<Shared>) -> portier_certs::MissHook {
+    let weak = Arc::downgrade(shared);
+    Box::new(move |host: &str| {
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let snap = shared.snapshot.load();
+        let Some(acme) = snap
+            .config
+            .tls
+            .as_ref()
+            .and_then(|t| t.acme.as_ref())
+            .filter(|a| a.on_demand)
+        else {
+            return;
+        };
+        if !store::plain_host(host)
+            || snap
+                .config
+                .hosts
+                .lookup(host)
+                .is_none_or(|m| m.captured.is_none())
+        {
+            return;
+        }
+        if !shared.acme.ask_on_demand(host, acme.on_demand_rate) {
+            tracing::warn!(
+                host,
+                "acme: on_demand_rate spent; no certificate ordered for this host now"
+            );
+        }
+    })
+}
+
+/// The hosts to hold certificates for: every exact host of every tenant, and with
+/// `on_demand` the template tenants' hosts asked for at a handshake or issued before
+/// (so they are renewed), while a template tenant still matches them.
+fn wanted_hosts(config: &Config, acme: &AcmeState, store: &Store) -> Vec<String> {
+    let mut hosts = exact_hosts(config);
+    if config
+        .tls
+        .as_ref()
+        .and_then(|t| t.acme.as_ref())
+        .is_some_and(|a| a.on_demand)
+    {
+        let asked: Vec<String> = acme
+            .on_demand
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        for h in asked.into_iter().chain(store.issued_hosts()) {
+            if config
+                .hosts
+                .lookup(&h)
+                .is_some_and(|m| m.captured.is_some())
+            {
+                hosts.push(h);
+            }
+        }
+        hosts.sort();
+        hosts.dedup();
+    }
+    hosts
+}
+
 /// The exact hosts of every tenant, sorted and without duplicates.
 fn exact_hosts(config: &Config) -> Vec<String> {
     let mut hosts: Vec<String> = config
@@ -136,7 +241,10 @@ pub async fn run(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.acme.wake.notified() => {}
+        }
         if shared.draining.load(Ordering::Acquire) {
             return;
         }
@@ -151,7 +259,7 @@ pub async fn run(shared: Arc<Shared>) {
         };
         let store = Store::new(&tls.certs);
         shared.certs.set_alpn_challenge_dir(Some(store.alpn_dir()));
-        let wanted = exact_hosts(&snap.config);
+        let wanted = wanted_hosts(&snap.config, &shared.acme, &store);
         shared
             .acme
             .with_hosts(|h| h.retain(|host, _| wanted.binary_search(host).is_ok()));

@@ -109,6 +109,19 @@ impl Store {
         self.acme.join("issued").join(host).is_file()
     }
 
+    /// The hosts ACME has issued certificates for in this directory.
+    pub fn issued_hosts(&self) -> Vec<String> {
+        std::fs::read_dir(self.acme.join("issued"))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|h| plain_host(h))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// True when a pair named `host` exists that ACME did not write.
     pub fn operator_pair(&self, host: &str) -> bool {
         let crt = self.certs.join(format!("{host}.crt"));
