@@ -30,7 +30,7 @@ impl Setup {
         let p = &self.ports;
         format!(
             "[listen]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\n\
-             [tls]\ncerts = \"{}\"\n\
+             [tls]\ncerts = \"{}\"\nredirect_http = true\n\
              [tls.acme]\ndirectory = \"{}\"\nca = \"{}\"\nemail = \"ops@example.com\"\n{acme_extra}\n\
              [pools.p]\nhttp = [\"{}\"]\n\
              [tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n\
@@ -146,6 +146,42 @@ async fn http01_certificate_for_an_exact_host_and_a_restart_reuses_it() {
             .status,
         200
     );
+
+    // HTTP-01 answers come before the redirect (acme.test is covered now) and before
+    // the tenant lookup (any host); tokens ACME did not publish go on to the tenant.
+    std::fs::write(
+        certs.path().join("acme/http-01/tok_EN-1"),
+        "tok_EN-1.thumbprint",
+    )
+    .unwrap();
+    for host in ["acme.test", "nobody.example"] {
+        let r = get(p.http, host, "/.well-known/acme-challenge/tok_EN-1")
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "tok_EN-1.thumbprint".to_string()),
+            "{host}"
+        );
+    }
+    let r = get(p.http, "acme.test", "/web/login").await.unwrap();
+    assert_eq!(r.status, 308, "redirect_http for the covered host");
+    let r = get(p.http, "acme.test", "/.well-known/acme-challenge/other")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.worker(),
+        Some("w"),
+        "an unknown token reaches the tenant's worker"
+    );
+    let r = get(
+        p.http,
+        "nobody.example",
+        "/.well-known/acme-challenge/other",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404);
 
     // Restart: the same account, the same certificate, no order.
     drop(p);
