@@ -286,6 +286,19 @@ async fn a_failing_directory_is_retried_with_backoff_until_it_answers() {
         .collect();
     assert_eq!(&retries[..3], ["1s", "2s", "4s"], "{retries:?}");
     assert!(orders(&p, "error").await >= 3);
+    // Meanwhile, without a `default`, the handshake fails as it would without ACME.
+    let meanwhile = tls_connect(
+        local(setup.ports.https),
+        "acme.test",
+        pebble
+            .pki
+            .client(&[b"http/1.1"], &[&rustls::version::TLS13]),
+    )
+    .await;
+    assert!(
+        meanwhile.is_err(),
+        "a handshake succeeded without a certificate"
+    );
     // `check` validates [tls.acme] without reaching the directory.
     let (code, out, err) = run_cli(&["check", "-c", p.config_path().to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
