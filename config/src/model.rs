@@ -33,6 +33,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// `[tls.acme]`, if set.
+    pub fn acme(&self) -> Option<&Acme> {
+        self.tls.as_ref().and_then(|t| t.acme.as_ref())
+    }
+
     pub fn pool_by_name(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.name == name)
     }

@@ -383,7 +383,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "certificates": shared.certs.len(),
         "pools": pools,
     });
-    if snap.config.tls.as_ref().is_some_and(|t| t.acme.is_some()) {
+    if snap.config.acme().is_some() {
         status["acme"] = shared.acme.status_json();
     }
     if snap.config.cluster.is_some() {

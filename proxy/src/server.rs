@@ -64,7 +64,9 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
     shared
         .certs
         .set_on_miss(crate::acme::on_demand_hook(&shared));
-    let acme = config_has_acme(&shared);
+    // With `[tls.acme]` the https listener may start without a certificate: ACME's
+    // arrive in the directory, and until then handshakes fail as without one.
+    let acme = shared.snapshot.load().config.acme().is_some();
     if listen.https.is_some() && shared.certs.is_empty() && !acme {
         eprintln!("portier: the https listener has no certificate to serve (see the errors above)");
         return 1;
@@ -227,18 +229,6 @@ impl ShutdownSignalWatch for SignalWatch {
         begin_drain(&self.shared, self.drain);
         ShutdownSignal::GracefulTerminate
     }
-}
-
-/// With `[tls.acme]` the https listener may start without a certificate: ACME's
-/// arrive in the directory, and until then handshakes fail as without one.
-fn config_has_acme(shared: &Shared) -> bool {
-    shared
-        .snapshot
-        .load()
-        .config
-        .tls
-        .as_ref()
-        .is_some_and(|t| t.acme.is_some())
 }
 
 /// Marks the process as draining and exits as soon as no request is in flight (or

@@ -144,13 +144,7 @@ pub fn on_demand_hook(shared: &Arc<Shared>) -> portier_certs::MissHook {
             return;
         };
         let snap = shared.snapshot.load();
-        let Some(acme) = snap
-            .config
-            .tls
-            .as_ref()
-            .and_then(|t| t.acme.as_ref())
-            .filter(|a| a.on_demand)
-        else {
+        let Some(acme) = snap.config.acme().filter(|a| a.on_demand) else {
             return;
         };
         if !store::plain_host(host)
