@@ -49,7 +49,12 @@ import json, re, sys
 d = json.load(open(sys.argv[1]))
 contract = {"portier_requests_total", "portier_request_duration_seconds", "portier_rate_limited_total",
             "portier_backend_up", "portier_breaker_open", "portier_upstream_inflight",
-            "portier_connections_open", "portier_config_reloads_total", "portier_cert_expiry_seconds"}
+            "portier_connections_open", "portier_config_reloads_total", "portier_cert_expiry_seconds",
+            # revision 2
+            "portier_queue_depth", "portier_queue_wait_seconds", "portier_backend_busy",
+            "portier_queue_refused_total", "portier_upstream_retries_total", "portier_spooled_bytes_total",
+            "portier_cache_requests_total", "portier_login_limited_total", "portier_acme_orders_total",
+            "portier_cluster_redis_up", "portier_connections_refused_total"}
 exprs = [t["expr"] for p in d["panels"] for t in p["targets"]]
 used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"portier_[a-z_]+", e)}
 unknown = used - contract
