@@ -305,6 +305,16 @@ pub struct ReloadReport {
     pub kept: Vec<String>,
 }
 
+/// A host name that is safe as a file name in the certificate directory (what host
+/// patterns allow: letters, digits, dots, hyphens; no leading dot).
+pub fn plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && !host.starts_with('.')
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
 /// The ALPN protocol of ACME's TLS-ALPN-01 validation handshakes (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
@@ -375,12 +385,7 @@ impl CertStore {
     /// validation handshakes, which offer nothing but `acme-tls/1`, come here).
     fn alpn_challenge(&self, host: &str) -> Option<Arc<CertifiedKey>> {
         let dir = self.alpn_challenges.load_full()?;
-        let plain = !host.is_empty()
-            && !host.starts_with('.')
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-        if !plain {
+        if !plain_host(host) {
             return None;
         }
         let crt = read(&dir.join(format!("{host}.crt"))).ok()?;

@@ -165,19 +165,15 @@ impl Cluster {
             }
         };
         gauge.set(0);
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         Cluster {
             client,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             logged_up: std::sync::Mutex::new(None),
             replicas: AtomicU32::new(1),
-            id: format!(
-                "{}:{}:{:08x}",
-                host.trim(),
-                std::process::id(),
-                fastrand::u32(..)
-            ),
+            // A restarted container may come back with the same host name and PID
+            // while its old announcement lasts: the random part tells them apart.
+            id: format!("{}:{:08x}", crate::state::replica_id(), fastrand::u32(..)),
             leases: DashMap::new(),
             gcra: redis::Script::new(GCRA_LUA),
             announce: redis::Script::new(ANNOUNCE_LUA),
@@ -402,6 +398,39 @@ impl Cluster {
 fn lease_size(rate: Rate, burst: u32) -> u32 {
     let span = (rate.per_second() * LEASE_SPAN.as_secs_f64()).ceil();
     (span as u32).clamp(1, burst.max(1))
+}
+
+/// One request under a `rate` limit, the one limiter interface of the tenant classes
+/// and `login`: shared through `cluster` when it is set (the key built only then),
+/// else — or while Redis is unavailable, at this replica's share — `local`. `Err`
+/// holds the seconds the client should wait.
+pub async fn check_rate(
+    cluster: Option<&Cluster>,
+    key: impl FnOnce() -> LimitKey,
+    rate: Rate,
+    burst: u32,
+    local: impl FnOnce(Rate, u32) -> Result<(), u64>,
+) -> Result<(), u64> {
+    let Some(c) = cluster else {
+        return local(rate, burst);
+    };
+    match c.take(key(), rate, burst).await {
+        Verdict::Admit => Ok(()),
+        Verdict::Deny(wait) => Err(wait),
+        Verdict::Local(replicas) => {
+            let (rate, burst) = share(rate, burst, replicas);
+            local(rate, burst)
+        }
+    }
+}
+
+/// The seconds until `not_until`, as a `Retry-After` (at least 1).
+pub fn retry_after<C: governor::clock::Clock>(
+    not_until: &governor::NotUntil<C::Instant>,
+    clock: &C,
+) -> u64 {
+    let wait = not_until.wait_time_from(clock.now());
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 /// A rate at `rate` ÷ `replicas` and a burst at `burst` ÷ `replicas` (at least 1): a

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Method};
 use pingora::proxy::Session;
@@ -18,7 +17,7 @@ use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
 use crate::answer::Answer;
-use crate::cluster::{share, LimitKey, Verdict};
+use crate::cluster::{check_rate, retry_after, LimitKey};
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::state::{Shared, Snapshot};
@@ -151,20 +150,15 @@ pub async fn login(
         return Ok(());
     }
     let cluster = shared.cluster.load_full();
-    let verdict = match &cluster {
-        None => shared.login.check(limit, name, ip),
-        Some(c) => match c
-            .take(LimitKey::Login(name.clone(), ip), limit.rate, limit.burst)
-            .await
-        {
-            Verdict::Admit => Ok(()),
-            Verdict::Deny(wait) => Err(wait),
-            Verdict::Local(replicas) => {
-                let (rate, burst) = share(limit.rate, limit.burst, replicas);
-                shared.login.check(&LoginLimit { rate, burst }, name, ip)
-            }
-        },
-    };
+    let key = || LimitKey::Login(name.clone(), ip);
+    let verdict = check_rate(
+        cluster.as_deref(),
+        key,
+        limit.rate,
+        limit.burst,
+        |rate, burst| shared.login.check(&LoginLimit { rate, burst }, name, ip),
+    )
+    .await;
     match verdict {
         Ok(()) => Ok(()),
         Err(retry_after) => {
@@ -244,10 +238,8 @@ impl LoginLimits {
         let Some(l) = self.limiter(limit) else {
             return Ok(());
         };
-        l.check_key(&(tenant.clone(), ip)).map_err(|not_until| {
-            let wait = not_until.wait_time_from(l.clock().now());
-            wait.as_secs_f64().ceil().max(1.0) as u64
-        })
+        l.check_key(&(tenant.clone(), ip))
+            .map_err(|not_until| retry_after(&not_until, l.clock()))
     }
 
     /// Forgets addresses whose budget has refilled (a fresh entry is the same), so a

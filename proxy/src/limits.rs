@@ -16,12 +16,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
-use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use portier_config::{Class, Limit, Rate};
 
 use crate::breaker::now_ms;
-use crate::cluster::{share, Cluster, LimitKey, Verdict};
+use crate::cluster::{check_rate, retry_after, Cluster, LimitKey};
 use crate::telemetry::Refusal;
 
 /// A refusal with the seconds the client should wait.
@@ -78,18 +77,15 @@ impl ClassLimiter {
         Ok(true)
     }
 
-    /// One request under the local GCRA at `rate` and `burst`.
-    fn check_rate(&self, rate: Rate, burst: u32) -> Result<(), Refused> {
+    /// One request under the local GCRA at `rate` and `burst`; `Err` holds the
+    /// seconds to wait.
+    fn check_rate(&self, rate: Rate, burst: u32) -> Result<(), u64> {
         let Some(g) = self.gcra_for(rate, burst) else {
             return Ok(());
         };
-        g.limiter.check().map_err(|not_until| {
-            let wait = not_until.wait_time_from(g.limiter.clock().now());
-            Refused {
-                why: Refusal::RateLimited,
-                retry_after: wait.as_secs_f64().ceil().max(1.0) as u64,
-            }
-        })
+        g.limiter
+            .check()
+            .map_err(|not_until| retry_after(&not_until, g.limiter.clock()))
     }
 
     pub fn inflight(&self) -> u32 {
@@ -136,23 +132,13 @@ impl TenantLimiter {
         let Some(rate) = limit.rate else {
             return Ok(permit);
         };
-        let (rate, burst) = match cluster {
-            None => (rate, limit.burst),
-            Some(c) => {
-                let key = LimitKey::Rate(tenant.clone(), class);
-                match c.take(key, rate, limit.burst).await {
-                    Verdict::Admit => return Ok(permit),
-                    Verdict::Deny(retry_after) => {
-                        return Err(Refused {
-                            why: Refusal::RateLimited,
-                            retry_after,
-                        })
-                    }
-                    Verdict::Local(replicas) => share(rate, limit.burst, replicas),
-                }
-            }
-        };
-        cl.check_rate(rate, burst)?;
+        let key = || LimitKey::Rate(tenant.clone(), class);
+        check_rate(cluster, key, rate, limit.burst, |r, b| cl.check_rate(r, b))
+            .await
+            .map_err(|retry_after| Refused {
+                why: Refusal::RateLimited,
+                retry_after,
+            })?;
         Ok(permit)
     }
 

@@ -259,3 +259,12 @@ impl Drop for RequestGuard {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// This process among replicas (lock owners, announcements): `HOSTNAME:PID`.
+pub fn replica_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), std::process::id())
+    })
+}

@@ -78,7 +78,7 @@ impl AcmeState {
             let quota = governor::Quota::with_period(rate.interval().max(Duration::from_millis(1)))
                 .map(|q| {
                     q.allow_burst(
-                        std::num::NonZeroU32::MIN.saturating_add(rate.count.saturating_sub(1)),
+                        std::num::NonZeroU32::new(rate.count).unwrap_or(std::num::NonZeroU32::MIN),
                     )
                 });
             *limit = quota.map(|q| (rate, governor::RateLimiter::direct(q)));
@@ -231,7 +231,7 @@ fn backoff(failures: u32, base: Duration) -> Duration {
 
 /// The background task (control thread): every `TICK`, orders what is missing or due.
 pub async fn run(shared: Arc<Shared>) {
-    let owner = format!("{}:{}", hostname(), std::process::id());
+    let owner = crate::state::replica_id();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -258,7 +258,7 @@ pub async fn run(shared: Arc<Shared>) {
             .acme
             .with_hosts(|h| h.retain(|host, _| wanted.binary_search(host).is_ok()));
         for host in &wanted {
-            visit(&shared, cfg, &store, host, &owner).await;
+            visit(&shared, cfg, &store, host, owner).await;
             if shared.draining.load(Ordering::Acquire) {
                 return;
             }
@@ -426,12 +426,6 @@ fn failed(shared: &Shared, host: &str, error: &str) {
         wait
     });
     tracing::warn!(host, error, retry_in = ?wait, "acme: order failed");
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -42,14 +42,7 @@ pub struct Store {
     acme: PathBuf,
 }
 
-/// A host name safe to use as a file name (what host patterns allow).
-pub fn plain_host(host: &str) -> bool {
-    !host.is_empty()
-        && !host.starts_with('.')
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-}
+pub use portier_certs::plain_host;
 
 /// An ACME token (base64url, RFC 8555 8.1).
 pub fn plain_token(token: &str) -> bool {

@@ -46,33 +46,30 @@ impl Pebble {
             dns_server: None,
             pki,
         };
-        let dns = Command::new("pebble-challtestsrv")
-            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-            .args(["-dns01", &format!("127.0.0.1:{}", p.dns)])
-            .args(["-http01", "", "-https01", "", "-tlsalpn01", "", "-doh", ""])
-            .args(["-management", &format!("127.0.0.1:{}", free_port())])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        // Older challtestsrv builds have no -doh flag: try again without it.
-        let dns = match dns {
-            Ok(mut c) => {
-                std::thread::sleep(Duration::from_millis(200));
-                match c.try_wait() {
-                    Ok(Some(_)) => Command::new("pebble-challtestsrv")
-                        .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
-                        .args(["-dns01", &format!("127.0.0.1:{}", p.dns)])
-                        .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
-                        .args(["-management", &format!("127.0.0.1:{}", free_port())])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("pebble-challtestsrv runs"),
-                    _ => c,
-                }
+        let dns_port = p.dns;
+        let challtestsrv = |doh: bool| {
+            let mut cmd = Command::new("pebble-challtestsrv");
+            cmd.args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+                .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+                .args(["-management", &format!("127.0.0.1:{}", free_port())]);
+            if doh {
+                cmd.args(["-doh", ""]);
             }
-            Err(e) => panic!("pebble-challtestsrv: {e} (scripts/setup.sh installs pebble)"),
+            cmd.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("pebble-challtestsrv: {e} (scripts/setup.sh installs pebble)")
+                })
         };
+        // Newer builds serve DNS-over-HTTPS on :8443 unless told not to; older ones
+        // (Debian's) have no -doh flag and exit at once: then without it.
+        let mut dns = challtestsrv(true);
+        std::thread::sleep(Duration::from_millis(200));
+        if matches!(dns.try_wait(), Ok(Some(_))) {
+            dns = challtestsrv(false);
+        }
         p.dns_server = Some(dns);
         p.restart().await;
         p
