@@ -231,7 +231,11 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let shutdown = shutdown.clone();
                     current_handle().spawn(async move {
                         let peer_addr = io.peer_addr();
-                        match timeout(Duration::from_secs(60), io.handshake()).await {
+                        // The handshake future (with its TLS state) is boxed: inline, it
+                        // would size this task's state for the connection's whole life.
+                        let handshake =
+                            timeout(Duration::from_secs(60), Box::pin(io.handshake())).await;
+                        match handshake {
                             Ok(handshake) => {
                                 match handshake {
                                     Ok(io) => Self::handle_event(io, app, shutdown).await,
