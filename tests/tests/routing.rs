@@ -128,6 +128,42 @@ async fn websocket_is_relayed_both_ways_to_a_gevent_worker() {
     assert_eq!(log["class"], "longpolling");
 }
 
+/// An upgraded connection waits with a small read buffer that grows while reads fill it
+/// and shrinks again after (vendor patch 15): messages across those sizes, in both
+/// directions and in either order, arrive whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_messages_of_every_size_are_relayed_whole() {
+    let s = setup("").await;
+    let (mut ws, resp) = websocket(s.p.http, "acme.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    let sizes = [
+        10,
+        2_000,
+        2_048,
+        5_000,
+        70_000,
+        1 << 20,
+        100,
+        300_000,
+        1,
+        4_097,
+    ];
+    for (i, n) in sizes.into_iter().enumerate() {
+        let body: String = (0..n)
+            .map(|j| (b'a' + ((i + j) % 26) as u8) as char)
+            .collect();
+        let msg = format!("{i}:{body}");
+        let back = ws_roundtrip(&mut ws, &msg).await.unwrap();
+        assert!(
+            back == msg,
+            "message {i} of {n} bytes came back as {} bytes",
+            back.len()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_gets_forwarding_headers_and_never_a_client_database() {
     let s = setup("").await;

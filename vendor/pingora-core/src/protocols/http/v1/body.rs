@@ -29,6 +29,10 @@ use crate::utils::BufRef;
 
 // TODO: make this dynamically adjusted
 const BODY_BUFFER_SIZE: usize = 1024 * 64;
+// The first read of a close-delimited body (an upgraded connection such as a WebSocket,
+// or a response without framing). Each read that fills the buffer doubles the next one,
+// up to `body_buf_size`; a short read after growing starts again from here.
+const CLOSE_DELIMITED_MIN_READ: usize = 1024 * 2;
 // limit how much incomplete chunk-size and chunk-ext to buffer
 const PARTIAL_CHUNK_HEAD_LIMIT: usize = 1024 * 8;
 // Trailers: https://datatracker.ietf.org/doc/html/rfc9112#section-7.1.2
@@ -148,6 +152,7 @@ pub struct BodyReader {
     pub body_state: ParseState,
     pub body_buf: Option<BytesMut>,
     pub body_buf_size: usize,
+    close_delimited_read: usize,
     rewind_buf_len: usize,
     upstream: bool,
     body_buf_overread: Option<BytesMut>,
@@ -159,6 +164,7 @@ impl BodyReader {
             body_state: PS::ToStart,
             body_buf: None,
             body_buf_size: BODY_BUFFER_SIZE,
+            close_delimited_read: CLOSE_DELIMITED_MIN_READ,
             rewind_buf_len: 0,
             upstream,
             body_buf_overread: None,
@@ -462,13 +468,33 @@ impl BodyReader {
         self.rewind_buf_len = 0; // we only need to read rewind data once
         if n == 0 {
             /* Need to actually read */
-            let read_size = self.body_buf_size;
+            // A long-lived upgraded connection is mostly idle between small messages: it
+            // waits with a small buffer, which grows only while reads fill it. A buffer much
+            // larger than the next read is released rather than kept for the connection's
+            // life (every previous read has been consumed by now, see prepare_buf_for_io).
+            let read_size = self
+                .close_delimited_read
+                .clamp(CLOSE_DELIMITED_MIN_READ.min(self.body_buf_size), self.body_buf_size);
+            if self
+                .body_buf
+                .as_ref()
+                .is_some_and(|b| b.capacity() > 2 * read_size)
+            {
+                self.body_buf = None;
+            }
             let body_buf = self.prepare_buf_for_io(read_size);
             n = stream
                 .take(read_size as u64)
                 .read_buf(body_buf)
                 .await
                 .or_err(ReadError, "when reading body")?;
+            self.close_delimited_read = if n == read_size {
+                read_size.saturating_mul(2)
+            } else if n < read_size / 4 {
+                CLOSE_DELIMITED_MIN_READ
+            } else {
+                read_size
+            };
         }
         match self.body_state {
             PS::UntilClose(read) => {
