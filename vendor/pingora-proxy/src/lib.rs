@@ -1563,22 +1563,21 @@ impl SubrequestSpawner {
     }
 }
 
-#[async_trait]
-impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+impl<SV, C> HttpProxy<SV, C>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    /// Serve one request of a downstream session; the stream comes back when the connection
+    /// can be reused for another request.
+    async fn process_one_http(
         self: &Arc<Self>,
-        mut session: HttpSession,
+        mut session: Box<HttpSession>,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        // Extract user context from the previous request before the session is moved into the Box
+        // Extract user context from the previous request
         let prev_user_ctx = session.take_connection_user_context();
-
-        let session = Box::new(session);
 
         // TODO: keepalive pool, use stack
         let mut session = match self.handle_new_request(session).await {
@@ -1606,6 +1605,39 @@ where
         }
 
         self.process_request(session, ctx).await
+    }
+}
+
+#[async_trait]
+impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        // The requests of a kept-alive HTTP/1 connection are served here, one after the
+        // other, instead of handing the stream back to `process_new`'s loop: each call of
+        // this `async_trait` method boxes (allocates, and copies) the whole request future,
+        // which would then happen once per request instead of once per connection.
+        // This loop does what that one does between two requests (see `apps::ServerApp`).
+        // The session is boxed before the request future is made: the future then holds
+        // a pointer, not a copy of it for its whole life.
+        let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+        let mut reused = self.process_one_http(Box::new(session), shutdown).await?;
+        loop {
+            let (stream, persistent_settings) = reused.consume();
+            let mut next = Box::new(HttpSession::new_http1(stream));
+            if let Some(persistent_settings) = persistent_settings {
+                persistent_settings.apply_to_session(&mut next);
+            }
+            next.set_header_timeout(header_timeout, false);
+            reused = self.process_one_http(next, shutdown).await?;
+        }
     }
 
     async fn http_cleanup(&self) {
