@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderValue};
+use http::{header, HeaderMap, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
@@ -293,28 +293,26 @@ pub fn request_headers(
         return Ok(());
     };
     let settings = &tenant.settings;
-    let mut out = RequestHeader::build_no_case(
-        upstream.method.clone(),
-        upstream.raw_path(),
-        Some(upstream.headers.len() + 8),
-    )?;
-    out.set_version(upstream.version);
+    // The header map is built first and becomes a header without the case map at the
+    // end: pingora's `insert_header` would turn each name into text and parse it back
+    // (an allocation per custom name, on every request).
+    let mut out = HeaderMap::with_capacity(upstream.headers.len() + 8);
     let mut has_host = false;
     for (name, value) in upstream.headers.iter() {
         if forward::is_own_header(name) || (ctx.body_preread && name == header::EXPECT) {
             continue;
         }
         has_host |= name == header::HOST;
-        out.append_header(name.clone(), value.clone())?;
+        out.append(name.clone(), value.clone());
     }
     database_headers(ctx, snap, &mut out)?;
     if let Some(h) = request_host(client) {
         let h = HeaderValue::from_str(h)
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "host"))?;
         if !has_host {
-            out.insert_header(header::HOST, h.clone())?;
+            out.insert(header::HOST, h.clone());
         }
-        out.insert_header("x-forwarded-host", h)?;
+        out.insert(forward::X_FORWARDED_HOST, h);
     }
     if let Some(peer_ip) = ctx.client_ip {
         let trusted = settings.is_trusted_proxy(peer_ip);
@@ -329,15 +327,16 @@ pub fn request_headers(
                     chain.push_str(&String::from_utf8_lossy(v.as_bytes()));
                 }
                 let (xff, real) = forward::forwarded_for(peer_ip, Some(&chain), settings);
-                out.insert_header("x-forwarded-for", xff)?;
-                out.insert_header("x-real-ip", real.to_string())?;
+                let xff = HeaderValue::try_from(xff)
+                    .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "x-forwarded-for"))?;
+                out.insert(forward::X_FORWARDED_FOR, xff);
+                out.insert(forward::X_REAL_IP, forward::ip_header_value(real));
             }
             _ => {
                 // The common case: one address, formatted once.
-                let ip = HeaderValue::try_from(peer_ip.to_string())
-                    .map_err(|_| Error::explain(ErrorType::InternalError, "ip"))?;
-                out.insert_header("x-forwarded-for", ip.clone())?;
-                out.insert_header("x-real-ip", ip)?;
+                let ip = forward::ip_header_value(peer_ip);
+                out.insert(forward::X_FORWARDED_FOR, ip.clone());
+                out.insert(forward::X_REAL_IP, ip);
             }
         }
         if trusted {
@@ -347,9 +346,15 @@ pub fn request_headers(
                 }
             }
         }
-        out.insert_header("x-forwarded-proto", proto)?;
+        out.insert(forward::X_FORWARDED_PROTO, proto);
     }
-    out.insert_header("x-request-id", ctx.request_id.clone())?;
+    out.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
+    let (mut parts, ()) = http::Request::new(()).into_parts();
+    parts.method = upstream.method.clone();
+    parts.version = upstream.version;
+    parts.headers = out;
+    let mut out = RequestHeader::from(parts);
+    out.set_raw_path(upstream.raw_path())?;
     *upstream = out;
     Ok(())
 }
@@ -360,16 +365,16 @@ pub fn request_headers(
 /// treats a request with that header and no session as a stateless call whose
 /// session is never saved, so on browser traffic it would make logging in
 /// impossible, and with a session of another database Odoo answers 403.
-fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Result<()> {
+fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut HeaderMap) -> Result<()> {
     let with_database = ctx.class == Some(Class::Integration) && ctx.session_hash.is_none();
     let fixed = ctx
         .tenant
         .and_then(|t| snap.tenants.get(t))
         .and_then(|t| t.database.as_ref());
     if let Some(h) = fixed {
-        out.insert_header("x-odoo-dbfilter", h.dbfilter.clone())?;
+        out.insert(forward::X_ODOO_DBFILTER, h.dbfilter.clone());
         if with_database {
-            out.insert_header("x-odoo-database", h.database.clone())?;
+            out.insert(forward::X_ODOO_DATABASE, h.database.clone());
         }
         return Ok(());
     }
@@ -382,9 +387,9 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Resu
     else {
         return Ok(());
     };
-    out.insert_header("x-odoo-dbfilter", h.dbfilter)?;
+    out.insert(forward::X_ODOO_DBFILTER, h.dbfilter);
     if with_database {
-        out.insert_header("x-odoo-database", h.database)?;
+        out.insert(forward::X_ODOO_DATABASE, h.database);
     }
     Ok(())
 }
@@ -392,25 +397,31 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut RequestHeader) -> Resu
 /// The response as it goes to the client: the request id echoed, HSTS on TLS.
 /// As for the request, one rebuild without the case map beats inserting.
 pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeader) -> Result<()> {
-    let mut out = ResponseHeader::build_no_case(resp.status, Some(resp.headers.len() + 2))?;
-    out.set_version(resp.version);
+    let mut map = HeaderMap::with_capacity(resp.headers.len() + 2);
     let secure_cookies = crate::edge::secures_cookies(ctx);
     for (name, value) in resp.headers.iter() {
-        if name == "x-request-id" {
+        if name == forward::X_REQUEST_ID {
             continue;
         }
         if secure_cookies && name == header::SET_COOKIE {
             if let Some(v) = crate::edge::secure_session_cookie(value) {
-                out.append_header(name.clone(), v)?;
+                map.append(header::SET_COOKIE, v);
                 continue;
             }
         }
-        out.append_header(name.clone(), value.clone())?;
+        map.append(name.clone(), value.clone());
     }
-    out.insert_header("x-request-id", ctx.request_id.clone())?;
+    map.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
     if let Some(hsts) = ctx.hsts() {
-        out.insert_header(header::STRICT_TRANSPORT_SECURITY, hsts)?;
+        let hsts = HeaderValue::try_from(hsts)
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "hsts"))?;
+        map.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
     }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = resp.status;
+    parts.version = resp.version;
+    parts.headers = map;
+    let mut out = ResponseHeader::from(parts);
     // The asset cache decides on the worker's answer; compression then changes the
     // headers; the entry keeps them as the client gets them.
     let ttl = match &ctx.cache {
@@ -421,7 +432,7 @@ pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeade
         ctx.encoder = compress::response_headers(ctx.encoding, &mut out)?;
     }
     if let CacheState::Miss { key, fill } = &mut ctx.cache {
-        out.insert_header("x-cache", "miss")?;
+        out.insert_header(forward::X_CACHE, "miss")?;
         if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
             ctx.capture = Some(assets::Capture::start(
                 &shared.assets,
