@@ -8,6 +8,8 @@
 #   bare         proxy/examples/bare_pingora (pingora alone, portier's settings)
 #   cluster-off  portier, a tenant with an interactive limit far above the load
 #   cluster-on   the same with [cluster] on a local Redis (every request takes the limiter)
+#   h2           portier, HTTP/2 over TLS (8 connections x 10 streams, a self-signed
+#                certificate); the rest as for `portier`
 # Usage: benches/callgrind.sh [--seconds N] [--keep DIR] MODE...   (default: portier bare)
 # Needs valgrind, nginx (and redis-server for cluster-on); build first:
 #   cargo build --release -p portier -p portier-bench --example bare_pingora
@@ -59,6 +61,12 @@ for mode in "${modes[@]}"; do
   extra=""; cluster=""
   case $mode in
     portier) ;;
+    h2) mkdir -p "$dir/certs"
+      openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=acme.test \
+        -addext subjectAltName=DNS:acme.test -keyout "$dir/certs/acme.test.key" \
+        -out "$dir/certs/acme.test.crt" >/dev/null 2>&1
+      tls_port=$(free_port)
+      cluster=$'[tls]\ncerts = "'"$dir/certs"$'"\n' ;;
     cluster-off) extra='interactive = { rate = "100000/s", burst = 10000 }' ;;
     cluster-on) extra='interactive = { rate = "100000/s", burst = 10000 }'
       cluster=$'[cluster]\nredis = "redis://127.0.0.1:'"$redis_port"$'/0"\n' ;;
@@ -71,6 +79,7 @@ for mode in "${modes[@]}"; do
     cat > "$dir/$mode.toml" <<EOF
 [listen]
 http = "127.0.0.1:$http"
+$([[ $mode == h2 ]] && echo "https = \"127.0.0.1:$tls_port\"")
 admin = "127.0.0.1:$admin"
 threads = 1
 [log]
@@ -92,6 +101,7 @@ EOF
     for _ in $(seq 1 100); do curl -s "127.0.0.1:$admin/status" | grep -q '"redis":"up"' && break; sleep 0.2; done
   fi
   load=("$bench" load --addr "127.0.0.1:$http" --host acme.test --path /web/dataset/call_kw/res.partner/read --conns 8)
+  [[ $mode == h2 ]] && load=("$bench" load --addr "127.0.0.1:$tls_port" --host acme.test --path /web/dataset/call_kw/res.partner/read --conns 8 --h2 --streams 10)
   "${load[@]}" --seconds 3 >/dev/null 2>&1
   callgrind_control -z "$vg" >/dev/null 2>&1
   "${load[@]}" --seconds "$seconds" --out "$dir/load.$mode.json" >/dev/null 2>&1
