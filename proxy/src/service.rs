@@ -204,13 +204,16 @@ impl Proxy {
 
 #[async_trait]
 impl ProxyHttp for Proxy {
-    type CTX = Ctx;
+    // Boxed: the context lives in every state of pingora's request future (twice,
+    // as argument and local), so inline its 1 KiB would be held two or three times by
+    // every request in flight (a held longpoll or WebSocket) and copied with the future.
+    type CTX = Box<Ctx>;
 
-    fn new_ctx(&self) -> Ctx {
-        Ctx::new()
+    fn new_ctx(&self) -> Box<Ctx> {
+        Box::new(Ctx::new())
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
         self.begin(session, ctx);
         match self.admit(session, ctx).await? {
             Ok(()) => Ok(false),
@@ -226,12 +229,16 @@ impl ProxyHttp for Proxy {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         _end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         body::count_streamed(ctx, body)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Box<Ctx>,
+    ) -> Result<Box<HttpPeer>> {
         upstream::peer(ctx).await
     }
 
@@ -239,7 +246,7 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         e: Box<Error>,
     ) -> Box<Error> {
         upstream::connect_failed(ctx, &self.shared.metrics, e)
@@ -250,7 +257,7 @@ impl ProxyHttp for Proxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
         upstream::proxy_failed(ctx, &self.shared.metrics, session, peer, e, client_reused)
@@ -260,7 +267,7 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         upstream::response_status(ctx, session, resp.status.as_u16())
     }
@@ -269,7 +276,7 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         upstream: &mut RequestHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         upstream::request_headers(ctx, session.req_header(), upstream)
     }
@@ -278,7 +285,7 @@ impl ProxyHttp for Proxy {
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         upstream::response_headers(&self.shared, ctx, resp)
     }
@@ -316,7 +323,7 @@ impl ProxyHttp for Proxy {
 
     fn upgraded_interrupt(
         &self,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Option<futures_util::future::BoxFuture<'static, Option<Bytes>>> {
         if !ctx.websocket {
             return None;
@@ -329,7 +336,7 @@ impl ProxyHttp for Proxy {
         _session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        ctx: &mut Ctx,
+        ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         if let Some(encoder) = ctx.encoder.as_mut() {
             compress::body(encoder, body, end_of_stream)?;
@@ -353,7 +360,12 @@ impl ProxyHttp for Proxy {
         // disabled compression module that still costs work per request).
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Box<Ctx>,
+    ) -> FailToProxy {
         let code = error_status(e, ctx);
         if code > 0 && session.response_written().is_none() {
             let answer = match (code, ctx.refused) {
@@ -373,12 +385,12 @@ impl ProxyHttp for Proxy {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &Box<Ctx>, _error: &Error) -> bool {
         // Refusals are in the access log already.
         ctx.refused.is_some()
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
