@@ -362,7 +362,9 @@ impl TransportConnector {
         if let Some(s) = reused_stream {
             Ok((s, true))
         } else {
-            let s = self.new_stream(peer).await?;
+            // Boxed: connecting (TCP, TLS) is a large future, needed once per connection;
+            // inline it would size the state of every request that reuses one.
+            let s = Box::pin(self.new_stream(peer)).await?;
             Ok((s, false))
         }
     }
