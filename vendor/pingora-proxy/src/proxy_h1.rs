@@ -201,14 +201,21 @@ where
             match up_result {
                 Ok(true) if !down_failed => {
                     if down_result.is_none() {
-                        // released now, while the downstream half goes on
-                        self.client_upstream
-                            .release_http_session(
-                                ClientSession::H1(client_session),
+                        // released now, while the downstream half goes on; without
+                        // awaiting, since this future is held by every request in flight.
+                        // A session that cannot be reused is shut down (rare: boxed).
+                        if let Some(closing) = self.client_upstream.try_release_http1_session(
+                            client_session,
+                            peer,
+                            peer.idle_timeout(),
+                        ) {
+                            Box::pin(self.client_upstream.release_http_session(
+                                ClientSession::H1(closing),
                                 peer,
                                 peer.idle_timeout(),
-                            )
+                            ))
                             .await;
+                        }
                     } else {
                         client_back = Some(client_session);
                     }

@@ -151,6 +151,19 @@ where
         }
     }
 
+    /// Release an HTTP/1 session without awaiting (see
+    /// [`v1::Connector::try_release_http_session()`]): `Some` when it is not reusable and
+    /// must still be shut down with [`Self::release_http_session()`].
+    pub fn try_release_http1_session<P: Peer + Send + Sync + 'static>(
+        &self,
+        session: Http1Session,
+        peer: &P,
+        idle_timeout: Option<Duration>,
+    ) -> Option<Http1Session> {
+        self.h1
+            .try_release_http_session(session, peer, idle_timeout)
+    }
+
     /// Tell the connector to always send h1 for ALPN for the given peer in the future.
     pub fn prefer_h1(&self, peer: &impl Peer) {
         self.h2.prefer_h1(peer);

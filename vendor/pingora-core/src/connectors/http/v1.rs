@@ -52,14 +52,33 @@ impl Connector {
 
     pub async fn release_http_session<P: Peer + Send + Sync + 'static>(
         &self,
-        mut session: HttpSession,
+        session: HttpSession,
         peer: &P,
         idle_timeout: Option<Duration>,
     ) {
+        if let Some(session) = self.try_release_http_session(session, peer, idle_timeout) {
+            // not reusable: shut down
+            session.reuse().await;
+        }
+    }
+
+    /// [`Self::release_http_session()`] without awaiting: a reusable session goes back to
+    /// the pool at once; one that is not is returned, to be shut down by
+    /// [`Self::release_http_session()`].
+    pub fn try_release_http_session<P: Peer + Send + Sync + 'static>(
+        &self,
+        mut session: HttpSession,
+        peer: &P,
+        idle_timeout: Option<Duration>,
+    ) -> Option<HttpSession> {
         session.respect_keepalive();
-        if let Some(stream) = session.reuse().await {
-            self.transport
-                .release_stream(stream, peer.reuse_hash(), idle_timeout);
+        match session.try_reuse() {
+            Ok(stream) => {
+                self.transport
+                    .release_stream(stream, peer.reuse_hash(), idle_timeout);
+                None
+            }
+            Err(session) => Some(session),
         }
     }
 
