@@ -28,7 +28,7 @@ bin=${PORTIER_BIN:-$PWD/target/release/portier}
 bare=$PWD/target/release/examples/bare_pingora
 bench=$PWD/target/release/portier-bench
 for cmd in valgrind callgrind_control nginx; do
-  command -v "$cmd" >/dev/null || { echo "callgrind: $cmd is missing" >&2; exit 1; }
+  command -v "$cmd" >/dev/null || { echo "callgrind: $cmd is missing (apt-get install valgrind nginx)" >&2; exit 1; }
 done
 [[ -x $bin && -x $bench ]] || { echo "build first: cargo build --release -p portier -p portier-bench --example bare_pingora" >&2; exit 1; }
 

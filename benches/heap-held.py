@@ -10,7 +10,7 @@ Usage: benches/heap-held.py [--n 300] [--ws] [--bin target/release/portier] [--t
 Needs valgrind. The upstream is a stand-in worker in this script that accepts the
 request and never answers it (longpoll) or answers 101 and then stays silent (--ws).
 """
-import argparse, asyncio, json, os, signal, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, json, os, shutil, signal, socket, subprocess, sys, tempfile
 
 
 def free_port():
@@ -64,6 +64,8 @@ async def main():
     ap.add_argument("--bin", default="target/release/portier")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
+    if not shutil.which("valgrind"):
+        sys.exit("heap-held: valgrind is missing (apt-get install valgrind)")
     d = tempfile.mkdtemp(prefix="portier-dhat.")
     up, http, admin = free_port(), free_port(), free_port()
     held = []
