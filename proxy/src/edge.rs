@@ -94,7 +94,7 @@ pub fn real_client(session: &Session, ctx: &Ctx, settings: &Settings) -> Option<
     let sent = session
         .req_header()
         .headers
-        .get("x-forwarded-for")
+        .get(&forward::X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok());
     Some(forward::forwarded_for(peer, sent, settings).1)
 }

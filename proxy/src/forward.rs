@@ -3,10 +3,9 @@
 //! into pingora in `upstream.rs` and `request.rs`.
 
 use std::net::IpAddr;
-
-use http::{HeaderName, HeaderValue};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::{HeaderName, HeaderValue};
 use portier_config::Settings;
 
 /// Request header blocks above this size get `431` (pingora's own hard limit is 1 MiB).
@@ -21,9 +20,9 @@ pub fn valid_request_id(v: &[u8]) -> bool {
         })
 }
 
-/// The headers portier sets on every request or response, parsed once: a header map
-/// built without case (`build_no_case`) takes them straight, where pingora's
-/// `insert_header` would turn a name into text and parse it back on each request.
+/// The headers portier sets or reads on every request or response, parsed once: a
+/// `HeaderMap` takes them straight, where a `&str` name is parsed on each lookup and
+/// pingora's `insert_header` turns a name into text and parses it back.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

@@ -47,7 +47,7 @@ impl Proxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| forward::canonical(a.ip()));
-        ctx.request_id = match session.req_header().headers.get("x-request-id") {
+        ctx.request_id = match session.req_header().headers.get(&forward::X_REQUEST_ID) {
             Some(v) if forward::valid_request_id(v.as_bytes()) => v.clone(),
             _ => HeaderValue::try_from(forward::new_request_id())
                 .unwrap_or_else(|_| HeaderValue::from_static("-")),

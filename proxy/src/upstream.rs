@@ -316,7 +316,7 @@ pub fn request_headers(
     }
     if let Some(peer_ip) = ctx.client_ip {
         let trusted = settings.is_trusted_proxy(peer_ip);
-        let mut sent = client.headers.get_all("x-forwarded-for").iter();
+        let mut sent = client.headers.get_all(&forward::X_FORWARDED_FOR).iter();
         let proto = if ctx.tls { "https" } else { "http" };
         let mut proto = HeaderValue::from_static(proto);
         match (trusted, sent.next()) {
@@ -340,7 +340,7 @@ pub fn request_headers(
             }
         }
         if trusted {
-            if let Some(p) = client.headers.get("x-forwarded-proto") {
+            if let Some(p) = client.headers.get(&forward::X_FORWARDED_PROTO) {
                 if p == "http" || p == "https" {
                     proto = p.clone();
                 }
