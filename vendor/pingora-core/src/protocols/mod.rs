@@ -79,6 +79,22 @@ pub trait Peek {
     async fn try_peek(&mut self, _buf: &mut [u8]) -> std::io::Result<bool> {
         Ok(false)
     }
+
+    /// Poll until a read would find data (or EOF, or an error) without consuming
+    /// anything, so that a caller can wait for a message before it allocates the
+    /// buffer to read it into. May return `Ready` early (spuriously); the default,
+    /// for transports that cannot tell, always does.
+    fn poll_read_ready(
+        &self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Wait until `stream` has something to read (see [`Peek::poll_read_ready`]).
+pub(crate) async fn read_ready<S: Peek + ?Sized>(stream: &S) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await
 }
 
 use std::any::Any;

@@ -264,7 +264,9 @@ impl HttpSession {
             } else {
                 // If this next read_response call completes successfully, self.buf
                 // will be reset to the last response + any body.
-                self.buf.clear();
+                // Drop (not clear()) the last response's buffer: a pooled connection
+                // or a request waiting on its answer should not keep it.
+                self.buf = Bytes::new();
                 parse_existing_buffer = false;
             }
         }
@@ -305,7 +307,16 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
+                        // The header values below borrow from `buf`. With nothing read past
+                        // the header (an upgrade, a body sent apart), copy the header into a
+                        // buffer of its size rather than keep the whole read buffer for as
+                        // long as the response (or the upgraded connection) lives.
+                        let read_buf = std::mem::take(&mut self.response_header_read_buf);
+                        let buf = if total_read == s && read_buf.capacity() > s {
+                            Bytes::copy_from_slice(&read_buf)
+                        } else {
+                            read_buf.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -376,18 +387,19 @@ impl HttpSession {
                 ));
             }
 
-            if self
-                .response_header_read_buf
-                .capacity()
-                .saturating_sub(self.response_header_read_buf.len())
-                < INIT_HEADER_BUF_SIZE
-            {
-                self.response_header_read_buf.reserve(INIT_HEADER_BUF_SIZE);
-            }
-
-            let read_fut = self
-                .underlying_stream
-                .read_buf(&mut self.response_header_read_buf);
+            let stream = &mut self.underlying_stream;
+            let buf = &mut self.response_header_read_buf;
+            let read_fut = async move {
+                if buf.is_empty() {
+                    // Take the header buffer only once the answer starts to arrive: a
+                    // request the server holds (a long poll) waits without one.
+                    crate::protocols::read_ready(&**stream).await?;
+                }
+                if buf.capacity().saturating_sub(buf.len()) < INIT_HEADER_BUF_SIZE {
+                    buf.reserve(INIT_HEADER_BUF_SIZE);
+                }
+                stream.read_buf(buf).await
+            };
             let read_result = match self.read_timeout {
                 Some(t) => match timeout(t, read_fut).await {
                     Ok(res) => res,

@@ -231,7 +231,16 @@ impl HttpSession {
         already_read: usize,
     ) -> Result<Option<usize>> {
         let read_result = {
-            let read_event = self.underlying_stream.read_buf(buf);
+            let stream = &mut self.underlying_stream;
+            let read_event = async move {
+                if buf.capacity() == 0 {
+                    // Take the header buffer only once the request starts to arrive: a
+                    // kept-alive connection waiting for its next request holds none.
+                    crate::protocols::read_ready(&**stream).await?;
+                    buf.reserve(INIT_HEADER_BUF_SIZE);
+                }
+                stream.read_buf(buf).await
+            };
             match self.keepalive_timeout {
                 KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
                     Ok(res) => res,
@@ -316,7 +325,7 @@ impl HttpSession {
             .pipelined_prefix
             .take()
             .filter(|prefix| !prefix.is_empty())
-            .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
+            .unwrap_or_default(); // allocated by read_request_buf() when data arrives
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
@@ -427,7 +436,15 @@ impl HttpSession {
                             }
                             rest
                         };
-                        let buf = buf.freeze();
+                        // The header values below borrow from `buf`, so they keep it for as
+                        // long as the request lives. With nothing read past the header, copy
+                        // the header into a buffer of its size rather than keep the whole
+                        // read buffer (most of it empty) for a request held open for minutes.
+                        let buf = if preread_body.is_empty() && buf.capacity() > buf.len() {
+                            Bytes::copy_from_slice(&buf)
+                        } else {
+                            buf.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
