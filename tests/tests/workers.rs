@@ -394,8 +394,28 @@ async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
-    // The worker has sent it all long before the client has read it.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The worker has sent it all long before the client has read it: wait until portier
+    // has read the answer whole (it is spooled; the counter moves when the spool file is
+    // complete), the moment the connection goes back to the pool. A fixed wait was too
+    // short on a loaded machine (the test's siblings run at the same time).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = get(p.admin, "admin", "/metrics").await.unwrap().text();
+        let spooled = m.lines().any(|l| {
+            l.starts_with("portier_spooled_bytes_total{direction=\"response\"}")
+                && l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    > 0
+        });
+        if spooled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the answer was never read whole");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..3 {
         assert_eq!(
             get(p.http, "a.test", "/web/login").await.unwrap().status,
