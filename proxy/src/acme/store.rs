@@ -207,10 +207,20 @@ impl Store {
                     return Ok(Some(Lock { path }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // A lock without a readable expiry is one another replica has just
+                    // created and not written yet (create, then write): it counts as held
+                    // for a lease from its creation, not as lapsed (taking it over then
+                    // made two replicas order the same certificate).
                     let held_until = std::fs::read_to_string(&path)
                         .ok()
                         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                        .unwrap_or(0);
+                        .unwrap_or_else(|| {
+                            std::fs::metadata(&path)
+                                .and_then(|m| m.modified())
+                                .ok()
+                                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                                .map_or(0, |d| d.as_secs() + lease.as_secs().max(1))
+                        });
                     if held_until > now {
                         return Ok(None);
                     }
@@ -273,6 +283,14 @@ mod tests {
             .try_lock("z.test", "b", Duration::from_secs(60))
             .unwrap()
             .is_some());
+        // A lock another replica has created but not written yet is held, not lapsed.
+        let fresh = dir.path().join("acme/locks/w.test");
+        std::fs::write(&fresh, "").unwrap();
+        assert!(s
+            .try_lock("w.test", "b", Duration::from_secs(60))
+            .unwrap()
+            .is_none());
+        assert!(fresh.exists(), "the other replica's lock was removed");
     }
 
     #[test]
