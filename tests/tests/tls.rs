@@ -481,14 +481,24 @@ async fn websockets_work_over_tls() {
             .unwrap();
     assert_eq!(resp.status(), 101);
     use futures_util::{SinkExt, StreamExt};
-    for i in 0..5 {
-        let msg = format!("over tls {i}");
+    // Sizes around the buffers a read takes (2 KiB, growing) and TLS records (16 KiB),
+    // so that a message arrives in pieces and rustls holds decrypted bytes between reads.
+    let sizes = [10, 2_000, 5_000, 17_000, 70_000, 300_000, 1, 4_097];
+    for (i, n) in sizes.into_iter().enumerate() {
+        let body: String = (0..n)
+            .map(|j| (b'a' + ((i + j) % 26) as u8) as char)
+            .collect();
+        let msg = format!("over tls {i}:{body}");
         ws.send(tokio_tungstenite::tungstenite::Message::text(msg.clone()))
             .await
             .unwrap();
         match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
             Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
-                assert_eq!(t.as_str(), msg)
+                assert!(
+                    t.as_str() == msg,
+                    "message {i} of {n} bytes came back as {}",
+                    t.len()
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -384,6 +384,20 @@ impl BodyReader {
         self.body_buf_overread = (!overread_bytes.is_empty()).then_some(overread_bytes);
     }
 
+    /// Whether the next read waits on a close-delimited body (an upgraded connection, a
+    /// response that ends with its connection) with nothing rewound. If so, the buffer of
+    /// the last read (consumed by now, see `prepare_buf_for_io`) is released, so that
+    /// the caller can wait for data (`Peek::poll_read_ready`) before the next read takes
+    /// a buffer: an idle upgraded connection then holds none.
+    pub fn release_buf_before_wait(&mut self) -> bool {
+        if matches!(self.body_state, PS::UntilClose(_)) && self.rewind_buf_len == 0 {
+            self.body_buf = None;
+            true
+        } else {
+            false
+        }
+    }
+
     pub async fn read_body<S>(&mut self, stream: &mut S) -> Result<Option<BufRef>>
     where
         S: AsyncRead + Unpin + Send,

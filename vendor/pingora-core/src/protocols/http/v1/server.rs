@@ -661,6 +661,11 @@ impl HttpSession {
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
         self.init_body_reader();
+        if self.body_reader.release_buf_before_wait() {
+            crate::protocols::read_ready(&*self.underlying_stream)
+                .await
+                .or_err(ReadError, "when reading body")?;
+        }
         self.body_reader
             .read_body(&mut self.underlying_stream)
             .await

@@ -428,4 +428,21 @@ impl SslDigest {
     }
 }
 
-impl<S> Peek for TlsStream<S> {}
+impl<S: Peek> Peek for TlsStream<S> {
+    /// Ready when rustls holds decrypted data (or the peer closed), else when the
+    /// transport has bytes to read: these may be only part of a record, so readiness can
+    /// be early, which the trait allows.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.tls.stream.as_ref() {
+            Some(stream) => {
+                let (io, state) = stream.get_ref();
+                if state.wants_read() {
+                    io.poll_read_ready(cx)
+                } else {
+                    Poll::Ready(Ok(()))
+                }
+            }
+            None => Poll::Ready(Ok(())), // handshake not done: nothing to wait on here
+        }
+    }
+}
