@@ -125,7 +125,7 @@ where
             .take_request_body_writer()
             .expect("already send request header");
 
-        let (tx, rx) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
+        let (tx, rx) = crate::pipe::channel::<HttpTask>(TASK_BUFFER_SIZE);
 
         session.as_mut().enable_retry_buffering();
 
@@ -287,7 +287,7 @@ where
         session: &mut Session,
         ctx: &mut SV::CTX,
         initial_task: HttpTask,
-        rx: &mut mpsc::Receiver<HttpTask>,
+        rx: &mut crate::pipe::Receiver<HttpTask>,
         serve_from_cache: &mut ServeFromCache,
         range_body_filter: &mut proxy_cache::range_filter::RangeBodyFilter,
         response_state: &mut ResponseStateMachine,
@@ -372,7 +372,7 @@ where
         &self,
         session: &mut Session,
         client_body: &mut Box<dyn BodyWrite>,
-        mut rx: mpsc::Receiver<HttpTask>,
+        mut rx: crate::pipe::Receiver<HttpTask>,
         ctx: &mut SV::CTX,
         mut upstream_custom_message_filter_rx: mpsc::Receiver<(
             Bytes,
@@ -951,7 +951,7 @@ where
 /* Read response header, body and trailer from custom upstream and send them to tx */
 async fn custom_pipe_up_to_down_response<S: CustomSession>(
     client: &mut S,
-    tx: mpsc::Sender<HttpTask>,
+    tx: crate::pipe::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
 ) -> Result<()> {
     let mut is_informational = true;

@@ -292,7 +292,7 @@ where
         // directly to bidirection_down_to_up
         let write_timeout = peer.options.write_timeout;
 
-        let (tx, rx) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
+        let (tx, rx) = crate::pipe::channel::<HttpTask>(TASK_BUFFER_SIZE);
 
         session.as_mut().enable_retry_buffering();
 
@@ -405,7 +405,7 @@ where
         session: &mut Session,
         ctx: &mut SV::CTX,
         initial_task: HttpTask,
-        rx: &mut mpsc::Receiver<HttpTask>,
+        rx: &mut crate::pipe::Receiver<HttpTask>,
         serve_from_cache: &mut ServeFromCache,
         range_body_filter: &mut proxy_cache::range_filter::RangeBodyFilter,
         response_state: &mut ResponseStateMachine,
@@ -490,7 +490,7 @@ where
         &self,
         session: &mut Session,
         client_body: &mut h2::SendStream<bytes::Bytes>,
-        mut rx: mpsc::Receiver<HttpTask>,
+        mut rx: crate::pipe::Receiver<HttpTask>,
         ctx: &mut SV::CTX,
         write_timeout: Option<Duration>,
         downstream_custom_message_writer: &mut Option<Box<dyn CustomMessageWrite>>,
@@ -1116,7 +1116,7 @@ where
 /* Read response header, body and trailer from h2 upstream and send them to tx */
 pub(crate) async fn pipe_up_to_down_response(
     client: &mut Http2Session,
-    tx: mpsc::Sender<HttpTask>,
+    tx: crate::pipe::Sender<HttpTask>,
     pipe_state: Arc<AtomicU8>,
 ) -> Result<()> {
     client
