@@ -428,6 +428,9 @@ where
             Ok((client_session, client_reused)) => {
                 let (server_reused, error) = match client_session {
                     ClientSession::H1(h1) => {
+                        // Boxed: each async level below would otherwise hold it twice
+                        // (argument and local), ~1 KiB per level, for the request's life.
+                        let h1 = Box::new(h1);
                         // A reusable session not yet released (proxy_1to1 releases it as
                         // soon as the response is read whole, while the client may still
                         // be reading) goes back to the pool here.
@@ -435,7 +438,7 @@ where
                             .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
                             .await;
                         if let Some(h1) = client_back {
-                            let session = ClientSession::H1(h1);
+                            let session = ClientSession::H1(*h1);
                             self.client_upstream
                                 .release_http_session(session, &*peer, peer.idle_timeout())
                                 .await;
@@ -534,7 +537,7 @@ where
 
     async fn finish(
         &self,
-        mut session: Session,
+        mut session: Box<Session>,
         ctx: &mut SV::CTX,
         reuse: bool,
         error: Option<Box<Error>>,
@@ -1161,7 +1164,7 @@ where
 {
     async fn process_request(
         self: &Arc<Self>,
-        mut session: Session,
+        mut session: Box<Session>,
         mut ctx: <SV as ProxyHttp>::CTX,
     ) -> Option<ReusedHttpStream>
     where
@@ -1380,7 +1383,7 @@ where
 
     async fn handle_error(
         &self,
-        mut session: Session,
+        mut session: Box<Session>,
         ctx: &mut <SV as ProxyHttp>::CTX,
         e: Box<Error>,
         context: &str,
@@ -1453,14 +1456,16 @@ where
     ) {
         debug!("starting subrequest");
 
+        // Boxed: the request's async functions take it by value, and each would otherwise
+        // hold it twice (argument and local) for the request's life.
         let mut session = match self.handle_new_request(session).await {
-            Some(downstream_session) => Session::new(
+            Some(downstream_session) => Box::new(Session::new(
                 downstream_session,
                 &self.downstream_modules,
                 #[cfg(feature = "upstream_modules")]
                 &self.upstream_modules,
                 self.shutdown_flag.clone(),
-            ),
+            )),
             None => return, // bad request
         };
 
@@ -1581,14 +1586,16 @@ where
         let prev_user_ctx = session.take_connection_user_context();
 
         // TODO: keepalive pool, use stack
+        // Boxed: the request's async functions take it by value, and each would otherwise
+        // hold it twice (argument and local) for the request's life.
         let mut session = match self.handle_new_request(session).await {
-            Some(downstream_session) => Session::new(
+            Some(downstream_session) => Box::new(Session::new(
                 downstream_session,
                 &self.downstream_modules,
                 #[cfg(feature = "upstream_modules")]
                 &self.upstream_modules,
                 self.shutdown_flag.clone(),
-            ),
+            )),
             None => return None, // bad request
         };
 

@@ -34,11 +34,11 @@ where
     pub(crate) async fn proxy_1to1(
         &self,
         session: &mut Session,
-        mut client_session: HttpSessionV1,
+        mut client_session: Box<HttpSessionV1>,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
         initial_write_pending: std::time::Duration,
-    ) -> (bool, Option<HttpSessionV1>, Option<Box<Error>>)
+    ) -> (bool, Option<Box<HttpSessionV1>>, Option<Box<Error>>)
     where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
@@ -48,7 +48,9 @@ where
 
         // phase 2 send to upstream
 
-        let mut req = session.req_header().clone();
+        // Boxed from the start: the header is borrowed by the filters below, so a local
+        // of its size would stay in this future's state for the whole request.
+        let mut req = Box::new(session.req_header().clone());
         let authority_policy = AuthorityPolicy::from(session.downstream_session.is_custom());
         let downstream_had_host = req.headers.contains_key(http::header::HOST);
         req.set_version(Version::HTTP_11);
@@ -122,7 +124,7 @@ where
 
         debug!("Sending header to upstream {:?}", req);
 
-        match client_session.write_request_header(Box::new(req)).await {
+        match client_session.write_request_header(req).await {
             Ok(_) => { /* Continue */ }
             Err(e) => {
                 return (false, None, Some(e.into_up()));
@@ -205,7 +207,7 @@ where
                         // awaiting, since this future is held by every request in flight.
                         // A session that cannot be reused is shut down (rare: boxed).
                         if let Some(closing) = self.client_upstream.try_release_http1_session(
-                            client_session,
+                            *client_session,
                             peer,
                             peer.idle_timeout(),
                         ) {
@@ -264,11 +266,11 @@ where
     pub(crate) async fn proxy_to_h1_upstream(
         &self,
         session: &mut Session,
-        client_session: HttpSessionV1,
+        client_session: Box<HttpSessionV1>,
         reused: bool,
         peer: &HttpPeer,
         ctx: &mut SV::CTX,
-    ) -> (bool, Option<HttpSessionV1>, Option<Box<Error>>)
+    ) -> (bool, Option<Box<HttpSessionV1>>, Option<Box<Error>>)
     // (reuse_server, the client session to reuse if not released yet, error)
     where
         SV: ProxyHttp + Send + Sync,
