@@ -226,7 +226,16 @@ impl<T> Drop for Receiver<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::FutureExt;
+    use std::future::Future;
+
+    /// Poll `f` once (without a task to wake): `Some` if it is ready.
+    fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
+        let f = std::pin::pin!(f);
+        match f.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
 
     #[tokio::test]
     async fn tasks_arrive_in_order_and_the_end_is_seen() {
@@ -235,7 +244,7 @@ mod tests {
         tx.try_reserve().unwrap().send(2);
         assert!(matches!(tx.try_reserve(), Err(TrySendError::Full(()))));
         assert!(
-            tx.send(3).now_or_never().is_none(),
+            now_or_never(tx.send(3)).is_none(),
             "a full pipe makes send wait"
         );
         assert_eq!(rx.recv().await, Some(1));
