@@ -30,6 +30,17 @@ struct State<T> {
     rx_gone: bool,
 }
 
+impl<T> State<T> {
+    /// The next task, waking a sender waiting for the room it leaves.
+    fn pop(&mut self) -> Option<T> {
+        let value = self.queue.pop_front()?;
+        if let Some(w) = self.tx_waker.take() {
+            w.wake();
+        }
+        Some(value)
+    }
+}
+
 type Shared<T> = Arc<Mutex<State<T>>>;
 
 fn lock<T>(shared: &Shared<T>) -> MutexGuard<'_, State<T>> {
@@ -181,10 +192,7 @@ impl<T> Receiver<T> {
     pub async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| {
             let mut state = lock(&self.shared);
-            if let Some(value) = state.queue.pop_front() {
-                if let Some(w) = state.tx_waker.take() {
-                    w.wake();
-                }
+            if let Some(value) = state.pop() {
                 Poll::Ready(Some(value))
             } else if state.tx_gone {
                 Poll::Ready(None)
@@ -199,13 +207,8 @@ impl<T> Receiver<T> {
     /// The next task if there is one now.
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
         let mut state = lock(&self.shared);
-        match state.queue.pop_front() {
-            Some(value) => {
-                if let Some(w) = state.tx_waker.take() {
-                    w.wake();
-                }
-                Ok(value)
-            }
+        match state.pop() {
+            Some(value) => Ok(value),
             None if state.tx_gone => Err(TryRecvError::Disconnected),
             None => Err(TryRecvError::Empty),
         }

@@ -25,6 +25,7 @@ use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::protocols::Peek;
 use crate::utils::BufRef;
 
 // TODO: make this dynamically adjusted
@@ -384,18 +385,19 @@ impl BodyReader {
         self.body_buf_overread = (!overread_bytes.is_empty()).then_some(overread_bytes);
     }
 
-    /// Whether the next read waits on a close-delimited body (an upgraded connection, a
-    /// response that ends with its connection) with nothing rewound. If so, the buffer of
-    /// the last read (consumed by now, see `prepare_buf_for_io`) is released, so that
-    /// the caller can wait for data (`Peek::poll_read_ready`) before the next read takes
-    /// a buffer: an idle upgraded connection then holds none.
-    pub fn release_buf_before_wait(&mut self) -> bool {
+    /// Before a close-delimited read (an upgraded connection, a response that ends with
+    /// its connection) with nothing rewound: release the buffer of the last read (consumed
+    /// by now, see `prepare_buf_for_io`) and wait until `stream` is readable, so that the
+    /// next read takes a buffer only when there is data: an idle upgraded connection
+    /// holds none. Other reads go on at once.
+    pub async fn wait_if_idle<S: Peek + ?Sized>(&mut self, stream: &S) -> Result<()> {
         if matches!(self.body_state, PS::UntilClose(_)) && self.rewind_buf_len == 0 {
             self.body_buf = None;
-            true
-        } else {
-            false
+            crate::protocols::read_ready(stream)
+                .await
+                .or_err(ReadError, "when reading body")?;
         }
+        Ok(())
     }
 
     pub async fn read_body<S>(&mut self, stream: &mut S) -> Result<Option<BufRef>>

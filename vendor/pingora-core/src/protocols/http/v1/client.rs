@@ -307,16 +307,10 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        // The header values below borrow from `buf`. With nothing read past
-                        // the header (an upgrade, a body sent apart), copy the header into a
-                        // buffer of its size rather than keep the whole read buffer for as
-                        // long as the response (or the upgraded connection) lives.
-                        let read_buf = std::mem::take(&mut self.response_header_read_buf);
-                        let buf = if total_read == s && read_buf.capacity() > s {
-                            Bytes::copy_from_slice(&read_buf)
-                        } else {
-                            read_buf.freeze()
-                        };
+                        let buf = header_buf_bytes(
+                            std::mem::take(&mut self.response_header_read_buf),
+                            total_read == s,
+                        );
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -480,11 +474,9 @@ impl HttpSession {
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
         self.init_body_reader();
-        if self.body_reader.release_buf_before_wait() {
-            crate::protocols::read_ready(&*self.underlying_stream)
-                .await
-                .or_err(ReadError, "when reading body")?;
-        }
+        self.body_reader
+            .wait_if_idle(&*self.underlying_stream)
+            .await?;
         self.body_reader
             .read_body(&mut self.underlying_stream)
             .await

@@ -29,6 +29,18 @@ pub(super) const MAX_HEADERS: usize = 256;
 pub(super) const INIT_HEADER_BUF_SIZE: usize = 4096;
 pub(super) const MAX_HEADER_SIZE: usize = 1048575;
 
+/// The read buffer of a parsed header as the `Bytes` its header values borrow from for
+/// the message's life. With nothing read past the header (`header_only`), the header is
+/// copied into a buffer of its own size rather than keeping the whole read buffer, most
+/// of it empty, for a message that may be held open for minutes (a long poll, an upgrade).
+pub(super) fn header_buf_bytes(buf: bytes::BytesMut, header_only: bool) -> bytes::Bytes {
+    if header_only && buf.capacity() > buf.len() {
+        bytes::Bytes::copy_from_slice(&buf)
+    } else {
+        buf.freeze()
+    }
+}
+
 pub(crate) const BODY_BUF_LIMIT: usize = 1024 * 64;
 
 pub const CRLF: &[u8; 2] = b"\r\n";

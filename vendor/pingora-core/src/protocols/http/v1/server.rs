@@ -436,15 +436,7 @@ impl HttpSession {
                             }
                             rest
                         };
-                        // The header values below borrow from `buf`, so they keep it for as
-                        // long as the request lives. With nothing read past the header, copy
-                        // the header into a buffer of its size rather than keep the whole
-                        // read buffer (most of it empty) for a request held open for minutes.
-                        let buf = if preread_body.is_empty() && buf.capacity() > buf.len() {
-                            Bytes::copy_from_slice(&buf)
-                        } else {
-                            buf.freeze()
-                        };
+                        let buf = header_buf_bytes(buf, preread_body.is_empty());
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
@@ -661,11 +653,9 @@ impl HttpSession {
 
     async fn do_read_body(&mut self) -> Result<Option<BufRef>> {
         self.init_body_reader();
-        if self.body_reader.release_buf_before_wait() {
-            crate::protocols::read_ready(&*self.underlying_stream)
-                .await
-                .or_err(ReadError, "when reading body")?;
-        }
+        self.body_reader
+            .wait_if_idle(&*self.underlying_stream)
+            .await?;
         self.body_reader
             .read_body(&mut self.underlying_stream)
             .await
