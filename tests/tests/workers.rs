@@ -59,6 +59,15 @@ async fn worker_busy(w: &SimWorker, n: u64) {
     assert_eq!(w.busy(), n);
 }
 
+/// `portier_spooled_bytes_total{direction="response"}` as the admin port shows it now.
+async fn spooled_response_bytes(admin: std::net::SocketAddr) -> u64 {
+    let m = get(admin, "admin", "/metrics").await.unwrap().text();
+    m.lines()
+        .find(|l| l.starts_with("portier_spooled_bytes_total{direction=\"response\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 fn pool_queue(st: &serde_json::Value) -> (u64, u64, u64) {
     let q = &st["pools"]["p"]["queue"];
     (
@@ -273,15 +282,7 @@ async fn a_slow_client_does_not_hold_the_worker() {
         {
             let st = status(p.admin).await;
             freed_while_reading = backend_status(&st, "p", &w.addr()).unwrap()["busy"] == 0;
-            let m = get(p.admin, "admin", "/metrics").await.unwrap().text();
-            spooled_while_reading = m.lines().any(|l| {
-                l.starts_with("portier_spooled_bytes_total{direction=\"response\"}")
-                    && l.rsplit(' ')
-                        .next()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0)
-                        > 19 << 20
-            });
+            spooled_while_reading = spooled_response_bytes(p.admin).await > 19 << 20;
         }
     }
     assert!(
@@ -400,16 +401,7 @@ async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
     // short on a loaded machine (the test's siblings run at the same time).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let m = get(p.admin, "admin", "/metrics").await.unwrap().text();
-        let spooled = m.lines().any(|l| {
-            l.starts_with("portier_spooled_bytes_total{direction=\"response\"}")
-                && l.rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-                    > 0
-        });
-        if spooled {
+        if spooled_response_bytes(p.admin).await > 0 {
             break;
         }
         assert!(Instant::now() < deadline, "the answer was never read whole");
