@@ -344,6 +344,18 @@ impl Portier {
 
 impl Drop for Portier {
     fn drop(&mut self) {
+        // A failing test shows what portier said (its log lines, not the access log),
+        // the last 40 of them.
+        if std::thread::panicking() {
+            let lines: Vec<String> = self
+                .stderr()
+                .into_iter()
+                .filter(|l| !l.contains("\"request_id\""))
+                .collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("portier {}: {l}", self.http);
+            }
+        }
         if let Some(mut c) = self.child.take() {
             if let Ok(None) = c.try_wait() {
                 let _ = c.kill();
