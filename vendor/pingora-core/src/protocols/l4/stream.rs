@@ -27,11 +27,11 @@ use std::os::unix::io::AsRawFd;
 use std::os::windows::io::AsRawSocket;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 #[cfg(target_os = "linux")]
 use tokio::io::Interest;
-use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
+use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
@@ -418,22 +418,179 @@ impl L4BufferSettings {
     }
 }
 
+/// A write buffer in front of a [`RawStreamWrapper`] that holds memory only while it
+/// holds unsent bytes.
+///
+/// It coalesces writes as tokio's [`BufWriter`](tokio::io::BufWriter) does (a write
+/// that does not fit flushes first; a write of `cap` bytes or more goes straight
+/// through), but its buffer is taken with the first buffered write and given back once
+/// a flush has sent everything. A connection that is idle or waiting (keep-alive, a
+/// held longpoll, an upgraded connection) then keeps no write buffer, where `BufWriter`
+/// keeps its `cap` bytes for the connection's life.
+#[derive(Debug)]
+struct LazyBufWriter {
+    inner: RawStreamWrapper,
+    buf: Vec<u8>,
+    cap: usize,
+    /// How much of `buf` has been sent.
+    written: usize,
+}
+
+impl LazyBufWriter {
+    fn with_capacity(cap: usize, inner: RawStreamWrapper) -> Self {
+        LazyBufWriter {
+            inner,
+            buf: Vec::new(),
+            cap,
+            written: 0,
+        }
+    }
+
+    fn get_ref(&self) -> &RawStreamWrapper {
+        &self.inner
+    }
+
+    fn get_mut(&mut self) -> &mut RawStreamWrapper {
+        &mut self.inner
+    }
+
+    fn into_inner(self) -> RawStreamWrapper {
+        self.inner
+    }
+
+    fn room(&self) -> usize {
+        self.cap - self.buf.len()
+    }
+
+    /// Appends to the buffer, taking it (all `cap` bytes at once) if it was given back.
+    fn buffer(&mut self, data: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.cap);
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Sends the buffered bytes; the buffer is given back once all are sent.
+    fn flush_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut ret = Ok(());
+        while self.written < self.buf.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..])) {
+                Ok(0) => {
+                    ret = Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write the buffered data",
+                    ));
+                    break;
+                }
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    ret = Err(e);
+                    break;
+                }
+            }
+        }
+        if self.written == self.buf.len() {
+            self.buf = Vec::new();
+        } else if self.written > 0 {
+            self.buf.drain(..self.written);
+        }
+        self.written = 0;
+        Poll::Ready(ret)
+    }
+}
+
+impl AsyncRead for LazyBufWriter {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LazyBufWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if buf.len() > self.room() {
+            ready!(self.flush_buf(cx))?;
+        }
+        if buf.len() >= self.cap {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        } else {
+            self.buffer(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if !self.inner.is_write_vectored() {
+            // One slice at a time; a short write is allowed.
+            let first = bufs.iter().find(|b| !b.is_empty());
+            return match first {
+                Some(b) => self.poll_write(cx, b),
+                None => Poll::Ready(Ok(0)),
+            };
+        }
+        let total = bufs
+            .iter()
+            .fold(0usize, |acc, b| acc.saturating_add(b.len()));
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if total > self.room() {
+            ready!(self.flush_buf(cx))?;
+        }
+        if total >= self.cap {
+            Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        } else {
+            bufs.iter().for_each(|b| self.buffer(b));
+            Poll::Ready(Ok(total))
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        ready!(self.flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        ready!(self.flush_buf(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
 /// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
 ///
 /// A zero read capacity leaves the read buffer out, because [`BufReader`] panics on
 /// a zero capacity. Reads then go straight to the raw stream, as they did through
-/// an empty `BufReader`. [`BufWriter`] accepts a zero capacity and writes straight
+/// an empty `BufReader`. [`LazyBufWriter`] accepts a zero capacity and writes straight
 /// through.
 #[derive(Debug)]
 enum BufferedStream {
-    UnbufferedRead(BufWriter<RawStreamWrapper>),
-    BufferedRead(BufReader<BufWriter<RawStreamWrapper>>),
+    UnbufferedRead(LazyBufWriter),
+    BufferedRead(BufReader<LazyBufWriter>),
 }
 
 impl BufferedStream {
     fn with_capacity(read: usize, write: usize, stream: RawStreamWrapper) -> Self {
-        let writer = BufWriter::with_capacity(write, stream);
+        let writer = LazyBufWriter::with_capacity(write, stream);
         if read == 0 {
             BufferedStream::UnbufferedRead(writer)
         } else {
@@ -441,14 +598,14 @@ impl BufferedStream {
         }
     }
 
-    fn writer(&self) -> &BufWriter<RawStreamWrapper> {
+    fn writer(&self) -> &LazyBufWriter {
         match self {
             BufferedStream::UnbufferedRead(writer) => writer,
             BufferedStream::BufferedRead(reader) => reader.get_ref(),
         }
     }
 
-    fn writer_mut(&mut self) -> &mut BufWriter<RawStreamWrapper> {
+    fn writer_mut(&mut self) -> &mut LazyBufWriter {
         match self {
             BufferedStream::UnbufferedRead(writer) => writer,
             BufferedStream::BufferedRead(reader) => reader.get_mut(),
@@ -485,8 +642,7 @@ impl AsyncRead for BufferedStream {
     }
 }
 
-// `BufReader` only forwards writes to the `BufWriter` under it, so write to the `BufWriter`
-// directly.
+// `BufReader` only forwards writes to the writer under it, so write to the writer directly.
 impl AsyncWrite for BufferedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
