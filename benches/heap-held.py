@@ -6,7 +6,10 @@ Where `conns.sh` (shared/peers) measures RSS per held connection side by side wi
 peers, this says *what* holds it: DHAT's live blocks at the global heap peak (t-gmax),
 grouped by the innermost frame outside the allocator, divided by N.
 
-Usage: benches/heap-held.py [--n 300] [--ws] [--bin target/release/portier] [--top 25]
+Usage: benches/heap-held.py [--n 300] [--ws] [--one-at-a-time] [--bin target/release/portier] [--top 25]
+By default the requests are opened back to back, so the peak also holds the upstream
+connects still in flight (each a boxed future); --one-at-a-time opens each once the
+previous one reached the upstream, so the peak is the held state alone.
 Needs valgrind. The upstream is a stand-in worker in this script that accepts the
 request and never answers it (longpoll) or answers 101 and then stays silent (--ws).
 """
@@ -41,7 +44,9 @@ async def upstream(port, ws, held):
     return await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
 
 
-async def client(port, ws, n):
+async def client(port, ws, n, held=None):
+    """Opens `n` held requests; with `held` (the upstream's list), each only once the
+    previous one reached the upstream, so no connect is in flight at the heap's peak."""
     conns = []
     path = "/websocket" if ws else "/longpolling/poll"
     extra = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -51,6 +56,8 @@ async def client(port, ws, n):
         w.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: acme.test\r\n" + extra + b"\r\n")
         await w.drain()
         conns.append((r, w))
+        while held is not None and len(held) < len(conns):
+            await asyncio.sleep(0.005)
     if ws:  # wait for every 101
         for r, _ in conns:
             await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 30)
@@ -63,6 +70,9 @@ async def main():
     ap.add_argument("--ws", action="store_true")
     ap.add_argument("--bin", default="target/release/portier")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="open each request once the previous one reached the upstream: the "
+                         "peak is then the held state, without connects in flight")
     a = ap.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("heap-held: valgrind is missing (apt-get install valgrind)")
@@ -86,7 +96,7 @@ async def main():
                 break
             except OSError:
                 await asyncio.sleep(0.1)
-        conns = await client(http, a.ws, a.n)
+        conns = await client(http, a.ws, a.n, held if a.one_at_a_time else None)
         for _ in range(300):  # every request reached the upstream
             if len(held) >= a.n:
                 break
