@@ -365,6 +365,17 @@ impl Drop for Portier {
     }
 }
 
+/// The value of the first line of a `/metrics` text that starts with `name` (labels
+/// included, e.g. `portier_spooled_bytes_total{direction="response"}`); 0 if none.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// A response as the test sees it.
 #[derive(Debug)]
 pub struct Resp {

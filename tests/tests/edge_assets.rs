@@ -161,14 +161,6 @@ async fn responses_are_compressed_as_the_client_and_the_class_allow() {
     assert_eq!(r.body.len(), 200_000);
 }
 
-fn metric(m: &str, name: &str) -> f64 {
-    m.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The asset cache: a bundle is fetched from the worker once, then served with `Age`
 /// and `X-Cache: hit`; per tenant and per encoding; answers that are private, set a
 /// cookie, vary by more than the encoding or are not `200` are not kept; concurrent

@@ -35,14 +35,6 @@ async fn read_until_close(s: &mut TcpStream, limit: Duration) -> (String, bool) 
     }
 }
 
-fn metric(m: &str, name: &str) -> f64 {
-    m.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn metrics(p: &Portier) -> String {
     get(p.admin, "admin", "/metrics").await.unwrap().text()
 }

@@ -62,10 +62,7 @@ async fn worker_busy(w: &SimWorker, n: u64) {
 /// `portier_spooled_bytes_total{direction="response"}` as the admin port shows it now.
 async fn spooled_response_bytes(admin: std::net::SocketAddr) -> u64 {
     let m = get(admin, "admin", "/metrics").await.unwrap().text();
-    m.lines()
-        .find(|l| l.starts_with("portier_spooled_bytes_total{direction=\"response\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0)
+    metric(&m, "portier_spooled_bytes_total{direction=\"response\"}") as u64
 }
 
 fn pool_queue(st: &serde_json::Value) -> (u64, u64, u64) {
