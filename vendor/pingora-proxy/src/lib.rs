@@ -45,6 +45,7 @@ use once_cell::sync::Lazy;
 use pingora_http::{RequestHeader, ResponseHeader};
 use std::fmt::Debug;
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::str;
 use std::sync::{
     atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering},
@@ -1623,29 +1624,40 @@ where
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out (not `async fn`) so the session is boxed before the future is made: an
+    // `async_trait` method's future keeps each by-value argument for its whole life, and
+    // this one lives as long as the connection.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: HttpSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        // The requests of a kept-alive HTTP/1 connection are served here, one after the
-        // other, instead of handing the stream back to `process_new`'s loop: each call of
-        // this `async_trait` method boxes (allocates, and copies) the whole request future,
-        // which would then happen once per request instead of once per connection.
-        // This loop does what that one does between two requests (see `apps::ServerApp`).
-        // The session is boxed before the request future is made: the future then holds
-        // a pointer, not a copy of it for its whole life.
-        let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
-        let mut reused = self.process_one_http(Box::new(session), shutdown).await?;
-        loop {
-            let (stream, persistent_settings) = reused.consume();
-            let mut next = Box::new(HttpSession::new_http1(stream));
-            if let Some(persistent_settings) = persistent_settings {
-                persistent_settings.apply_to_session(&mut next);
+        shutdown: &'life1 ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        let session = Box::new(session);
+        Box::pin(async move {
+            // The requests of a kept-alive HTTP/1 connection are served here, one after
+            // the other, instead of handing the stream back to `process_new`'s loop: each
+            // call of this `async_trait` method boxes (allocates, and copies) the whole
+            // request future, which would then happen once per request instead of once
+            // per connection. This loop does what that one does between two requests
+            // (see `apps::ServerApp`). The session is boxed before the request future is
+            // made: the future then holds a pointer, not a copy of it for its whole life.
+            let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+            let mut reused = self.process_one_http(session, shutdown).await?;
+            loop {
+                let (stream, persistent_settings) = reused.consume();
+                let mut next = Box::new(HttpSession::new_http1(stream));
+                if let Some(persistent_settings) = persistent_settings {
+                    persistent_settings.apply_to_session(&mut next);
+                }
+                next.set_header_timeout(header_timeout, false);
+                reused = self.process_one_http(next, shutdown).await?;
             }
-            next.set_header_timeout(header_timeout, false);
-            reused = self.process_one_http(next, shutdown).await?;
-        }
+        })
     }
 
     async fn http_cleanup(&self) {
