@@ -177,6 +177,12 @@ impl ShardedNotify {
     }
 }
 
+/// An upstream session that is not HTTP/1 (see `HttpProxy::proxy_to_other_upstream`).
+enum OtherSession<S> {
+    H2(pingora_core::protocols::http::v2::client::Http2Session),
+    Custom(S),
+}
+
 /// The concrete type that holds the user defined HTTP proxy.
 ///
 /// Users don't need to interact with this object directly.
@@ -424,80 +430,114 @@ where
             Err(e) => return (false, Some(e)),
         };
 
-        let client_session = self.client_upstream.get_http_session(&*peer).await;
-        match client_session {
-            Ok((client_session, client_reused)) => {
-                let (server_reused, error) = match client_session {
-                    ClientSession::H1(h1) => {
-                        // Boxed: each async level below would otherwise hold it twice
-                        // (argument and local), ~1 KiB per level, for the request's life.
-                        let h1 = Box::new(h1);
-                        // A reusable session not yet released (proxy_1to1 releases it as
-                        // soon as the response is read whole, while the client may still
-                        // be reading) goes back to the pool here.
-                        let (server_reused, client_back, error) = self
-                            .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
-                            .await;
-                        if let Some(h1) = client_back {
-                            let session = ClientSession::H1(*h1);
-                            self.client_upstream
-                                .release_http_session(session, &*peer, peer.idle_timeout())
-                                .await;
-                        }
-                        (server_reused, error)
-                    }
-                    ClientSession::H2(mut h2) => {
-                        let (server_reused, mut error) = self
-                            .proxy_to_h2_upstream(session, &mut h2, client_reused, &peer, ctx)
-                            .await;
-                        let session = ClientSession::H2(h2);
-                        self.client_upstream
-                            .release_http_session(session, &*peer, peer.idle_timeout())
-                            .await;
-
-                        if let Some(e) = error.as_mut() {
-                            // try to downgrade if A. origin says so or B. origin sends an invalid
-                            // response, which usually means origin h2 is not production ready
-                            if matches!(e.etype, H2Downgrade | InvalidH2) {
-                                if peer
-                                    .get_alpn()
-                                    .is_none_or(|alpn| alpn.get_min_http_version() == 1)
-                                {
-                                    // Add the peer to prefer h1 so that all following requests
-                                    // will use h1
-                                    self.client_upstream.prefer_h1(&*peer);
-                                } else {
-                                    // the peer doesn't allow downgrading to h1 (e.g. gRPC)
-                                    e.retry = false.into();
-                                }
-                            }
-                        }
-
-                        (server_reused, error)
-                    }
-                    ClientSession::Custom(mut c) => {
-                        let (server_reused, error) = self
-                            .proxy_to_custom_upstream(session, &mut c, client_reused, &peer, ctx)
-                            .await;
-                        let session = ClientSession::Custom(c);
-                        self.client_upstream
-                            .release_http_session(session, &*peer, peer.idle_timeout())
-                            .await;
-                        (server_reused, error)
-                    }
-                };
-                (
-                    server_reused,
-                    error.map(|e| {
-                        self.inner
-                            .error_while_proxy(&peer, session, e, ctx, client_reused)
-                    }),
-                )
+        // The connector's answer is split at once into the boxed HTTP/1 session (the hot
+        // path, awaited inline) and the other kinds (boxed below): matching on it in place
+        // would keep the whole answer (~1 KiB, the session moved out of it included) in
+        // this future for as long as the request is proxied.
+        let (upstream, client_reused) = match self.client_upstream.get_http_session(&*peer).await {
+            Ok((ClientSession::H1(h1), reused)) => (Ok(Box::new(h1)), reused),
+            Ok((ClientSession::H2(h2), reused)) => (Err(Box::new(OtherSession::H2(h2))), reused),
+            Ok((ClientSession::Custom(c), reused)) => {
+                (Err(Box::new(OtherSession::Custom(c))), reused)
             }
             Err(mut e) => {
                 e.as_up();
                 let new_err = self.inner.fail_to_connect(session, &peer, ctx, e);
-                (false, Some(new_err.into_up()))
+                return (false, Some(new_err.into_up()));
+            }
+        };
+        let (server_reused, error) = match upstream {
+            Ok(h1) => {
+                // A reusable session not yet released (proxy_1to1 releases it as soon as
+                // the response is read whole, while the client may still be reading) goes
+                // back to the pool here, without awaiting; one that cannot be reused is
+                // shut down (rare: boxed).
+                let (server_reused, client_back, error) = self
+                    .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
+                    .await;
+                if let Some(h1) = client_back {
+                    if let Some(closing) = self.client_upstream.try_release_http1_session(
+                        *h1,
+                        &*peer,
+                        peer.idle_timeout(),
+                    ) {
+                        Box::pin(self.client_upstream.release_http_session(
+                            ClientSession::H1(closing),
+                            &*peer,
+                            peer.idle_timeout(),
+                        ))
+                        .await;
+                    }
+                }
+                (server_reused, error)
+            }
+            Err(other) => {
+                Box::pin(self.proxy_to_other_upstream(session, *other, client_reused, &peer, ctx))
+                    .await
+            }
+        };
+        (
+            server_reused,
+            error.map(|e| {
+                self.inner
+                    .error_while_proxy(&peer, session, e, ctx, client_reused)
+            }),
+        )
+    }
+
+    /// [`Self::proxy_to_upstream()`] for HTTP/2 and custom upstream sessions, in a future
+    /// of its own (boxed by the caller) so that theirs do not size the HTTP/1 path's.
+    async fn proxy_to_other_upstream(
+        &self,
+        session: &mut Session,
+        client_session: OtherSession<C::Session>,
+        client_reused: bool,
+        peer: &HttpPeer,
+        ctx: &mut SV::CTX,
+    ) -> (bool, Option<Box<Error>>)
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        match client_session {
+            OtherSession::H2(mut h2) => {
+                let (server_reused, mut error) = self
+                    .proxy_to_h2_upstream(session, &mut h2, client_reused, &peer, ctx)
+                    .await;
+                let session = ClientSession::H2(h2);
+                self.client_upstream
+                    .release_http_session(session, &*peer, peer.idle_timeout())
+                    .await;
+
+                if let Some(e) = error.as_mut() {
+                    // try to downgrade if A. origin says so or B. origin sends an invalid
+                    // response, which usually means origin h2 is not production ready
+                    if matches!(e.etype, H2Downgrade | InvalidH2) {
+                        if peer
+                            .get_alpn()
+                            .is_none_or(|alpn| alpn.get_min_http_version() == 1)
+                        {
+                            // Add the peer to prefer h1 so that all following requests
+                            // will use h1
+                            self.client_upstream.prefer_h1(&*peer);
+                        } else {
+                            // the peer doesn't allow downgrading to h1 (e.g. gRPC)
+                            e.retry = false.into();
+                        }
+                    }
+                }
+
+                (server_reused, error)
+            }
+            OtherSession::Custom(mut c) => {
+                let (server_reused, error) = self
+                    .proxy_to_custom_upstream(session, &mut c, client_reused, &peer, ctx)
+                    .await;
+                let session = ClientSession::Custom(c);
+                self.client_upstream
+                    .release_http_session(session, &*peer, peer.idle_timeout())
+                    .await;
+                (server_reused, error)
             }
         }
     }
