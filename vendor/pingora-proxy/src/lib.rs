@@ -603,7 +603,7 @@ where
             }
             session
                 .downstream_session
-                .finish()
+                .finish_boxed()
                 .await
                 .ok()
                 .flatten()
@@ -1256,7 +1256,7 @@ where
                     }
                     return session
                         .downstream_session
-                        .finish()
+                        .finish_boxed()
                         .await
                         .ok()
                         .flatten()
@@ -1454,7 +1454,7 @@ where
             }
             session
                 .downstream_session
-                .finish()
+                .finish_boxed()
                 .await
                 .ok()
                 .flatten()

@@ -266,24 +266,37 @@ impl Session {
     /// For H2, always return None because H2 stream is not reusable.
     /// For subrequests, there is no true underlying stream to return.
     pub async fn finish(self) -> Result<Option<ReusableHttpStream>> {
-        match self {
-            Self::H1(mut s) => {
+        Box::new(self).finish_boxed().await
+    }
+
+    /// [`Self::finish()`] for a boxed session: its future holds the box, not the session
+    /// (an `async fn` holds each by-value argument for its whole life, twice for `self`
+    /// when it is matched), so it stays small in the request future that awaits it.
+    pub async fn finish_boxed(mut self: Box<Self>) -> Result<Option<ReusableHttpStream>> {
+        match &mut *self {
+            Self::H1(s) => {
                 // need to flush body due to buffering
                 s.finish_body().await?;
-                s.reuse().await
+                if !s.prepare_reuse().await? {
+                    return Ok(None);
+                }
             }
-            Self::H2(mut s) => {
+            Self::H2(s) => {
                 s.finish()?;
-                Ok(None)
+                return Ok(None);
             }
-            Self::Subrequest(mut s) => {
+            Self::Subrequest(s) => {
                 s.finish().await?;
-                Ok(None)
+                return Ok(None);
             }
-            Self::Custom(mut s) => {
+            Self::Custom(s) => {
                 s.finish().await?;
-                Ok(None)
+                return Ok(None);
             }
+        }
+        match *self {
+            Self::H1(s) => Ok(Some(s.into_reusable())),
+            _ => Ok(None),
         }
     }
 

@@ -1516,27 +1516,43 @@ impl HttpSession {
     /// returned. If there was an error while draining any remaining request body that error will
     /// be returned.
     pub async fn reuse(mut self) -> Result<Option<ReusableHttpStream>> {
+        if self.prepare_reuse().await? {
+            Ok(Some(self.into_reusable()))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The awaited part of [`Self::reuse()`], by reference: shuts the connection down and
+    /// returns `false` when it cannot be reused, drains what is left of the request body
+    /// otherwise; `true` means [`Self::into_reusable()`] gives the stream for the next
+    /// session. A caller holding the session boxed awaits this instead of `reuse()`,
+    /// whose future would hold the whole session (twice: argument and local).
+    pub async fn prepare_reuse(&mut self) -> Result<bool> {
         if !self.will_keepalive() {
             debug!("HTTP shutdown connection");
             self.shutdown().await;
-            Ok(None)
+            Ok(false)
         } else {
             self.drain_request_body().await?;
             if self.body_reader.has_bytes_overread() && !self.pipelining_enabled {
                 debug!("bytes overread on request, disallowing reuse");
-                Ok(None)
+                Ok(false)
             } else {
-                let pipelined_prefix = self
-                    .pipelining_enabled
-                    .then(|| self.take_body_overread())
-                    .flatten()
-                    .filter(|prefix| !prefix.is_empty());
-                Ok(Some(ReusableHttpStream::new(
-                    self.underlying_stream,
-                    pipelined_prefix,
-                )))
+                Ok(true)
             }
         }
+    }
+
+    /// The stream for the next session, with any pipelined prefix, once
+    /// [`Self::prepare_reuse()`] returned `true`.
+    pub fn into_reusable(mut self) -> ReusableHttpStream {
+        let pipelined_prefix = self
+            .pipelining_enabled
+            .then(|| self.take_body_overread())
+            .flatten()
+            .filter(|prefix| !prefix.is_empty());
+        ReusableHttpStream::new(self.underlying_stream, pipelined_prefix)
     }
 
     /// Write a `100 Continue` response to the client.
