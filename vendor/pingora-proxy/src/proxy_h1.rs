@@ -686,7 +686,10 @@ where
                 task = async { next_upstream_task.take() }, if next_upstream_task.is_some() => {
                     debug!("buffered upstream event: {:?}", task);
                     if let Some(t) = task {
-                        let Some(response_done) = self.process_upstream_tasks(
+                        // Boxed, here and below: this future is held for as long as the
+                        // request waits for its response, and writing the response would
+                        // otherwise make it ~1 KiB larger for that whole time.
+                        let Some(response_done) = Box::pin(self.process_upstream_tasks(
                             session,
                             ctx,
                             t,
@@ -694,7 +697,7 @@ where
                             &mut serve_from_cache,
                             &mut range_body_filter,
                             &mut response_state,
-                        ).await? else {
+                        )).await? else {
                             // nothing sent downstream e.g. serve_from_cache
                             continue;
                         };
@@ -711,7 +714,7 @@ where
                     debug!("upstream event: {:?}", task);
                     if let Some(t) = task {
                         let upgraded = session.was_upgraded();
-                        let Some(response_done) = self.process_upstream_tasks(
+                        let Some(response_done) = Box::pin(self.process_upstream_tasks(
                             session,
                             ctx,
                             t,
@@ -719,7 +722,7 @@ where
                             &mut serve_from_cache,
                             &mut range_body_filter,
                             &mut response_state,
-                        ).await? else {
+                        )).await? else {
                             // nothing sent downstream e.g. serve_from_cache
                             continue;
                         };
@@ -755,7 +758,7 @@ where
                     if session.downstream_session.supports_proxy_task_api() {
                         session.send_downstream_proxy_task(task).await?;
                     } else {
-                        match session.write_response_tasks(vec![task]).await {
+                        match Box::pin(session.write_response_tasks(vec![task])).await {
                             Ok(b) => response_state.maybe_set_cache_done(b),
                             Err(e) => if serve_from_cache.is_miss() {
                                 // give up writing to downstream but wait for upstream cache write to finish
@@ -908,7 +911,7 @@ where
         if let Some(frame) = interrupted {
             // the upgraded connection ends here: its last bytes, then close both sides
             if let Some(frame) = frame {
-                session.downstream_session.write_response_body(frame, true).await?;
+                Box::pin(session.downstream_session.write_response_body(frame, true)).await?;
             }
             pipe_state.store(PipeState::DownstreamComplete as u8, Ordering::Release);
             return Ok(false);
