@@ -317,33 +317,18 @@ where
             return self.clone().process_custom_session(stream, shutdown).await;
         } else {
             // No ALPN or ALPN::H1 and h2c was not configured, fallback to HTTP/1.1
-            let mut session = ServerSession::new_http1(stream);
-            if *shutdown.borrow() {
-                // stop downstream from reusing if this service is shutting down soon
-                session.set_keepalive(None);
-            } else {
-                // default 60s
-                session.set_keepalive(Some(
-                    self.server_options()
-                        .and_then(|opts| opts.h1_first_request_timeout)
-                        .unwrap_or(60),
-                ));
-            }
-            session.set_keepalive_reuses_remaining(
-                self.server_options()
-                    .and_then(|opts| opts.keepalive_request_limit),
-            );
+            // The sessions are made and set up in plain functions: a local of this future
+            // that has been borrowed stays in its state until the end of its scope, and
+            // this future lives as long as the connection.
             let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
-            session.set_header_timeout(header_timeout, true);
-
-            let mut result = self.process_new_http(session, shutdown).await;
-            while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
-                let mut session = ServerSession::new_http1(stream);
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut session);
-                }
-                session.set_header_timeout(header_timeout, false);
-
+            let mut result = self
+                .process_new_http(first_http1_session(&**self, stream, shutdown), shutdown)
+                .await;
+            loop {
+                let Some((stream, persistent_settings)) = result.map(|r| r.consume()) else {
+                    break;
+                };
+                let session = next_http1_session(stream, persistent_settings, header_timeout);
                 result = self.process_new_http(session, shutdown).await;
             }
         }
@@ -353,6 +338,47 @@ where
     async fn cleanup(&self) {
         self.http_cleanup().await;
     }
+}
+
+/// The first HTTP/1 session of a new connection, set up from the server options.
+fn first_http1_session<T: HttpServerApp + ?Sized>(
+    app: &T,
+    stream: Stream,
+    shutdown: &ShutdownWatch,
+) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    if *shutdown.borrow() {
+        // stop downstream from reusing if this service is shutting down soon
+        session.set_keepalive(None);
+    } else {
+        // default 60s
+        session.set_keepalive(Some(
+            app.server_options()
+                .and_then(|opts| opts.h1_first_request_timeout)
+                .unwrap_or(60),
+        ));
+    }
+    session.set_keepalive_reuses_remaining(
+        app.server_options()
+            .and_then(|opts| opts.keepalive_request_limit),
+    );
+    let header_timeout = app.server_options().and_then(|o| o.h1_header_timeout);
+    session.set_header_timeout(header_timeout, true);
+    session
+}
+
+/// The session of the next request of a kept-alive HTTP/1 connection.
+fn next_http1_session(
+    stream: Stream,
+    persistent_settings: Option<HttpPersistentSettings>,
+    header_timeout: Option<Duration>,
+) -> ServerSession {
+    let mut session = ServerSession::new_http1(stream);
+    if let Some(persistent_settings) = persistent_settings {
+        persistent_settings.apply_to_session(&mut session);
+    }
+    session.set_header_timeout(header_timeout, false);
+    session
 }
 
 /// Serve one HTTP/2 connection: the handshake, then one task per stream.
