@@ -24,6 +24,7 @@ use crate::listeners::tls::TlsSettings;
 use crate::listeners::AcceptAllFilter;
 use crate::listeners::{
     ConnectionFilter, ListenerConfig, Listeners, ServerAddress, TcpSocketOptions, TransportStack,
+    UninitializedStream,
 };
 use crate::protocols::Stream;
 #[cfg(unix)]
@@ -199,6 +200,27 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
         }
     }
 
+    /// The handshake of an accepted connection (TLS, PROXY protocol), within 60 s.
+    async fn handshake(io: UninitializedStream) -> Option<Stream> {
+        let peer_addr = io.peer_addr();
+        match timeout(Duration::from_secs(60), io.handshake()).await {
+            Ok(Ok(io)) => Some(io),
+            Ok(Err(e)) => {
+                // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
+                if let Some(addr) = peer_addr {
+                    error!("Downstream handshake error from {}: {e}", addr);
+                } else {
+                    error!("Downstream handshake error: {e}");
+                }
+                None
+            }
+            Err(_) => {
+                error!("Downstream handshake timeout");
+                None
+            }
+        }
+    }
+
     async fn run_endpoint(
         app_logic: Arc<A>,
         mut stack: TransportStack,
@@ -229,29 +251,13 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                 Ok(io) => {
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
+                    // The accepted stream goes into the boxed handshake future before the
+                    // task is made: captured by the task, it (and the handshake's state)
+                    // would size the task for the connection's whole life.
+                    let handshake = Box::pin(Self::handshake(io));
                     current_handle().spawn(async move {
-                        let peer_addr = io.peer_addr();
-                        // The handshake future (with its TLS state) is boxed: inline, it
-                        // would size this task's state for the connection's whole life.
-                        let handshake =
-                            timeout(Duration::from_secs(60), Box::pin(io.handshake())).await;
-                        match handshake {
-                            Ok(handshake) => {
-                                match handshake {
-                                    Ok(io) => Self::handle_event(io, app, shutdown).await,
-                                    Err(e) => {
-                                        // TODO: Maybe IOApp trait needs a fn to handle/filter out this error
-                                        if let Some(addr) = peer_addr {
-                                            error!("Downstream handshake error from {}: {e}", addr);
-                                        } else {
-                                            error!("Downstream handshake error: {e}");
-                                        }
-                                    }
-                                }
-                            }
-                            Err(_) => {
-                                error!("Downstream handshake timeout");
-                            }
+                        if let Some(io) = handshake.await {
+                            Self::handle_event(io, app, shutdown).await
                         }
                     });
                 }
