@@ -296,7 +296,13 @@ pub fn request_headers(
     // The header map is built first and becomes a header without the case map at the
     // end: pingora's `insert_header` would turn each name into text and parse it back
     // (an allocation per custom name, on every request).
-    let mut out = HeaderMap::with_capacity(upstream.headers.len() + 8);
+    // Room for the client's headers and the six portier sets on every proxied request
+    // (X-Odoo-dbfilter, X-Forwarded-Host, -For, -Proto, X-Real-IP, X-Request-Id); the
+    // rarer Host and X-Odoo-Database grow the map if they do not fit. The map keeps a
+    // power of two of slots and the worker's connection keeps this header for as long
+    // as it is open (a WebSocket: hours), so the bound is kept tight: 6 rather than 8
+    // halves it for a WebSocket upgrade (5 + 6 headers: 12 slots, not 24).
+    let mut out = HeaderMap::with_capacity(upstream.headers.len() + 6);
     let mut has_host = false;
     for (name, value) in upstream.headers.iter() {
         if forward::is_own_header(name) || (ctx.body_preread && name == header::EXPECT) {
