@@ -182,6 +182,11 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h1_header_timeout = Some(listen.header_timeout);
         options.h1_first_request_timeout = Some(listen.idle_timeout.as_secs().max(1));
+        // Header names' case is not kept (vendor patch 31): the headers portier forwards
+        // are rebuilt without it anyway (`upstream::request_headers`, `response_headers`:
+        // standard names go out in their usual capitals, others lowercase), and the
+        // case map doubled the cost of parsing, copying and keeping them.
+        options.h1_ignore_header_case = true;
         app.server_options = Some(options);
     }
     server.add_service(proxy);

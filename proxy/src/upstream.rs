@@ -105,6 +105,9 @@ pub async fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     peer.options.read_timeout = Some(timeout);
     peer.options.write_timeout = Some(timeout);
     peer.options.idle_timeout = Some(UPSTREAM_IDLE);
+    // The worker's response header is rebuilt without its names' case for the client
+    // (`response_headers`), so that case is not kept when it is read (vendor patch 31).
+    peer.options.h1_ignore_header_case = true;
     if fresh {
         // A reuse key of its own finds no pooled connection; released with no idle
         // time, the connection is not kept either.

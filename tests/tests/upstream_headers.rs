@@ -197,3 +197,35 @@ async fn hop_by_hop_headers_are_removed() {
     }
     assert_eq!(rec.header("x-kept"), Some("yes"));
 }
+
+/// portier does not keep header names' case (vendor patch 31: pingora parses them as
+/// HTTP/2 does): names that differ only in case are one header, whose values all reach
+/// the worker in the client's order; the answer reaches the client with each name once,
+/// standard names in their usual capitals and the others lowercase (as before the
+/// patch: portier rebuilds the headers it forwards without their case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_differing_in_case_are_one_header_with_every_value() {
+    let s = setup("").await;
+    let req = "GET /web/webclient/version_info HTTP/1.1\r\nHost: acme.test\r\nX-Multi: a\r\nx-MULTI: b\r\nUser-Agent: t\r\nX-multi: c\r\nConnection: close\r\n\r\n";
+    let (resp, _) = raw(s.p.http, req.as_bytes(), Duration::from_millis(500)).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let rec = s
+        .http
+        .iter()
+        .flat_map(|w| w.requests())
+        .last()
+        .expect("seen");
+    assert_eq!(rec.header_all("x-multi"), vec!["a", "b", "c"]);
+    assert_eq!(rec.header("user-agent"), Some("t"));
+    let head = resp.split("\r\n\r\n").next().unwrap_or_default();
+    let names: Vec<&str> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n))
+        .collect();
+    for want in ["Content-Type", "Content-Length", "x-request-id", "x-sim-worker"] {
+        let n = names.iter().filter(|n| n.eq_ignore_ascii_case(want)).count();
+        assert_eq!(n, 1, "{want} once: {head}");
+        assert!(names.contains(&want), "{want} as written: {head}");
+    }
+}

@@ -1687,14 +1687,18 @@ where
             // (see `apps::ServerApp`). The session is boxed before the request future is
             // made: the future then holds a pointer, not a copy of it for its whole life.
             let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+            let ignore_header_case = self
+                .server_options()
+                .is_some_and(|o| o.h1_ignore_header_case);
             let mut reused = self.process_one_http(session, shutdown).await?;
             loop {
                 let (stream, persistent_settings) = reused.consume();
-                let mut next = Box::new(HttpSession::new_http1(stream));
-                if let Some(persistent_settings) = persistent_settings {
-                    persistent_settings.apply_to_session(&mut next);
-                }
-                next.set_header_timeout(header_timeout, false);
+                let next = Box::new(pingora_core::apps::next_http1_session(
+                    stream,
+                    persistent_settings,
+                    header_timeout,
+                    ignore_header_case,
+                ));
                 reused = self.process_one_http(next, shutdown).await?;
             }
         })

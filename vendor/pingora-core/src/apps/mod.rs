@@ -102,6 +102,13 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`, which keeps 60 s.
     pub h1_first_request_timeout: Option<u64>,
+
+    /// Parse HTTP/1 request headers without keeping their names' original case (as
+    /// HTTP/2 does): cheaper to parse, copy and keep. Written on in HTTP/1, such a
+    /// header has its standard names in their usual capitals and the others lowercase.
+    ///
+    /// Default: `false` (the case is kept).
+    pub h1_ignore_header_case: bool,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -321,6 +328,9 @@ where
             // that has been borrowed stays in its state until the end of its scope, and
             // this future lives as long as the connection.
             let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
+            let ignore_header_case = self
+                .server_options()
+                .is_some_and(|o| o.h1_ignore_header_case);
             let mut result = self
                 .process_new_http(first_http1_session(&**self, stream, shutdown), shutdown)
                 .await;
@@ -328,7 +338,12 @@ where
                 let Some((stream, persistent_settings)) = result.map(|r| r.consume()) else {
                     break;
                 };
-                let session = next_http1_session(stream, persistent_settings, header_timeout);
+                let session = next_http1_session(
+                    stream,
+                    persistent_settings,
+                    header_timeout,
+                    ignore_header_case,
+                );
                 result = self.process_new_http(session, shutdown).await;
             }
         }
@@ -364,20 +379,28 @@ fn first_http1_session<T: HttpServerApp + ?Sized>(
     );
     let header_timeout = app.server_options().and_then(|o| o.h1_header_timeout);
     session.set_header_timeout(header_timeout, true);
+    session.set_ignore_header_case(
+        app.server_options()
+            .is_some_and(|o| o.h1_ignore_header_case),
+    );
     session
 }
 
-/// The session of the next request of a kept-alive HTTP/1 connection.
-fn next_http1_session(
+/// The session of the next request of a kept-alive HTTP/1 connection: the settings
+/// persisted from the previous one, the header timeout counted from the header's first
+/// byte, and whether header names keep their case.
+pub fn next_http1_session(
     stream: Stream,
     persistent_settings: Option<HttpPersistentSettings>,
     header_timeout: Option<Duration>,
+    ignore_header_case: bool,
 ) -> ServerSession {
     let mut session = ServerSession::new_http1(stream);
     if let Some(persistent_settings) = persistent_settings {
         persistent_settings.apply_to_session(&mut session);
     }
     session.set_header_timeout(header_timeout, false);
+    session.set_ignore_header_case(ignore_header_case);
     session
 }
 

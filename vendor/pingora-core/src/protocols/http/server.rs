@@ -354,6 +354,14 @@ impl Session {
         }
     }
 
+    /// See [`HttpSessionV1::set_ignore_header_case`](super::v1::server::HttpSession::set_ignore_header_case).
+    /// Noop for h2 (whose headers have no case) and subrequest.
+    pub fn set_ignore_header_case(&mut self, ignore: bool) {
+        if let Self::H1(s) = self {
+            s.set_ignore_header_case(ignore);
+        }
+    }
+
     /// Set the number of times the upstream connection connection for this
     /// session can be reused via keepalive. Noop for h2 and subrequest
     pub fn set_keepalive_reuses_remaining(&mut self, reuses: Option<u32>) {

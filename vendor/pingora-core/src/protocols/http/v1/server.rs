@@ -105,6 +105,8 @@ pub struct HttpSession {
     /// `read_request` (`header_timeout_from_start`) or from its first byte.
     header_timeout: Option<Duration>,
     header_timeout_from_start: bool,
+    /// Parse the request header without the names' original case.
+    ignore_header_case: bool,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
@@ -189,6 +191,7 @@ impl HttpSession {
             keepalive_timeout: KeepaliveStatus::Off,
             header_timeout: None,
             header_timeout_from_start: false,
+            ignore_header_case: false,
             update_resp_headers: true,
             response_written: None,
             request_header: None,
@@ -223,6 +226,13 @@ impl HttpSession {
     pub fn set_header_timeout(&mut self, timeout: Option<Duration>, from_start: bool) {
         self.header_timeout = timeout;
         self.header_timeout_from_start = from_start;
+    }
+
+    /// Parse the request header without keeping its names' original case (as HTTP/2
+    /// does): cheaper to parse, copy and keep for the connection's life. Written on in
+    /// HTTP/1, its standard names get their usual capitals and the others lowercase.
+    pub fn set_ignore_header_case(&mut self, ignore: bool) {
+        self.ignore_header_case = ignore;
     }
 
     async fn read_request_buf(
@@ -405,12 +415,15 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
 
-                        let mut request_header = Box::new(RequestHeader::build(
-                            req.method.unwrap_or(""),
-                            // we path httparse to allow unsafe bytes in the str
-                            req.path.unwrap_or("").as_bytes(),
-                            Some(req.headers.len()),
-                        )?);
+                        let method = req.method.unwrap_or("");
+                        // we path httparse to allow unsafe bytes in the str
+                        let path = req.path.unwrap_or("").as_bytes();
+                        let size_hint = Some(req.headers.len());
+                        let mut request_header = Box::new(if self.ignore_header_case {
+                            RequestHeader::build_no_case(method, path, size_hint)?
+                        } else {
+                            RequestHeader::build(method, path, size_hint)?
+                        });
 
                         request_header.set_version(match req.version {
                             Some(1) => Version::HTTP_11,
