@@ -223,8 +223,16 @@ async fn header_names_differing_in_case_are_one_header_with_every_value() {
         .skip(1)
         .filter_map(|l| l.split_once(':').map(|(n, _)| n))
         .collect();
-    for want in ["Content-Type", "Content-Length", "x-request-id", "x-sim-worker"] {
-        let n = names.iter().filter(|n| n.eq_ignore_ascii_case(want)).count();
+    for want in [
+        "Content-Type",
+        "Content-Length",
+        "x-request-id",
+        "x-sim-worker",
+    ] {
+        let n = names
+            .iter()
+            .filter(|n| n.eq_ignore_ascii_case(want))
+            .count();
         assert_eq!(n, 1, "{want} once: {head}");
         assert!(names.contains(&want), "{want} as written: {head}");
     }
