@@ -184,6 +184,16 @@ async fn request_id_is_kept_when_sent() {
 async fn hop_by_hop_headers_are_removed() {
     let s = setup("").await;
     let req = "GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
+    let (_, rec) = raw_answered(&s, req).await;
+    for h in ["x-secret", "keep-alive", "proxy-connection", "te"] {
+        assert!(rec.header(h).is_none(), "{h} reached the worker");
+    }
+    assert_eq!(rec.header("x-kept"), Some("yes"));
+}
+
+/// Sends `req` as it is, expects a 200, and returns the answer with the request the
+/// workers saw last.
+async fn raw_answered(s: &RoutingSetup, req: &str) -> (String, portier_sim::Recorded) {
     let (resp, _) = raw(s.p.http, req.as_bytes(), Duration::from_millis(500)).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let rec = s
@@ -191,13 +201,9 @@ async fn hop_by_hop_headers_are_removed() {
         .iter()
         .flat_map(|w| w.requests())
         .last()
-        .expect("seen");
-    for h in ["x-secret", "keep-alive", "proxy-connection", "te"] {
-        assert!(rec.header(h).is_none(), "{h} reached the worker");
-    }
-    assert_eq!(rec.header("x-kept"), Some("yes"));
+        .expect("a worker saw it");
+    (resp, rec)
 }
-
 /// portier does not keep header names' case (vendor patch 31: pingora parses them as
 /// HTTP/2 does): names that differ only in case are one header, whose values all reach
 /// the worker in the client's order; the answer reaches the client with each name once,
@@ -207,14 +213,7 @@ async fn hop_by_hop_headers_are_removed() {
 async fn header_names_differing_in_case_are_one_header_with_every_value() {
     let s = setup("").await;
     let req = "GET /web/webclient/version_info HTTP/1.1\r\nHost: acme.test\r\nX-Multi: a\r\nx-MULTI: b\r\nUser-Agent: t\r\nX-multi: c\r\nConnection: close\r\n\r\n";
-    let (resp, _) = raw(s.p.http, req.as_bytes(), Duration::from_millis(500)).await;
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let rec = s
-        .http
-        .iter()
-        .flat_map(|w| w.requests())
-        .last()
-        .expect("seen");
+    let (resp, rec) = raw_answered(&s, req).await;
     assert_eq!(rec.header_all("x-multi"), vec!["a", "b", "c"]);
     assert_eq!(rec.header("user-agent"), Some("t"));
     let head = resp.split("\r\n\r\n").next().unwrap_or_default();
