@@ -204,6 +204,7 @@ async fn raw_answered(s: &RoutingSetup, req: &str) -> (String, portier_sim::Reco
         .expect("a worker saw it");
     (resp, rec)
 }
+
 /// portier does not keep header names' case (vendor patch 31: pingora parses them as
 /// HTTP/2 does): names that differ only in case are one header, whose values all reach
 /// the worker in the client's order; the answer reaches the client with each name once,

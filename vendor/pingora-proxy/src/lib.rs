@@ -450,24 +450,12 @@ where
             Ok(h1) => {
                 // A reusable session not yet released (proxy_1to1 releases it as soon as
                 // the response is read whole, while the client may still be reading) goes
-                // back to the pool here, without awaiting; one that cannot be reused is
-                // shut down (rare: boxed).
+                // back to the pool here.
                 let (server_reused, client_back, error) = self
                     .proxy_to_h1_upstream(session, h1, client_reused, &peer, ctx)
                     .await;
                 if let Some(h1) = client_back {
-                    if let Some(closing) = self.client_upstream.try_release_http1_session(
-                        *h1,
-                        &*peer,
-                        peer.idle_timeout(),
-                    ) {
-                        Box::pin(self.client_upstream.release_http_session(
-                            ClientSession::H1(closing),
-                            &*peer,
-                            peer.idle_timeout(),
-                        ))
-                        .await;
-                    }
+                    self.release_h1_upstream(h1, &peer).await;
                 }
                 (server_reused, error)
             }
@@ -1686,18 +1674,13 @@ where
             // per connection. This loop does what that one does between two requests
             // (see `apps::ServerApp`). The session is boxed before the request future is
             // made: the future then holds a pointer, not a copy of it for its whole life.
-            let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
-            let ignore_header_case = self
-                .server_options()
-                .is_some_and(|o| o.h1_ignore_header_case);
             let mut reused = self.process_one_http(session, shutdown).await?;
             loop {
                 let (stream, persistent_settings) = reused.consume();
                 let next = Box::new(pingora_core::apps::next_http1_session(
                     stream,
                     persistent_settings,
-                    header_timeout,
-                    ignore_header_case,
+                    self.server_options(),
                 ));
                 reused = self.process_one_http(next, shutdown).await?;
             }

@@ -203,21 +203,8 @@ where
             match up_result {
                 Ok(true) if !down_failed => {
                     if down_result.is_none() {
-                        // released now, while the downstream half goes on; without
-                        // awaiting, since this future is held by every request in flight.
-                        // A session that cannot be reused is shut down (rare: boxed).
-                        if let Some(closing) = self.client_upstream.try_release_http1_session(
-                            *client_session,
-                            peer,
-                            peer.idle_timeout(),
-                        ) {
-                            Box::pin(self.client_upstream.release_http_session(
-                                ClientSession::H1(closing),
-                                peer,
-                                peer.idle_timeout(),
-                            ))
-                            .await;
-                        }
+                        // released now, while the downstream half goes on
+                        self.release_h1_upstream(client_session, peer).await;
                     } else {
                         client_back = Some(client_session);
                     }
@@ -260,6 +247,24 @@ where
         match ret {
             Ok(downstream_can_reuse) => (downstream_can_reuse, client_back, None),
             Err(e) => (false, None, Some(e)),
+        }
+    }
+
+    /// Gives an HTTP/1 upstream session back: to the pool at once, without awaiting, when
+    /// its connection can be reused; else it is shut down in a boxed future (rare). Taken
+    /// boxed, so that a caller's future holds a pointer while awaiting this, not the
+    /// session: the callers' futures are held by every request in flight.
+    pub(crate) async fn release_h1_upstream(&self, session: Box<HttpSessionV1>, peer: &HttpPeer) {
+        if let Some(closing) =
+            self.client_upstream
+                .try_release_http1_session(*session, peer, peer.idle_timeout())
+        {
+            Box::pin(self.client_upstream.release_http_session(
+                ClientSession::H1(closing),
+                peer,
+                peer.idle_timeout(),
+            ))
+            .await;
         }
     }
 

@@ -327,23 +327,14 @@ where
             // The sessions are made and set up in plain functions: a local of this future
             // that has been borrowed stays in its state until the end of its scope, and
             // this future lives as long as the connection.
-            let header_timeout = self.server_options().and_then(|o| o.h1_header_timeout);
-            let ignore_header_case = self
-                .server_options()
-                .is_some_and(|o| o.h1_ignore_header_case);
-            let mut result = self
-                .process_new_http(first_http1_session(&**self, stream, shutdown), shutdown)
-                .await;
+            let session = first_http1_session(stream, self.server_options(), shutdown);
+            let mut result = self.process_new_http(session, shutdown).await;
             loop {
                 let Some((stream, persistent_settings)) = result.map(|r| r.consume()) else {
                     break;
                 };
-                let session = next_http1_session(
-                    stream,
-                    persistent_settings,
-                    header_timeout,
-                    ignore_header_case,
-                );
+                let session =
+                    next_http1_session(stream, persistent_settings, self.server_options());
                 result = self.process_new_http(session, shutdown).await;
             }
         }
@@ -356,9 +347,9 @@ where
 }
 
 /// The first HTTP/1 session of a new connection, set up from the server options.
-fn first_http1_session<T: HttpServerApp + ?Sized>(
-    app: &T,
+fn first_http1_session(
     stream: Stream,
+    options: Option<&HttpServerOptions>,
     shutdown: &ShutdownWatch,
 ) -> ServerSession {
     let mut session = ServerSession::new_http1(stream);
@@ -368,39 +359,31 @@ fn first_http1_session<T: HttpServerApp + ?Sized>(
     } else {
         // default 60s
         session.set_keepalive(Some(
-            app.server_options()
+            options
                 .and_then(|opts| opts.h1_first_request_timeout)
                 .unwrap_or(60),
         ));
     }
-    session.set_keepalive_reuses_remaining(
-        app.server_options()
-            .and_then(|opts| opts.keepalive_request_limit),
-    );
-    let header_timeout = app.server_options().and_then(|o| o.h1_header_timeout);
-    session.set_header_timeout(header_timeout, true);
-    session.set_ignore_header_case(
-        app.server_options()
-            .is_some_and(|o| o.h1_ignore_header_case),
-    );
+    session.set_keepalive_reuses_remaining(options.and_then(|opts| opts.keepalive_request_limit));
+    session.set_header_timeout(options.and_then(|o| o.h1_header_timeout), true);
+    session.set_ignore_header_case(options.is_some_and(|o| o.h1_ignore_header_case));
     session
 }
 
 /// The session of the next request of a kept-alive HTTP/1 connection: the settings
-/// persisted from the previous one, the header timeout counted from the header's first
-/// byte, and whether header names keep their case.
+/// persisted from the previous one, then the server options' header timeout (counted
+/// from the header's first byte) and header-case choice.
 pub fn next_http1_session(
     stream: Stream,
     persistent_settings: Option<HttpPersistentSettings>,
-    header_timeout: Option<Duration>,
-    ignore_header_case: bool,
+    options: Option<&HttpServerOptions>,
 ) -> ServerSession {
     let mut session = ServerSession::new_http1(stream);
     if let Some(persistent_settings) = persistent_settings {
         persistent_settings.apply_to_session(&mut session);
     }
-    session.set_header_timeout(header_timeout, false);
-    session.set_ignore_header_case(ignore_header_case);
+    session.set_header_timeout(options.and_then(|o| o.h1_header_timeout), false);
+    session.set_ignore_header_case(options.is_some_and(|o| o.h1_ignore_header_case));
     session
 }
 
