@@ -51,12 +51,14 @@ impl ConnectionMeta {
 }
 
 struct PoolConnection<S> {
-    pub notify_use: oneshot::Sender<bool>,
+    /// `None` for a connection put with [`ConnectionPool::put_unwatched`]: no idle
+    /// watcher to notify.
+    pub notify_use: Option<oneshot::Sender<bool>>,
     pub connection: S,
 }
 
 impl<S> PoolConnection<S> {
-    pub fn new(notify_use: oneshot::Sender<bool>, connection: S) -> Self {
+    pub fn new(notify_use: Option<oneshot::Sender<bool>>, connection: S) -> Self {
         PoolConnection {
             notify_use,
             connection,
@@ -65,7 +67,9 @@ impl<S> PoolConnection<S> {
 
     pub fn release(self) -> S {
         // notify the idle watcher to release the connection
-        let _ = self.notify_use.send(true);
+        if let Some(notify_use) = self.notify_use {
+            let _ = notify_use.send(true);
+        }
         // wait for the watcher to release
         self.connection
     }
@@ -147,6 +151,36 @@ impl<T> PoolNode<T> {
 
     // This function acquires 2 locks and iterates over the entire hot queue.
     // But it should be fine because remove() rarely happens on a busy PoolNode.
+    /// Keep only the items for which `keep` returns `true`; the IDs of the others,
+    /// removed and dropped, are returned.
+    ///
+    /// Like [`Self::remove()`], this takes the hot queue's remove lock and goes through the
+    /// whole queue; a concurrent [`Self::get_any()`] may miss an item while it is out of
+    /// the queue being checked.
+    pub fn retain(&self, mut keep: impl FnMut(&mut T) -> bool) -> Vec<ID> {
+        let mut removed = Vec::new();
+        self.connections.lock().retain(|id, item| {
+            let kept = keep(item);
+            if !kept {
+                removed.push(*id);
+            }
+            kept
+        });
+
+        let _queue_lock = self.hot_queue_remove_lock.lock();
+        for _ in 0..self.hot_queue.len() {
+            let Some((id, mut item)) = self.hot_queue.pop() else {
+                break;
+            };
+            if keep(&mut item) {
+                self.insert(id, item);
+            } else {
+                removed.push(id);
+            }
+        }
+        removed
+    }
+
     /// Remove the item associated with the id from the pool. The item is returned
     /// if it is found and removed.
     pub fn remove(&self, id: ID) -> Option<T> {
@@ -243,16 +277,16 @@ impl<S> ConnectionPool<S> {
     }
 
     // only remove from the pool because lru already removed it
-    fn pop_evicted(&self, meta: &ConnectionMeta) {
+    fn pop_evicted(&self, meta: &ConnectionMeta) -> Option<S> {
         let pool_node = match self.pools.get(&meta.key) {
             Some(v) => v.value().clone(),
             None => {
                 warn!("Fail to get pool node for {meta:?}");
-                return;
+                return None;
             } // nothing to pop, should return error?
         };
 
-        pool_node.remove(meta.id);
+        let evicted = pool_node.remove(meta.id);
         debug!("evict fd: {} from key {}", meta.id, meta.key);
 
         // Clean up the PoolNode entry if it is now empty, to prevent unbounded
@@ -262,6 +296,7 @@ impl<S> ConnectionPool<S> {
         if pool_node.is_empty() {
             self.try_remove_empty_node(meta.key);
         }
+        evicted.map(|c| c.connection)
     }
 
     pub fn pop_closed(&self, meta: &ConnectionMeta) {
@@ -307,9 +342,49 @@ impl<S> ConnectionPool<S> {
             self.pop_evicted(meta);
         }
         let (notify_use, watch_use) = oneshot::channel();
-        let connection = PoolConnection::new(notify_use, connection);
+        let connection = PoolConnection::new(Some(notify_use), connection);
         self.insert_pool_connection(meta.key, meta.id, connection);
         (notify_close, watch_use)
+    }
+
+    /// Release a connection to this pool for reuse, with no idle watcher.
+    ///
+    /// Unlike [Self::put()], nothing is made to notify a watcher of the connection's
+    /// eviction or reuse: the caller has no task watching it. Closed or expired
+    /// connections are then the caller's to drop, when it takes them with [Self::get()]
+    /// or now and then with [Self::retain()].
+    ///
+    /// Returns the connections the pool's size limit evicted to make room, oldest first.
+    pub fn put_unwatched(&self, meta: &ConnectionMeta, connection: S) -> Vec<S> {
+        let evicted = self.lru.add_unwatched(meta.id, meta.clone());
+        let evicted = evicted
+            .iter()
+            .filter_map(|meta| self.pop_evicted(meta))
+            .collect();
+        let connection = PoolConnection::new(None, connection);
+        self.insert_pool_connection(meta.key, meta.id, connection);
+        evicted
+    }
+
+    /// Keep only the idle connections for which `keep` returns `true`; the others are
+    /// removed from the pool and dropped.
+    ///
+    /// For connections put with [Self::put_unwatched()], which no task watches: call it
+    /// now and then to drop those that closed or stayed idle too long.
+    pub fn retain(&self, mut keep: impl FnMut(&mut S) -> bool) {
+        let nodes: Vec<(GroupKey, Arc<Pool<S>>)> = self
+            .pools
+            .iter()
+            .map(|entry| (*entry.key(), entry.value().clone()))
+            .collect();
+        for (key, node) in nodes {
+            for id in node.retain(|pooled| keep(&mut pooled.connection)) {
+                self.lru.pop(&id);
+            }
+            if node.is_empty() {
+                self.try_remove_empty_node(key);
+            }
+        }
     }
 
     /// Actively monitor the health of a connection that is already released to this pool
@@ -966,6 +1041,59 @@ mod tests {
 
         assert!(!evicted, "notify_closed should not report eviction");
         assert!(cp.get(&meta.key).is_none());
+    }
+
+    #[test]
+    fn test_put_unwatched_get() {
+        let meta = ConnectionMeta::new(101, 1);
+        let cp: ConnectionPool<String> = ConnectionPool::new(2);
+        assert!(cp.put_unwatched(&meta, "v1".to_string()).is_empty());
+        assert_eq!(cp.get(&meta.key), Some("v1".to_string()));
+        assert_eq!(cp.get(&meta.key), None);
+        assert_eq!(pool_len(&cp), 0);
+    }
+
+    #[test]
+    fn test_put_unwatched_returns_evicted() {
+        let meta1 = ConnectionMeta::new(101, 1);
+        let meta2 = ConnectionMeta::new(202, 2);
+        let cp: ConnectionPool<String> = ConnectionPool::new(1);
+        assert!(cp.put_unwatched(&meta1, "v1".to_string()).is_empty());
+        assert_eq!(
+            cp.put_unwatched(&meta2, "v2".to_string()),
+            vec!["v1".to_string()]
+        );
+        assert_eq!(cp.get(&meta1.key), None);
+        assert_eq!(cp.get(&meta2.key), Some("v2".to_string()));
+    }
+
+    #[test]
+    fn test_retain() {
+        // More than the hot queue holds, so that both stores are gone through.
+        let n = HOT_QUEUE_SIZE as i32 + 4;
+        // Full after these puts.
+        let cp: ConnectionPool<i32> = ConnectionPool::new(n as usize + 1);
+        for id in 0..n {
+            cp.put_unwatched(&ConnectionMeta::new(101, id), id);
+        }
+        cp.put_unwatched(&ConnectionMeta::new(202, n), n);
+        cp.retain(|v| *v % 2 == 0);
+        // The removed ones left the LRU too: as many again fit without an eviction.
+        for id in (0..n).filter(|v| v % 2 == 1) {
+            assert!(cp
+                .put_unwatched(&ConnectionMeta::new(303, 1000 + id), 1000 + id)
+                .is_empty());
+        }
+        let mut kept = vec![];
+        while let Some(v) = cp.get(&101) {
+            kept.push(v);
+        }
+        kept.sort();
+        assert_eq!(kept, (0..n).filter(|v| v % 2 == 0).collect::<Vec<_>>());
+        assert_eq!(cp.get(&202), Some(n));
+        cp.retain(|_| false);
+        assert_eq!(cp.get(&303), None);
+        assert_eq!(pool_len(&cp), 0);
     }
 
     #[test]
