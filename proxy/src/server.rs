@@ -113,6 +113,11 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         grace_period_seconds: Some(listen.drain.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: 1024,
+        // Idle worker connections are checked by one task each second (closed by the
+        // worker, or idle past their time: dropped) and again when one is taken, instead
+        // of by a task each: a task, a timer, a lock and a channel less per request
+        // (vendor patch 33).
+        upstream_keepalive_sweep_seconds: Some(1),
         max_retries: 16,
         // One current-thread runtime per thread (connections spread at random), not
         // one work-stealing runtime: on one core with 640 busy connections the

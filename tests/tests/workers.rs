@@ -419,3 +419,75 @@ async fn the_workers_connection_is_reused_while_a_slow_client_reads() {
     );
     assert!(reader.await.unwrap() > 8 << 20);
 }
+
+/// Portier's ends of the TCP connections to `port` on 127.0.0.1 that the other end has
+/// closed and portier has not (state CLOSE_WAIT in /proc/net/tcp).
+fn close_waits_to(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    tcp.lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.get(2) == Some(&remote.as_str()) && cols.get(3) == Some(&"08")
+        })
+        .count()
+}
+
+/// An idle connection in the keep-alive pool that the worker closes (Odoo closes a kept
+/// connection idle for its socket timeout, 2 s) is closed on portier's side too, within a
+/// second of the sweep (vendor patch 33), not kept until a request would try it; and the
+/// next request opens a new connection instead of failing on the closed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_the_worker_closes_is_closed_by_portier() {
+    // A prefork worker (`odoo/service/server.py`, `WorkerHTTP.process_request`:
+    // `client.settimeout(2)`), which closes a kept connection idle for 2 s.
+    let w = SimWorker::start_with(
+        "w",
+        local(0),
+        portier_sim::SimConfig::new(
+            portier_sim::Server::Http,
+            std::sync::Arc::new(portier_sim::Odoo::new(portier_sim::OdooVersion::V17, None)),
+        ),
+    )
+    .await
+    .unwrap();
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}[pools.p]\nhttp = [\"{}\"]\nworkers = 4\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        w.addr()
+    );
+    let s = Setup {
+        p: Portier::start(&ports, &cfg).await,
+        w,
+    };
+    let slow: Vec<_> = (0..3)
+        .map(|_| spawn_get(s.p.http, "a.test", "/web/login?sleep_ms=300"))
+        .collect();
+    for t in slow {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    let opened = s.w.accepted_connections();
+    assert_eq!(
+        opened, 3,
+        "three requests at once, three worker connections"
+    );
+    // The worker closes each connection once it has been idle for its socket timeout.
+    assert!(
+        eventually(Duration::from_secs(10), || s.w.open_connections() == 0).await,
+        "the worker closed its idle connections"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || close_waits_to(s.w.addr().port())
+            == 0)
+        .await,
+        "portier still holds {} closed connections to the worker",
+        close_waits_to(s.w.addr().port())
+    );
+    assert_eq!(
+        get(s.p.http, "a.test", "/web/login").await.unwrap().status,
+        200
+    );
+    assert_eq!(s.w.accepted_connections(), opened + 1);
+}

@@ -36,7 +36,7 @@ use pingora_error::{Error, ErrorType::*, OrErr, Result};
 use pingora_pool::{ConnectionMeta, ConnectionPool};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tls::TlsConnector;
@@ -110,6 +110,14 @@ pub struct ConnectorOptions {
     /// Optional callback for observing how long upstream connections stayed idle
     /// before leaving the keep-alive pool without reuse.
     pub keepalive_pool_callback: Option<PoolCallback>,
+    /// When set, no task is spawned per idle connection: the idle connections of the
+    /// keepalive pool are checked by one task every this long (closed by the server,
+    /// or idle past their timeout: dropped), and again when one is taken for reuse.
+    ///
+    /// A task per idle connection notices a server closing it at once; the sweep notices
+    /// it within this interval. The sweep saves a task, a timer, a lock and a channel on
+    /// every release and reuse of a connection.
+    pub keepalive_sweep_interval: Option<Duration>,
 }
 
 impl ConnectorOptions {
@@ -147,6 +155,9 @@ impl ConnectorOptions {
             bind_to_v4,
             bind_to_v6,
             keepalive_pool_callback: None,
+            keepalive_sweep_interval: server_conf
+                .upstream_keepalive_sweep_seconds
+                .map(Duration::from_secs),
         }
     }
 
@@ -163,14 +174,36 @@ impl ConnectorOptions {
             bind_to_v4: vec![],
             bind_to_v6: vec![],
             keepalive_pool_callback: None,
+            keepalive_sweep_interval: None,
         }
+    }
+}
+
+/// A connection in the keepalive pool.
+enum Pooled {
+    /// Watched by a task of its own (`idle_poll`), which holds the lock while it waits.
+    Watched(Arc<Mutex<Stream>>),
+    /// Watched by the pool's sweep ([`ConnectorOptions::keepalive_sweep_interval`]).
+    Swept(SweptStream),
+}
+
+struct SweptStream {
+    stream: Stream,
+    idle_since: Instant,
+    idle_timeout: Option<Duration>,
+}
+
+impl SweptStream {
+    fn expired(&self, now: Instant) -> bool {
+        self.idle_timeout
+            .is_some_and(|timeout| now.saturating_duration_since(self.idle_since) >= timeout)
     }
 }
 
 /// [TransportConnector] provides APIs to connect to servers via TCP or TLS with connection reuse
 pub struct TransportConnector {
     tls_ctx: tls::Connector,
-    connection_pool: Arc<ConnectionPool<Arc<Mutex<Stream>>>>,
+    connection_pool: Arc<ConnectionPool<Pooled>>,
     offload: Option<OffloadRuntime>,
     bind_to_v4: Vec<SocketAddr>,
     bind_to_v6: Vec<SocketAddr>,
@@ -179,6 +212,9 @@ pub struct TransportConnector {
     /// for periodic metric reporting without needing access to the connector itself.
     unexpected_data_conn_count: Arc<AtomicU64>,
     keepalive_pool_callback: Option<PoolCallback>,
+    keepalive_sweep_interval: Option<Duration>,
+    /// Whether the sweep task of `keepalive_sweep_interval` was spawned.
+    sweeping: AtomicBool,
 }
 
 const DEFAULT_POOL_SIZE: usize = 128;
@@ -201,6 +237,7 @@ impl TransportConnector {
         let keepalive_pool_callback = options
             .as_ref()
             .and_then(|o| o.keepalive_pool_callback.clone());
+        let keepalive_sweep_interval = options.as_ref().and_then(|o| o.keepalive_sweep_interval);
         TransportConnector {
             tls_ctx: tls::Connector::new(options),
             connection_pool: Arc::new(ConnectionPool::new(pool_size)),
@@ -210,6 +247,8 @@ impl TransportConnector {
             preferred_http_version: PreferredHttpVersion::new(),
             unexpected_data_conn_count: Arc::new(AtomicU64::new(0)),
             keepalive_pool_callback,
+            keepalive_sweep_interval,
+            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -249,58 +288,67 @@ impl TransportConnector {
 
     /// Try to find a reusable connection to the given server [Peer]
     pub async fn reused_stream<P: Peer + Send + Sync>(&self, peer: &P) -> Option<Stream> {
-        match self.connection_pool.get(&peer.reuse_hash()) {
-            Some(s) => {
-                debug!("find reusable stream, trying to acquire it");
-                {
-                    let _ = s.lock().await;
-                } // wait for the idle poll to release it
-                match Arc::try_unwrap(s) {
-                    Ok(l) => {
-                        let mut stream = l.into_inner();
-                        // test_reusable_stream: we assume server would never actively send data
-                        // first on an idle stream.
-                        #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
-                            && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
-                        {
-                            Some(stream)
-                        } else {
-                            None
-                        }
-                        #[cfg(windows)]
-                        {
-                            use std::os::windows::io::{AsRawSocket, RawSocket};
-                            struct WrappedRawSocket(RawSocket);
-                            impl AsRawSocket for WrappedRawSocket {
-                                fn as_raw_socket(&self) -> RawSocket {
-                                    self.0
-                                }
-                            }
-                            if peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
-                                && test_reusable_stream(
-                                    &mut stream,
-                                    &self.unexpected_data_conn_count,
-                                )
-                            {
-                                Some(stream)
-                            } else {
-                                None
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        // the pooled connection is still referenced elsewhere (its idle
-                        // watcher): a new connection is made instead; nothing failed
-                        debug!("failed to acquire reusable stream");
-                        None
+        loop {
+            match self.connection_pool.get(&peer.reuse_hash()) {
+                Some(Pooled::Watched(s)) => return self.watched_stream(s, peer).await,
+                Some(Pooled::Swept(mut idle)) => {
+                    // Not watched while idle: closed or expired ones are dropped here and
+                    // the next one tried.
+                    if !idle.expired(Instant::now()) && self.reusable(peer, &mut idle.stream) {
+                        return Some(idle.stream);
                     }
                 }
+                None => {
+                    debug!("No reusable connection found for {peer}");
+                    return None;
+                }
             }
-            None => {
-                debug!("No reusable connection found for {peer}");
+        }
+    }
+
+    async fn watched_stream<P: Peer + Send + Sync>(
+        &self,
+        s: Arc<Mutex<Stream>>,
+        peer: &P,
+    ) -> Option<Stream> {
+        debug!("find reusable stream, trying to acquire it");
+        {
+            let _ = s.lock().await;
+        } // wait for the idle poll to release it
+        match Arc::try_unwrap(s) {
+            Ok(l) => {
+                let mut stream = l.into_inner();
+                self.reusable(peer, &mut stream).then_some(stream)
+            }
+            Err(_) => {
+                // the pooled connection is still referenced elsewhere (its idle
+                // watcher): a new connection is made instead; nothing failed
+                debug!("failed to acquire reusable stream");
                 None
             }
+        }
+    }
+
+    /// Whether the pooled `stream` is still the peer's and open with nothing to read.
+    fn reusable<P: Peer>(&self, peer: &P, stream: &mut Stream) -> bool {
+        // test_reusable_stream: we assume server would never actively send data
+        // first on an idle stream.
+        #[cfg(unix)]
+        {
+            peer.matches_fd(stream.id())
+                && test_reusable_stream(stream, &self.unexpected_data_conn_count)
+        }
+        #[cfg(windows)]
+        {
+            use std::os::windows::io::{AsRawSocket, RawSocket};
+            struct WrappedRawSocket(RawSocket);
+            impl AsRawSocket for WrappedRawSocket {
+                fn as_raw_socket(&self) -> RawSocket {
+                    self.0
+                }
+            }
+            peer.matches_sock(WrappedRawSocket(stream.id() as RawSocket))
+                && test_reusable_stream(stream, &self.unexpected_data_conn_count)
         }
     }
 
@@ -323,9 +371,31 @@ impl TransportConnector {
         let id = stream.id();
         let meta = ConnectionMeta::new(key, id);
         debug!("Try to keepalive client session");
+        if let Some(interval) = self.keepalive_sweep_interval {
+            if idle_timeout.is_some_and(|t| t.is_zero()) {
+                return; // idle for no time: closed now rather than by the sweep
+            }
+            self.sweep_every(interval);
+            let swept = SweptStream {
+                stream,
+                idle_since: Instant::now(),
+                idle_timeout,
+            };
+            for evicted in self
+                .connection_pool
+                .put_unwatched(&meta, Pooled::Swept(swept))
+            {
+                if let (Some(callback), Pooled::Swept(evicted)) =
+                    (&self.keepalive_pool_callback, evicted)
+                {
+                    callback(evicted.idle_since.elapsed());
+                }
+            }
+            return;
+        }
         let stream = Arc::new(Mutex::new(stream));
         let locked_stream = stream.clone().try_lock_owned().unwrap(); // safe as we just created it
-        let (notify_close, watch_use) = self.connection_pool.put(&meta, stream);
+        let (notify_close, watch_use) = self.connection_pool.put(&meta, Pooled::Watched(stream));
         let idle_meta = IdleConnection::new(meta);
         let pool = self.connection_pool.clone(); //clone the arc
         let keepalive_pool_callback = self.keepalive_pool_callback.clone();
@@ -344,6 +414,32 @@ impl TransportConnector {
                 if let Some(callback) = keepalive_pool_callback {
                     callback(idle_meta.elapsed());
                 }
+            }
+        });
+    }
+
+    /// Spawn, once, the task that sweeps the keepalive pool every `interval`: it ends
+    /// when the connector is dropped.
+    fn sweep_every(&self, interval: Duration) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(&self.connection_pool);
+        let unexpected_data_conn_count = self.unexpected_data_conn_count.clone();
+        pingora_runtime::current_handle().spawn(async move {
+            loop {
+                pingora_timeout::sleep(interval).await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                let now = Instant::now();
+                pool.retain(|pooled| match pooled {
+                    Pooled::Swept(idle) => {
+                        !idle.expired(now)
+                            && test_reusable_stream(&mut idle.stream, &unexpected_data_conn_count)
+                    }
+                    Pooled::Watched(_) => true,
+                });
             }
         });
     }
