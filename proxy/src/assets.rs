@@ -361,11 +361,11 @@ impl Capture {
         cache: &AssetCache,
         key: Key,
         fill: Fill,
-        worker: &ResponseHeader,
         header: &ResponseHeader,
         ttl: Duration,
     ) -> Capture {
         let limit = cache.capacity.load(Ordering::Relaxed) / 8;
+        let age0 = age_of(header);
         let mut header = header.clone();
         header.remove_header("x-request-id");
         header.remove_header(&header::STRICT_TRANSPORT_SECURITY);
@@ -373,7 +373,7 @@ impl Capture {
             key,
             fill,
             header,
-            age0: age_of(worker),
+            age0,
             ttl,
             body: BytesMut::new(),
             limit,
@@ -493,7 +493,7 @@ mod tests {
             panic!("expected a fill");
         };
         let w = worker("max-age=60");
-        let mut c = Capture::start(cache, key.to_owned(), fill, &w, &w, ttl);
+        let mut c = Capture::start(cache, key.to_owned(), fill, &w, ttl);
         assert!(c.push(&vec![b'x'; size]));
         c.finish(cache);
     }
@@ -513,7 +513,7 @@ mod tests {
             panic!()
         };
         let w = worker("max-age=60");
-        let mut c = Capture::start(&cache, a.to_owned(), fill, &w, &w, Duration::from_secs(60));
+        let mut c = Capture::start(&cache, a.to_owned(), fill, &w, Duration::from_secs(60));
         assert!(c.push(b"hello"));
         c.finish(&cache);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -561,14 +561,7 @@ mod tests {
         let Lookup::Fill(fill) = cache.lookup(&big) else {
             panic!()
         };
-        let mut c = Capture::start(
-            &cache,
-            big.to_owned(),
-            fill,
-            &w,
-            &w,
-            Duration::from_secs(60),
-        );
+        let mut c = Capture::start(&cache, big.to_owned(), fill, &w, Duration::from_secs(60));
         assert!(!c.push(&vec![0; 200 << 10]));
     }
 }

@@ -280,10 +280,10 @@ pub fn response_status(ctx: &mut Ctx, session: &Session, status: u16) -> Result<
 
 /// The request as it goes upstream.
 ///
-/// It is rebuilt once, with room for the headers portier sets and no case-preserving
-/// name map (names are case-insensitive): pingora's per-header inserts into the
-/// case-preserving copy cost more than the whole rebuild. Client copies of the
-/// headers portier sets never pass (so a client cannot pick another tenant's database).
+/// Edited in place, through the header map (vendor patch 34): the headers the client
+/// sent go on as they are (names without their case, as read: vendor patch 31), the
+/// client's copies of the headers portier sets never pass (so a client cannot pick
+/// another tenant's database), and portier's are added.
 pub fn request_headers(
     ctx: &Ctx,
     client: &RequestHeader,
@@ -296,25 +296,27 @@ pub fn request_headers(
         return Ok(());
     };
     let settings = &tenant.settings;
-    // The header map is built first and becomes a header without the case map at the
-    // end: pingora's `insert_header` would turn each name into text and parse it back
-    // (an allocation per custom name, on every request).
-    // Room for the client's headers and the six portier sets on every proxied request
-    // (X-Odoo-dbfilter, X-Forwarded-Host, -For, -Proto, X-Real-IP, X-Request-Id); the
-    // rarer Host and X-Odoo-Database grow the map if they do not fit. The map keeps a
-    // power of two of slots and the worker's connection keeps this header for as long
-    // as it is open (a WebSocket: hours), so the bound is kept tight: 6 rather than 8
-    // halves it for a WebSocket upgrade (5 + 6 headers: 12 slots, not 24).
-    let mut out = HeaderMap::with_capacity(upstream.headers.len() + 6);
-    let mut has_host = false;
-    for (name, value) in upstream.headers.iter() {
-        if forward::is_own_header(name) || (ctx.body_preread && name == header::EXPECT) {
-            continue;
-        }
-        has_host |= name == header::HOST;
-        out.append(name.clone(), value.clone());
+    let out = upstream.headers_mut();
+    // A client rarely sends any of them: one pass over the names finds them (nothing is
+    // allocated when there are none), then each is removed with all its values.
+    let dropped: Vec<header::HeaderName> = out
+        .keys()
+        .filter(|name| {
+            forward::is_own_header(name) || (ctx.body_preread && *name == header::EXPECT)
+        })
+        .cloned()
+        .collect();
+    for name in dropped {
+        out.remove(name);
     }
-    database_headers(ctx, snap, &mut out)?;
+    // Room for the six portier sets on every proxied request (X-Odoo-dbfilter,
+    // X-Forwarded-Host, -For, -Proto, X-Real-IP, X-Request-Id) at once, rather than as
+    // the map fills; the rarer Host and X-Odoo-Database grow it if they do not fit. The
+    // map keeps a power of two of slots and the worker's connection keeps this header for
+    // as long as it is open (a WebSocket: hours), so the bound is kept tight.
+    out.reserve(6);
+    let has_host = out.contains_key(header::HOST);
+    database_headers(ctx, snap, out)?;
     if let Some(h) = request_host(client) {
         let h = HeaderValue::from_str(h)
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "host"))?;
@@ -358,13 +360,6 @@ pub fn request_headers(
         out.insert(forward::X_FORWARDED_PROTO, proto);
     }
     out.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
-    let (mut parts, ()) = http::Request::new(()).into_parts();
-    parts.method = upstream.method.clone();
-    parts.version = upstream.version;
-    parts.headers = out;
-    let mut out = RequestHeader::from(parts);
-    out.set_raw_path(upstream.raw_path())?;
-    *upstream = out;
     Ok(())
 }
 
@@ -404,58 +399,54 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut HeaderMap) -> Result<(
 }
 
 /// The response as it goes to the client: the request id echoed, HSTS on TLS.
-/// As for the request, one rebuild without the case map beats inserting.
+/// Edited in place, as the request is (vendor patch 34).
 pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeader) -> Result<()> {
-    let mut map = HeaderMap::with_capacity(resp.headers.len() + 2);
-    let secure_cookies = crate::edge::secures_cookies(ctx);
-    for (name, value) in resp.headers.iter() {
-        if name == forward::X_REQUEST_ID {
-            continue;
-        }
-        if secure_cookies && name == header::SET_COOKIE {
-            if let Some(v) = crate::edge::secure_session_cookie(value) {
-                map.append(header::SET_COOKIE, v);
-                continue;
-            }
-        }
-        map.append(name.clone(), value.clone());
-    }
-    map.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
-    if let Some(hsts) = ctx.hsts() {
-        let hsts = HeaderValue::try_from(hsts)
-            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "hsts"))?;
-        map.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
-    }
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    parts.status = resp.status;
-    parts.version = resp.version;
-    parts.headers = map;
-    let mut out = ResponseHeader::from(parts);
     // The asset cache decides on the worker's answer; compression then changes the
     // headers; the entry keeps them as the client gets them.
     let ttl = match &ctx.cache {
         CacheState::Miss { fill: Some(_), .. } => assets::lifetime(resp),
         _ => None,
     };
+    let hsts = ctx
+        .hsts()
+        .map(|hsts| {
+            HeaderValue::try_from(hsts)
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "hsts"))
+        })
+        .transpose()?;
+    let secure_cookies = crate::edge::secures_cookies(ctx);
+    let headers = resp.headers_mut();
+    if secure_cookies {
+        if let header::Entry::Occupied(mut cookies) = headers.entry(header::SET_COOKIE) {
+            for value in cookies.iter_mut() {
+                if let Some(secured) = crate::edge::secure_session_cookie(value) {
+                    *value = secured;
+                }
+            }
+        }
+    }
+    // The worker's own X-Request-Id, if any, is replaced.
+    headers.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(hsts) = hsts {
+        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+    }
     if ctx.compressible {
-        ctx.encoder = compress::response_headers(ctx.encoding, &mut out)?;
+        ctx.encoder = compress::response_headers(ctx.encoding, resp)?;
     }
     if let CacheState::Miss { key, fill } = &mut ctx.cache {
-        out.insert_header(forward::X_CACHE, "miss")?;
+        resp.insert_header(forward::X_CACHE, "miss")?;
         if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
             ctx.capture = Some(assets::Capture::start(
                 &shared.assets,
                 key.clone(),
                 fill,
                 resp,
-                &out,
                 ttl,
             ));
         }
         // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
         *fill = None;
     }
-    *resp = out;
     Ok(())
 }
 

@@ -237,3 +237,56 @@ async fn header_names_differing_in_case_are_one_header_with_every_value() {
         assert!(names.contains(&want), "{want} as written: {head}");
     }
 }
+
+/// The response carries the request's id, once, whatever the worker sent: a worker's own
+/// `X-Request-Id` values (any case) are replaced, and its other headers, repeated ones
+/// included, reach the client as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_carries_the_requests_id_not_the_workers() {
+    // A worker speaking raw HTTP/1.1, so that its answer can carry what Odoo's never does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: worker-7\r\n\
+                          x-request-id: worker-8\r\nX-Trace: one\r\nX-Trace: two\r\n\
+                          Connection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}[pools.p]\nhttp = [\"{worker}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        ports.listen()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    let (resp, _) = raw(
+        p.http,
+        b"GET /web/login HTTP/1.1\r\nHost: acme.test\r\nX-Request-Id: trace-42\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let lines: Vec<String> = resp.lines().map(str::to_ascii_lowercase).collect();
+    let ids: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("x-request-id:"))
+        .collect();
+    assert_eq!(ids, ["x-request-id: trace-42"], "{resp}");
+    let traces: Vec<&String> = lines.iter().filter(|l| l.starts_with("x-trace:")).collect();
+    assert_eq!(traces, ["x-trace: one", "x-trace: two"], "{resp}");
+}

@@ -291,6 +291,16 @@ impl RequestHeader {
         &mut self.base.extensions
     }
 
+    /// Return mutable access to the header map, to edit the headers in place.
+    ///
+    /// Names edited this way have no case of their own, so the map of the names'
+    /// original case, if this header has one, is dropped first: the header is then
+    /// written as one built with [`Self::build_no_case()`].
+    pub fn headers_mut(&mut self) -> &mut HMap {
+        self.header_name_map = None;
+        &mut self.base.headers
+    }
+
     /// Set the request method
     pub fn set_method(&mut self, method: Method) {
         self.base.method = method;
@@ -643,6 +653,16 @@ impl ResponseHeader {
     /// Return mutable access to the response extensions.
     pub fn extensions_mut(&mut self) -> &mut http::Extensions {
         &mut self.base.extensions
+    }
+
+    /// Return mutable access to the header map, to edit the headers in place.
+    ///
+    /// Names edited this way have no case of their own, so the map of the names'
+    /// original case, if this header has one, is dropped first: the header is then
+    /// written as one built with [`Self::build_no_case()`].
+    pub fn headers_mut(&mut self) -> &mut HMap {
+        self.header_name_map = None;
+        &mut self.base.headers
     }
 
     /// Set the status code
