@@ -183,12 +183,26 @@ async fn request_id_is_kept_when_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_removed() {
     let s = setup("").await;
-    let req = "GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\n\r\n";
+    let req = "GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-Kept: yes\r\nProxy-Authorization: Basic eDp5\r\nTrailer: X-Checksum\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nX-Also-Kept: 2\r\n\r\n";
     let (_, rec) = raw_answered(&s, req).await;
-    for h in ["x-secret", "keep-alive", "proxy-connection", "te"] {
+    for h in [
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "proxy-authorization",
+        "trailer",
+        "http2-settings",
+    ] {
         assert!(rec.header(h).is_none(), "{h} reached the worker");
     }
     assert_eq!(rec.header("x-kept"), Some("yes"));
+    assert_eq!(rec.header("x-also-kept"), Some("2"));
+    // None of them: nothing is removed but portier's own.
+    let req = "GET /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nX-Kept: yes\r\nAccept: */*\r\n\r\n";
+    let (_, rec) = raw_answered(&s, req).await;
+    assert_eq!(rec.header("x-kept"), Some("yes"));
+    assert_eq!(rec.header("accept"), Some("*/*"));
 }
 
 /// Sends `req` as it is, expects a 200, and returns the answer with the request the

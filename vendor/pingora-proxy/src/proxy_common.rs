@@ -175,17 +175,50 @@ impl ConnectionNominations {
     }
 }
 
+/// The fields [strip_standard_hop_by_hop_headers()] removes.
+const STANDARD_HOP_BY_HOP: [HeaderName; 10] = [
+    HeaderName::from_static(KEEP_ALIVE),
+    HeaderName::from_static(PROXY_CONNECTION),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    header::UPGRADE,
+    HeaderName::from_static(HTTP2_SETTINGS),
+];
+
+/// The bit of `name`'s index in [STANDARD_HOP_BY_HOP], 0 if it is not there.
+fn standard_hop_by_hop_bit(name: &HeaderName) -> u16 {
+    let index = match name.as_str() {
+        KEEP_ALIVE => 0,
+        PROXY_CONNECTION => 1,
+        "proxy-authenticate" => 2,
+        "proxy-authorization" => 3,
+        "te" => 4,
+        "trailer" => 5,
+        "transfer-encoding" => 6,
+        "connection" => 7,
+        "upgrade" => 8,
+        HTTP2_SETTINGS => 9,
+        _ => return 0,
+    };
+    1 << index
+}
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
-    req.remove_header(KEEP_ALIVE);
-    req.remove_header(PROXY_CONNECTION);
-    req.remove_header(&header::PROXY_AUTHENTICATE);
-    req.remove_header(&header::PROXY_AUTHORIZATION);
-    req.remove_header(&header::TE);
-    req.remove_header(&header::TRAILER);
-    req.remove_header(&header::TRANSFER_ENCODING);
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+    // One pass over the names finds those present (usually none, or `Connection`)
+    // instead of a lookup of each of the ten on every request.
+    let present = req
+        .headers
+        .keys()
+        .fold(0, |bits, name| bits | standard_hop_by_hop_bit(name));
+    for (index, name) in STANDARD_HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            req.remove_header(name);
+        }
+    }
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
@@ -360,18 +393,23 @@ pub(crate) fn sanitize_h1_upstream_request(
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            // Already gone if the standard hop-by-hop fields were stripped.
+            if !policy.strip_hop_by_hop {
+                req.remove_header(&header::CONNECTION);
+                req.remove_header(&header::UPGRADE);
+                req.remove_header(HTTP2_SETTINGS);
+            }
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
             }
         }
         H1UpgradePolicy::Deny => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            if !policy.strip_hop_by_hop {
+                req.remove_header(&header::CONNECTION);
+                req.remove_header(&header::UPGRADE);
+                req.remove_header(HTTP2_SETTINGS);
+            }
         }
         H1UpgradePolicy::Preserve => {}
     }
