@@ -38,6 +38,15 @@ impl CaseHeaderName {
 /// A trait that converts into case-sensitive header names.
 pub trait IntoCaseHeaderName {
     fn into_case_header_name(self) -> CaseHeaderName;
+
+    /// The name as a [`HeaderName`], for a header that keeps no case: by default parsed
+    /// from [`Self::into_case_header_name()`]; a [`HeaderName`] is returned as it is.
+    fn into_header_name(self) -> std::result::Result<HeaderName, header::InvalidHeaderName>
+    where
+        Self: Sized,
+    {
+        HeaderName::from_bytes(self.into_case_header_name().as_slice())
+    }
 }
 
 impl IntoCaseHeaderName for CaseHeaderName {
@@ -62,11 +71,19 @@ impl IntoCaseHeaderName for HeaderName {
     fn into_case_header_name(self) -> CaseHeaderName {
         CaseHeaderName(titled_header_name(&self))
     }
+
+    fn into_header_name(self) -> std::result::Result<HeaderName, header::InvalidHeaderName> {
+        Ok(self)
+    }
 }
 
 impl IntoCaseHeaderName for &HeaderName {
     fn into_case_header_name(self) -> CaseHeaderName {
         CaseHeaderName(titled_header_name(self))
+    }
+
+    fn into_header_name(self) -> std::result::Result<HeaderName, header::InvalidHeaderName> {
+        Ok(self.clone())
     }
 }
 

@@ -872,20 +872,28 @@ fn append_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<bool> {
+    let Some(name_map) = name_map else {
+        // No case to keep: a `HeaderName` goes in as it is, not through its titled text.
+        let header_name = name
+            .into_header_name()
+            .or_err(InvalidHTTPHeader, "invalid header name")?;
+        return value_map.try_append(header_name, value).or_err(
+            InvalidHTTPHeader,
+            "header value map size overflows MAX_SIZE",
+        );
+    };
     let case_header_name = name.into_case_header_name();
     let header_name: HeaderName = case_header_name
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
     // store the original case in the map
-    if let Some(name_map) = name_map {
-        // Use the non-panicking `try_append`: the infallible `append` calls
-        // `.expect("size overflows MAX_SIZE")` internally, which would abort the
-        // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
-        name_map
-            .try_append(header_name.clone(), case_header_name)
-            .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
-    }
+    // Use the non-panicking `try_append`: the infallible `append` calls
+    // `.expect("size overflows MAX_SIZE")` internally, which would abort the
+    // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
+    name_map
+        .try_append(header_name.clone(), case_header_name)
+        .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
 
     // Non-panicking `try_append` for the same reason as the case map above.
     value_map.try_append(header_name, value).or_err(
@@ -901,15 +909,21 @@ fn insert_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<()> {
+    let Some(name_map) = name_map else {
+        // No case to keep: a `HeaderName` goes in as it is, not through its titled text.
+        let header_name = name
+            .into_header_name()
+            .or_err(InvalidHTTPHeader, "invalid header name")?;
+        value_map.insert(header_name, value);
+        return Ok(());
+    };
     let case_header_name = name.into_case_header_name();
     let header_name: HeaderName = case_header_name
         .as_slice()
         .try_into()
         .or_err(InvalidHTTPHeader, "invalid header name")?;
-    if let Some(name_map) = name_map {
-        // store the original case in the map
-        name_map.insert(header_name.clone(), case_header_name);
-    }
+    // store the original case in the map
+    name_map.insert(header_name.clone(), case_header_name);
     value_map.insert(header_name, value);
     Ok(())
 }
@@ -1073,6 +1087,33 @@ fn case_header_iter<'a>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn test_no_case_insert_and_append_by_any_name() {
+        let mut resp = ResponseHeader::build_no_case(200, None).unwrap();
+        resp.insert_header(http::header::CONNECTION, "close")
+            .unwrap();
+        resp.insert_header("X-Custom", "1").unwrap();
+        resp.append_header(&http::header::SET_COOKIE, "a=1")
+            .unwrap();
+        resp.append_header(String::from("Set-Cookie"), "b=2")
+            .unwrap();
+        resp.insert_header(&http::header::CONNECTION, "keep-alive")
+            .unwrap();
+        assert!(!resp.has_case());
+        assert_eq!(resp.headers.get("connection").unwrap(), "keep-alive");
+        assert_eq!(resp.headers.get("x-custom").unwrap(), "1");
+        let cookies: Vec<_> = resp.headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert!(resp.insert_header("bad name", "x").is_err());
+        assert!(resp.append_header("bad name", "x").is_err());
+        let mut buf = vec![];
+        resp.header_to_h1_wire(&mut buf);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "Connection: keep-alive\r\nx-custom: 1\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        );
+    }
     use super::*;
 
     #[test]
