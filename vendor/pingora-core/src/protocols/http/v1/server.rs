@@ -981,9 +981,8 @@ impl HttpSession {
             self.set_keepalive(None);
         }
 
-        // Serialize header to bytes, into a buffer of its size (a typical answer's header is a
-        // few hundred bytes: a fixed 4 KiB took the allocator's slower path on every response)
-        let mut write_buf = BytesMut::with_capacity(resp_header_wire_len(header));
+        // Serialize header to bytes
+        let mut write_buf = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
         http_resp_header_to_buf(header, &mut write_buf)
             .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
 
@@ -1921,17 +1920,6 @@ fn parse_req_buffer<'buf>(
 }
 
 #[inline]
-/// The length of what [`http_resp_header_to_buf()`] writes for `resp`.
-fn resp_header_wire_len(resp: &ResponseHeader) -> usize {
-    let headers: usize = resp
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
-        .sum();
-    // "HTTP/1.1 200 " + reason + CRLF, the headers, CRLF
-    13 + resp.get_reason_phrase().map_or(0, str::len) + 2 + headers + 2
-}
-
 fn http_resp_header_to_buf(
     resp: &ResponseHeader,
     buf: &mut BytesMut,
