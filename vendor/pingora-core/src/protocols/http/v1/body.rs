@@ -181,10 +181,7 @@ impl BodyReader {
     }
 
     fn prepare_buf(&mut self, buf_to_rewind: &[u8]) {
-        // Room for the bytes read past the header only: each read makes the room it needs
-        // (`prepare_buf_for_io`, `reserve_buf_for_io`), so a body that came whole with its
-        // header (most small answers) costs no `body_buf_size` buffer.
-        let mut body_buf = BytesMut::with_capacity(buf_to_rewind.len());
+        let mut body_buf = BytesMut::with_capacity(self.body_buf_size.max(buf_to_rewind.len()));
         if !buf_to_rewind.is_empty() {
             self.rewind_buf_len = buf_to_rewind.len();
             // TODO: this is still 1 copy. Make it zero
@@ -427,10 +424,9 @@ impl BodyReader {
         self.rewind_buf_len = 0;
 
         // downstream should not discard remaining data if peer sent more, so cap the read at what
-        // is left of this body and leave anything past it on the stream; upstream, the cap keeps
-        // the buffer the size of the body when it is smaller than `body_buf_size`
+        // is left of this body and leave anything past it on the stream
         let read_size = match self.body_state {
-            PS::Partial(_, remaining) => remaining.min(self.body_buf_size),
+            PS::Partial(_, remaining) if !self.upstream => remaining.min(self.body_buf_size),
             _ => self.body_buf_size,
         };
         if n == 0 {
