@@ -86,6 +86,19 @@ pub async fn sim(name: &str) -> SimWorker {
         .expect("sim worker starts")
 }
 
+/// Starts a simulated Odoo 17 prefork HTTP worker (`odoo/service/server.py`,
+/// `WorkerHTTP`: a 2 s socket timeout, so a client silent for 2 s is dropped and a kept
+/// connection idle for 2 s is closed) on a free loopback port.
+pub async fn prefork_sim(name: &str) -> SimWorker {
+    let cfg = portier_sim::SimConfig::new(
+        portier_sim::Server::Http,
+        std::sync::Arc::new(portier_sim::Odoo::new(portier_sim::OdooVersion::V17, None)),
+    );
+    SimWorker::start_with(name, local(0), cfg)
+        .await
+        .expect("sim worker starts")
+}
+
 /// `["127.0.0.1:1", ...]` for a config file.
 pub fn toml_list(addrs: &[SocketAddr]) -> String {
     let items: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();

@@ -14,15 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn spool_setup(spool: &std::path::Path, n: usize) -> (Portier, Vec<SimWorker>) {
     let mut ws = Vec::new();
     for i in 0..n {
-        let cfg = portier_sim::SimConfig::new(
-            portier_sim::Server::Http,
-            std::sync::Arc::new(portier_sim::Odoo::new(portier_sim::OdooVersion::V17, None)),
-        );
-        ws.push(
-            SimWorker::start_with(&format!("h{i}"), local(0), cfg)
-                .await
-                .unwrap(),
-        );
+        ws.push(prefork_sim(&format!("h{i}")).await);
     }
     let ports = Ports::new();
     let list = toml_list(&ws.iter().map(|w| w.addr()).collect::<Vec<_>>());

@@ -442,16 +442,7 @@ fn close_waits_to(port: u16) -> usize {
 async fn an_idle_connection_the_worker_closes_is_closed_by_portier() {
     // A prefork worker (`odoo/service/server.py`, `WorkerHTTP.process_request`:
     // `client.settimeout(2)`), which closes a kept connection idle for 2 s.
-    let w = SimWorker::start_with(
-        "w",
-        local(0),
-        portier_sim::SimConfig::new(
-            portier_sim::Server::Http,
-            std::sync::Arc::new(portier_sim::Odoo::new(portier_sim::OdooVersion::V17, None)),
-        ),
-    )
-    .await
-    .unwrap();
+    let w = prefork_sim("w").await;
     let ports = Ports::new();
     let cfg = format!(
         "{}[pools.p]\nhttp = [\"{}\"]\nworkers = 4\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\n",

@@ -175,49 +175,37 @@ impl ConnectionNominations {
     }
 }
 
-/// The fields [strip_standard_hop_by_hop_headers()] removes.
-const STANDARD_HOP_BY_HOP: [HeaderName; 10] = [
-    HeaderName::from_static(KEEP_ALIVE),
-    HeaderName::from_static(PROXY_CONNECTION),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::CONNECTION,
-    header::UPGRADE,
-    HeaderName::from_static(HTTP2_SETTINGS),
-];
-
-/// The bit of `name`'s index in [STANDARD_HOP_BY_HOP], 0 if it is not there.
-fn standard_hop_by_hop_bit(name: &HeaderName) -> u16 {
-    let index = match name.as_str() {
-        KEEP_ALIVE => 0,
-        PROXY_CONNECTION => 1,
-        "proxy-authenticate" => 2,
-        "proxy-authorization" => 3,
-        "te" => 4,
-        "trailer" => 5,
-        "transfer-encoding" => 6,
-        "connection" => 7,
-        "upgrade" => 8,
-        HTTP2_SETTINGS => 9,
-        _ => return 0,
-    };
-    1 << index
+/// Whether `name` is one of the fields [strip_standard_hop_by_hop_headers()] removes.
+fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        KEEP_ALIVE
+            | PROXY_CONNECTION
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "connection"
+            | "upgrade"
+            | HTTP2_SETTINGS
+    )
 }
 
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
     // One pass over the names finds those present (usually none, or `Connection`)
-    // instead of a lookup of each of the ten on every request.
-    let present = req
-        .headers
-        .keys()
-        .fold(0, |bits, name| bits | standard_hop_by_hop_bit(name));
-    for (index, name) in STANDARD_HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << index) != 0 {
-            req.remove_header(name);
-        }
+    // instead of a lookup of each of the ten on every request; names are unique, so at
+    // most ten are found.
+    let mut present: [Option<HeaderName>; 10] = Default::default();
+    for (slot, name) in present.iter_mut().zip(
+        req.headers
+            .keys()
+            .filter(|name| is_standard_hop_by_hop(name)),
+    ) {
+        *slot = Some(name.clone());
+    }
+    for name in present.into_iter().flatten() {
+        req.remove_header(&name);
     }
 }
 
