@@ -41,7 +41,7 @@ use clap::{Parser, Subcommand};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: memory::Mimalloc = memory::Mimalloc;
 
 #[derive(Parser)]
 #[command(

@@ -499,3 +499,55 @@ async fn tenant_labels_stop_at_1000() {
         "portier_requests_total{class=\"interactive\",code=\"200\",tenant=\"_other\"} 10"
     ));
 }
+
+/// Resident memory of a process, from /proc (statm's second field, in pages).
+fn resident_mib(pid: u32) -> f64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// A burst of held longpolls takes memory; once it ends, portier hands at least half
+/// of it back within a few seconds (proxy/src/memory.rs: the control plane collects the
+/// allocator when 256 requests ended since the peak). With mimalloc the pages the
+/// idle proxy thread freed would otherwise stay resident: 92 MiB after 5 000 held
+/// longpolls closed, where portier started at 25 (benches/README.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_of_a_burst_is_given_back_when_it_ends() {
+    let http = sim("h").await;
+    let gevent = sim("g").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\n[tenants.t]\nhosts = [\"t.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        http.addr(),
+        gevent.addr()
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    assert!(routes(&p, "t.test").await);
+    let before = resident_mib(p.pid());
+    let n = 1500;
+    let held: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(get(p.http, "t.test", "/longpolling/poll?sleep_ms=3000")))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let peak = resident_mib(p.pid());
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status, 200);
+    }
+    assert!(
+        peak - before >= 8.0,
+        "{n} held longpolls took only {:.1} MiB ({before:.1} -> {peak:.1}): nothing to give back",
+        peak - before
+    );
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut now = resident_mib(p.pid());
+    while now > before + (peak - before) / 2.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        now = resident_mib(p.pid());
+    }
+    assert!(
+        now <= before + (peak - before) / 2.0,
+        "resident {before:.1} MiB before the burst, {peak:.1} MiB with it, {now:.1} MiB 6 s after it ended"
+    );
+}
