@@ -164,6 +164,7 @@ pub async fn run(
         match msg {
             ControlMsg::Reload(reply) => {
                 let result = reload(&shared);
+                trimmer.config_loaded();
                 if result.is_ok() {
                     crate::tls::reload_certs(&shared);
                     let now_certs = certs_dir(&shared);

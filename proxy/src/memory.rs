@@ -11,6 +11,8 @@
 //! in flight. Two things make it hand the free pages back (glibc: `malloc_trim`, which
 //! `madvise`s free pages anywhere in the heaps; mimalloc: `mi_collect(true)`, which
 //! purges the freed pages of every thread's heap):
+//! - a configuration was loaded, at start-up or by a reload: parsing 10 000 tenants
+//!   leaves ~11 MiB freed behind it (36 MiB at rest instead of 25 with mimalloc);
 //! - a burst ended: [`BURST`] fewer requests in flight than the peak since the last
 //!   trim (one atomic read per second; the trim costs milliseconds, once per burst);
 //! - every [`LOOK_EVERY`] ticks, for what the in-flight count does not see (idle
@@ -98,6 +100,7 @@ pub const TRIM_ABOVE: usize = 16 * 1024 * 1024;
 pub enum Trim {
     BurstEnded,
     ResidentGrew,
+    ConfigLoaded,
 }
 
 /// Decides when to give freed memory back; see the module documentation.
@@ -108,6 +111,9 @@ pub struct Trimmer {
     peak_inflight: u64,
     /// Resident set size right after the last trim.
     rss_base: usize,
+    /// A configuration was loaded since the last tick: its parse (and the snapshot it
+    /// replaced, once the last request holding it ends) left freed memory behind.
+    config_loaded: bool,
 }
 
 impl Default for Trimmer {
@@ -117,11 +123,18 @@ impl Default for Trimmer {
             ticks: 0,
             peak_inflight: 0,
             rss_base: 0,
+            // The configuration read at start-up.
+            config_loaded: true,
         }
     }
 }
 
 impl Trimmer {
+    /// A configuration was (re)loaded: the next tick trims.
+    pub fn config_loaded(&mut self) {
+        self.config_loaded = true;
+    }
+
     /// One tick of the control plane, with the requests now in flight. Returns what
     /// made it trim, if it did.
     pub fn tick(&mut self, inflight: u64) -> Option<Trim> {
@@ -130,6 +143,13 @@ impl Trimmer {
         }
         self.ticks += 1;
         self.peak_inflight = self.peak_inflight.max(inflight);
+        if std::mem::take(&mut self.config_loaded) {
+            alloc::trim();
+            self.peak_inflight = inflight;
+            self.rss_base = resident_bytes();
+            tracing::debug!("a configuration was loaded: heap trimmed");
+            return Some(Trim::ConfigLoaded);
+        }
         if self.peak_inflight - inflight >= BURST {
             alloc::trim();
             self.peak_inflight = inflight;
@@ -241,6 +261,10 @@ mod tests {
     /// glibc returns a free heap top by itself, so there every other block is freed
     /// (32 MiB in the middle); mimalloc purges a page only once all of it is free,
     /// and only after `purge_delay` (1 s), so there all of it is freed.
+    /// The tests that read the process's resident size take turns: each would see the
+    /// other's 64 MiB.
+    static RESIDENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Returns the blocks kept.
     fn touch_and_free_64_mib() -> Vec<Vec<u8>> {
         let mut blocks: Vec<Vec<u8>> = (0..4096u32)
@@ -256,6 +280,7 @@ mod tests {
 
     #[test]
     fn a_trim_gives_the_freed_pages_back() {
+        let _turn = RESIDENT.lock().unwrap_or_else(|e| e.into_inner());
         let kept = touch_and_free_64_mib();
         let before = resident_bytes();
         alloc::trim();
@@ -281,8 +306,21 @@ mod tests {
     }
 
     #[test]
-    fn trims_when_a_burst_of_requests_ends() {
+    fn trims_at_the_tick_after_a_configuration_is_loaded() {
         let mut t = Trimmer::default();
+        assert_eq!(t.tick(0), Some(Trim::ConfigLoaded), "the start-up load");
+        assert_eq!(t.tick(0), None);
+        t.config_loaded();
+        assert_eq!(t.tick(5), Some(Trim::ConfigLoaded), "a reload");
+        assert_eq!(t.tick(5), None);
+    }
+
+    #[test]
+    fn trims_when_a_burst_of_requests_ends() {
+        let mut t = Trimmer {
+            config_loaded: false,
+            ..Trimmer::default()
+        };
         for inflight in [0, 100, 300, 280, 200] {
             assert_eq!(t.tick(inflight), None, "at {inflight} in flight");
         }
@@ -296,8 +334,10 @@ mod tests {
 
     #[test]
     fn looks_only_every_look_every_ticks_and_trims_what_grew_and_is_free() {
+        let _turn = RESIDENT.lock().unwrap_or_else(|e| e.into_inner());
         let mut t = Trimmer {
             look_every: 3,
+            config_loaded: false,
             ..Trimmer::default()
         };
         let _ = t.tick(0); // tick 1: no look
