@@ -47,11 +47,17 @@ impl Proxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| forward::canonical(a.ip()));
-        ctx.request_id = match session.req_header().headers.get(&forward::X_REQUEST_ID) {
+        let mut request_id = match session.req_header().headers.get(&forward::X_REQUEST_ID) {
             Some(v) if forward::valid_request_id(v.as_bytes()) => v.clone(),
             _ => HeaderValue::try_from(forward::new_request_id())
                 .unwrap_or_else(|_| HeaderValue::from_static("-")),
         };
+        // Over HTTP/2 a value that differs on every response is sent as a never-indexed
+        // literal (HPACK, RFC 7541 section 6.2.3): h2's encoder otherwise inserts every
+        // value into the connection's dynamic table, where each new id evicts entries
+        // that do repeat. No effect on HTTP/1.
+        request_id.set_sensitive(true);
+        ctx.request_id = request_id;
         if session.get_keepalive().is_some() {
             let idle = ctx
                 .snap
