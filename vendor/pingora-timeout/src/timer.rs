@@ -29,8 +29,9 @@
 //! - drop: 10.694154ms total, 106ns avg per iteration
 
 use parking_lot::RwLock;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
@@ -81,6 +82,30 @@ impl TimerStub {
 
 struct Timer(Arc<Notify>, Arc<AtomicBool>);
 
+/// How many of the timers a thread registered last it keeps at hand: one per timeout
+/// duration in use (an HTTP proxy registers a read, a write and an idle timeout).
+const RECENT_TIMERS: usize = 4;
+
+/// The timers this thread registered last, for the manager `manager`: registrations
+/// within one [`RESOLUTION_MS`] slot with the same duration share a timer, and most
+/// find it here instead of behind the lock in the manager's tree. A timer that already
+/// fired is still the right one for its slot: its stub then completes at once, as the
+/// deadline has passed.
+struct RecentTimers {
+    manager: u64,
+    slots: [Option<(Time, Timer)>; RECENT_TIMERS],
+    next: usize,
+}
+
+thread_local! {
+    static RECENT: RefCell<RecentTimers> = const {
+        RefCell::new(RecentTimers { manager: 0, slots: [None, None, None, None], next: 0 })
+    };
+}
+
+/// Tells managers apart in [`RECENT`] (0 is none).
+static MANAGER_IDS: AtomicU64 = AtomicU64::new(1);
+
 impl Timer {
     pub fn new() -> Self {
         Timer(Arc::new(Notify::new()), Arc::new(AtomicBool::new(false)))
@@ -94,6 +119,10 @@ impl Timer {
     pub fn subscribe(&self) -> TimerStub {
         TimerStub(self.0.clone(), self.1.clone())
     }
+
+    fn share(&self) -> Timer {
+        Timer(self.0.clone(), self.1.clone())
+    }
 }
 
 /// The object that holds all the timers registered to it.
@@ -104,6 +133,7 @@ pub struct TimerManager {
     // Start a new clock thread if this is -1 or staled. The clock thread should keep updating this
     clock_watchdog: AtomicI64,
     paused: AtomicBool,
+    id: u64,
 }
 
 // Consider the clock thread is dead after it fails to update the thread in DELAYS_SEC
@@ -116,6 +146,7 @@ impl Default for TimerManager {
             zero: Instant::now(),
             clock_watchdog: AtomicI64::new(-DELAYS_SEC),
             paused: AtomicBool::new(false),
+            id: MANAGER_IDS.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
@@ -203,9 +234,13 @@ impl TimerManager {
             return timer.subscribe();
         }
         let now: Time = (Instant::now() + duration - self.zero).into();
+        if let Some(stub) = self.recent(now) {
+            return stub;
+        }
         {
             let timers = self.timers.get_or(|| RwLock::new(BTreeMap::new())).read();
             if let Some(t) = timers.get(&now) {
+                self.remember(now, t.share());
                 return t.subscribe();
             }
         } // drop read lock
@@ -217,8 +252,38 @@ impl TimerManager {
         // is no possible race that can happen. The only other thread is the clock thread who
         // only removes timer from the tree
         let stub = timer.subscribe();
+        self.remember(now, timer.share());
         timers.insert(now, timer);
         stub
+    }
+
+    /// The timer of slot `at` if this thread registered it lately.
+    fn recent(&self, at: Time) -> Option<TimerStub> {
+        RECENT.with_borrow(|r| {
+            if r.manager != self.id {
+                return None;
+            }
+            r.slots
+                .iter()
+                .flatten()
+                .find(|(t, _)| *t == at)
+                .map(|(_, timer)| timer.subscribe())
+        })
+    }
+
+    fn remember(&self, at: Time, timer: Timer) {
+        RECENT.with_borrow_mut(|r| {
+            if r.manager != self.id {
+                *r = RecentTimers {
+                    manager: self.id,
+                    slots: [None, None, None, None],
+                    next: 0,
+                };
+            }
+            let i = r.next;
+            r.slots[i] = Some((at, timer));
+            r.next = (i + 1) % RECENT_TIMERS;
+        })
     }
 
     fn is_paused_for_fork(&self) -> bool {
@@ -281,6 +346,36 @@ mod tests {
         t2.poll().await;
         // t2 fired along t1 so no extra wait time
         assert_eq!(now.elapsed().as_secs(), 0);
+    }
+
+    #[tokio::test]
+    async fn test_recent_timers_are_shared_per_slot_and_manager() {
+        let tm_a = Arc::new(TimerManager::new());
+        let tm = tm_a.clone();
+        std::thread::spawn(move || tm_a.clock_thread());
+        let other = TimerManager::new(); // no clock: its timers never fire
+
+        // Same slot, same manager: one timer (from this thread's recent ones).
+        let t1 = tm.register_timer(Duration::from_millis(300));
+        let t2 = tm.register_timer(Duration::from_millis(300));
+        assert!(Arc::ptr_eq(&t1.0, &t2.0));
+        // Other durations each get theirs; the first is still found.
+        let stubs: Vec<TimerStub> = (1..=RECENT_TIMERS as u64)
+            .map(|i| tm.register_timer(Duration::from_secs(10 * i)))
+            .collect();
+        assert!(!stubs.iter().any(|s| Arc::ptr_eq(&s.0, &t1.0)));
+        // Another manager never gets this one's timers.
+        let o = other.register_timer(Duration::from_millis(300));
+        assert!(!Arc::ptr_eq(&o.0, &t1.0));
+        let now = Instant::now();
+        t1.poll().await;
+        t2.poll().await;
+        assert!(now.elapsed() < Duration::from_secs(1));
+        // After that slot fired, a registration gets a timer of its own and waits.
+        let t4 = tm.register_timer(Duration::from_millis(300));
+        let now = Instant::now();
+        t4.poll().await;
+        assert!(now.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]
