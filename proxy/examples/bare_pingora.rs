@@ -1,7 +1,9 @@
 //! The floor: a pingora proxy that only picks an upstream (no routing, headers,
 //! limits or logs), to measure how much of portier's per-request cost is pingora's.
 //! `cargo run --release -p portier --example bare_pingora -- 127.0.0.1:18080 127.0.0.1:18069 127.0.0.1:18070`
-//! (system allocator, current-thread runtime, no L4 read buffer: like portier's default build)
+//! (current-thread runtime, no L4 read buffer: like portier's default build; the system
+//! allocator, where portier's default is mimalloc since 5cfa767, so that this floor's
+//! figures stay comparable with the earlier ones)
 
 use async_trait::async_trait;
 use pingora::prelude::*;

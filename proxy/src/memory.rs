@@ -8,9 +8,9 @@
 //! thread kept 92 MiB after 5 000 held longpolls closed.
 //!
 //! The control plane calls [`Trimmer::tick`] once a second with the number of requests
-//! in flight. Two things make it hand the free pages back (glibc: `malloc_trim`, which
+//! in flight. Three things make it hand the free pages back (glibc: `malloc_trim`, which
 //! `madvise`s free pages anywhere in the heaps; mimalloc: `mi_collect(true)`, which
-//! purges the freed pages of every thread's heap):
+//! purges the free ranges of every arena, where the pages any thread emptied went):
 //! - a configuration was loaded, at start-up or by a reload: parsing 10 000 tenants
 //!   leaves ~11 MiB freed behind it (36 MiB at rest instead of 25 with mimalloc);
 //! - a burst ended: [`BURST`] fewer requests in flight than the peak since the last
