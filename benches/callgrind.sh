@@ -36,8 +36,8 @@ dir=$(mktemp -d /tmp/portier-cg.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# shellcheck source=benches/lib.sh
+source benches/lib.sh
 
 up=$(free_port)
 mkdir -p "$dir/nginx/logs"

@@ -144,16 +144,12 @@ impl Trimmer {
         self.ticks += 1;
         self.peak_inflight = self.peak_inflight.max(inflight);
         if std::mem::take(&mut self.config_loaded) {
-            alloc::trim();
-            self.peak_inflight = inflight;
-            self.rss_base = resident_bytes();
+            self.trim(inflight);
             tracing::debug!("a configuration was loaded: heap trimmed");
             return Some(Trim::ConfigLoaded);
         }
         if self.peak_inflight - inflight >= BURST {
-            alloc::trim();
-            self.peak_inflight = inflight;
-            self.rss_base = resident_bytes();
+            self.trim(inflight);
             tracing::debug!(inflight, "a burst of requests ended: heap trimmed");
             return Some(Trim::BurstEnded);
         }
@@ -167,14 +163,19 @@ impl Trimmer {
             // In use, not free: look again next time.
             return None;
         }
-        alloc::trim();
-        self.peak_inflight = inflight;
-        self.rss_base = resident_bytes();
+        self.trim(inflight);
         tracing::debug!(
             free_bytes = free,
             "resident memory grew and may be free: heap trimmed"
         );
         Some(Trim::ResidentGrew)
+    }
+
+    /// Hands the free pages back; the peak and the resident base start again from now.
+    fn trim(&mut self, inflight: u64) {
+        alloc::trim();
+        self.peak_inflight = inflight;
+        self.rss_base = resident_bytes();
     }
 }
 

@@ -25,6 +25,7 @@ mod dns;
 mod tls;
 pub use dns::*;
 pub use tls::*;
+pub mod h2raw;
 
 pub use portier_sim::{client, Mode, SimWorker};
 

@@ -6,41 +6,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use portier_tests::h2raw::*;
 use portier_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-
-fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    let len = payload.len() as u32;
-    out.extend_from_slice(&len.to_be_bytes()[1..]);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// HPACK for `GET https://acme.test/web/login`: indexed :method GET (2), :scheme https
-/// (7), a literal :path, a literal :authority (name index 1), without indexing.
-fn request_block() -> Vec<u8> {
-    let mut b = vec![0x82, 0x87];
-    let path = b"/web/login";
-    b.push(0x04); // literal without indexing, name = static 4 (:path)
-    b.push(path.len() as u8);
-    b.extend_from_slice(path);
-    let host = b"acme.test";
-    b.push(0x01); // name = static 1 (:authority)
-    b.push(host.len() as u8);
-    b.extend_from_slice(host);
-    b
-}
 
 /// A literal header `x-flood-N: 100 bytes`, new name, without indexing.
 fn filler(n: usize) -> Vec<u8> {
@@ -50,49 +22,6 @@ fn filler(n: usize) -> Vec<u8> {
     b.push(100);
     b.extend_from_slice(&[b'v'; 100]);
     b
-}
-
-struct Edge {
-    p: Portier,
-    w: SimWorker,
-    pki: TestPki,
-    _dir: tempfile::TempDir,
-    https: std::net::SocketAddr,
-}
-
-async fn setup() -> Edge {
-    let w = sim("w").await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.write_pair(dir.path(), "acme", &["acme.test"], 90);
-    let ports = Ports::new();
-    let cfg = format!(
-        "{}https = \"127.0.0.1:{}\"\n[log]\naccess = false\n[tls]\ncerts = \"{}\"\nredirect_http = false\n[pools.p]\nhttp = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
-        ports.listen(),
-        ports.https,
-        dir.path().display(),
-        w.addr()
-    );
-    let p = Portier::start(&ports, &cfg).await;
-    Edge {
-        p,
-        w,
-        pki,
-        _dir: dir,
-        https: local(ports.https),
-    }
-}
-
-async fn h2_stream(e: &Edge) -> TlsStream {
-    let s = tls_connect(
-        e.https,
-        "acme.test",
-        e.pki.client(&[b"h2"], &[&rustls::version::TLS13]),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    s
 }
 
 /// Reads frames until EOF or `limit`: whether a GOAWAY came, whether the connection
@@ -254,15 +183,6 @@ async fn a_continuation_flood_is_stopped_and_others_are_served() {
 }
 
 const DATA: u8 = 0x0;
-
-/// A literal header with a new name, without indexing.
-fn literal(name: &str, value: &str) -> Vec<u8> {
-    let mut b = vec![0x00, name.len() as u8];
-    b.extend_from_slice(name.as_bytes());
-    b.push(value.len() as u8);
-    b.extend_from_slice(value.as_bytes());
-    b
-}
 
 /// `POST https://acme.test/h2/<marker>` with `extra` header-block bytes appended.
 fn post_block(marker: &str, extra: &[u8]) -> Vec<u8> {
@@ -571,119 +491,5 @@ async fn concurrent_streams_and_header_lists_are_bounded() {
             .count(),
         0,
         "the oversized header block reached the worker"
-    );
-}
-
-/// An HPACK integer with an `n`-bit prefix at `b[*i]` (RFC 7541 section 5.1).
-fn hpack_int(b: &[u8], i: &mut usize, n: u32) -> usize {
-    let max = (1usize << n) - 1;
-    let mut v = usize::from(b[*i]) & max;
-    *i += 1;
-    if v == max {
-        let mut shift = 0;
-        loop {
-            let byte = b[*i];
-            *i += 1;
-            v += usize::from(byte & 0x7f) << shift;
-            shift += 7;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-    }
-    v
-}
-
-/// An HPACK string literal's bytes as sent (Huffman-coded or not; section 5.2).
-fn hpack_str(b: &[u8], i: &mut usize) -> Vec<u8> {
-    let len = hpack_int(b, i, 7);
-    let s = b[*i..*i + len].to_vec();
-    *i += len;
-    s
-}
-
-/// The literal fields of a header block: their representation (0x40 with incremental
-/// indexing, 0x00 without indexing, 0x10 never indexed; RFC 7541 section 6.2) and their
-/// value as sent.
-fn hpack_literals(b: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let first = b[i];
-        let (kind, prefix) = if first & 0x80 != 0 {
-            hpack_int(b, &mut i, 7); // indexed field: no literal
-            continue;
-        } else if first & 0x40 != 0 {
-            (0x40, 6)
-        } else if first & 0x20 != 0 {
-            hpack_int(b, &mut i, 5); // dynamic table size update
-            continue;
-        } else {
-            (first & 0x10, 4)
-        };
-        if hpack_int(b, &mut i, prefix) == 0 {
-            hpack_str(b, &mut i); // a new name
-        }
-        out.push((kind, hpack_str(b, &mut i)));
-    }
-    out
-}
-
-/// `X-Request-Id` differs on every response, so portier sends it over HTTP/2 as a
-/// never-indexed literal (proxy/src/service.rs): inserted into the connection's HPACK
-/// dynamic table, as h2's encoder does with any value it is not told otherwise, each
-/// new id would evict the entries that do repeat. A client-sent id (kept, see
-/// `upstream_headers.rs`) of 31 zeros and a one: its Huffman code (RFC 7541 Appendix B:
-/// '0' is 00000, '1' 00001) is 19 zero bytes and 0x01.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_request_id_is_never_indexed_over_http2() {
-    let e = setup().await;
-    let id = format!("{}1", "0".repeat(31));
-    let mut block = request_block();
-    block.extend_from_slice(&literal("x-request-id", &id));
-    let mut s = h2_stream(&e).await;
-    let mut out = PREFACE.to_vec();
-    frame(&mut out, SETTINGS, 0, 0, &[]);
-    frame(&mut out, HEADERS, END_HEADERS | END_STREAM, 1, &block);
-    s.write_all(&out).await.unwrap();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut pending = Vec::new();
-    let response = loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("a response within 5 s")
-            .unwrap();
-        assert!(n > 0, "the connection closed before a response");
-        pending.extend_from_slice(&buf[..n]);
-        let mut found = None;
-        while pending.len() >= 9 {
-            let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
-            if pending.len() < 9 + len {
-                break;
-            }
-            let stream =
-                u32::from_be_bytes([pending[5], pending[6], pending[7], pending[8]]) & 0x7fff_ffff;
-            if pending[3] == HEADERS && stream == 1 {
-                assert_ne!(pending[4] & END_HEADERS, 0, "one HEADERS frame");
-                found = Some(pending[9..9 + len].to_vec());
-            }
-            pending.drain(..9 + len);
-        }
-        if let Some(block) = found {
-            break block;
-        }
-    };
-    let mut huffman = vec![0u8; 19];
-    huffman.push(0x01);
-    let literals = hpack_literals(&response);
-    let kinds: Vec<u8> = literals
-        .iter()
-        .filter(|(_, v)| *v == huffman || *v == id.as_bytes())
-        .map(|(k, _)| *k)
-        .collect();
-    assert_eq!(
-        kinds,
-        vec![0x10],
-        "the x-request-id field's representation (0x10 never indexed, 0x40 indexed); literals: {literals:?}"
     );
 }

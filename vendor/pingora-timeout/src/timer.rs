@@ -99,7 +99,7 @@ struct RecentTimers {
 
 thread_local! {
     static RECENT: RefCell<RecentTimers> = const {
-        RefCell::new(RecentTimers { manager: 0, slots: [None, None, None, None], next: 0 })
+        RefCell::new(RecentTimers { manager: 0, slots: [const { None }; RECENT_TIMERS], next: 0 })
     };
 }
 
@@ -276,7 +276,7 @@ impl TimerManager {
             if r.manager != self.id {
                 *r = RecentTimers {
                     manager: self.id,
-                    slots: [None, None, None, None],
+                    slots: [const { None }; RECENT_TIMERS],
                     next: 0,
                 };
             }
