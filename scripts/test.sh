@@ -6,7 +6,7 @@ scripts/setup.sh
 
 # A clean clone gains nothing from the incremental cache but its disk use (gigabytes).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
-# Say up front how much disk the build has: a full run needs ~4 GB under target/.
+# Say up front how much disk the build has: a full run needs ~3.5 GB under target/.
 echo "test: disk free for target/: $(df -h --output=avail . | tail -1 | tr -d ' ')"
 
 if cargo fmt --version >/dev/null 2>&1; then
