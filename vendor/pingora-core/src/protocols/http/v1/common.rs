@@ -178,16 +178,19 @@ fn find_last_te_token(bytes: &[u8]) -> &[u8] {
 
 /// Check if chunked encoding is the final encoding across all transfer-encoding headers
 pub(crate) fn is_chunked_encoding_from_headers(headers: &HMap) -> bool {
-    // Get the last Transfer-Encoding header value
-    let last_te = headers
+    last_transfer_encoding(headers).is_some_and(is_chunked_transfer_encoding)
+}
+
+/// The last `Transfer-Encoding` field value, if there is any.
+fn last_transfer_encoding(headers: &HMap) -> Option<&HeaderValue> {
+    headers
         .get_all(http::header::TRANSFER_ENCODING)
         .into_iter()
-        .next_back();
+        .next_back()
+}
 
-    let Some(last_header_value) = last_te else {
-        return false;
-    };
-
+/// Whether the final coding of a (last) `Transfer-Encoding` value is `chunked`.
+fn is_chunked_transfer_encoding(last_header_value: &HeaderValue) -> bool {
     let bytes = last_header_value.as_bytes();
 
     // Fast path: exact match for "chunked"
@@ -197,6 +200,45 @@ pub(crate) fn is_chunked_encoding_from_headers(headers: &HMap) -> bool {
 
     // Slow path: parse comma-separated values
     find_last_te_token(bytes).eq_ignore_ascii_case(b"chunked")
+}
+
+/// The body framing of a received HTTP/1 message
+/// ([RFC 9112 section 6.3](https://www.rfc-editor.org/rfc/rfc9112#section-6.3)),
+/// resolved from its headers once, by the validation that reads them, and kept for
+/// the body reader so that it does not look the same fields up and parse them again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BodyFraming {
+    /// A `Transfer-Encoding` field is present (it takes precedence over `Content-Length`).
+    pub transfer_encoding: bool,
+    /// The final transfer coding is `chunked`.
+    pub chunked: bool,
+    /// The reconciled `Content-Length`; `None` when it is absent or when
+    /// `Transfer-Encoding` is present.
+    pub content_length: Option<usize>,
+}
+
+/// Resolve a received message's [`BodyFraming`]: `Transfer-Encoding` takes
+/// precedence over `Content-Length` (RFC 9112 section 6.3); without it, validate
+/// that the `Content-Length` framing is unambiguous.
+///
+/// Per [RFC 9110 section 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6),
+/// a message received without `Transfer-Encoding` and with multiple
+/// `Content-Length` fields having differing values (or a single invalid value)
+/// has invalid framing and the recipient MUST treat it as an unrecoverable
+/// error. Identical duplicates and comma-combined identical values are
+/// reconciled to a single value via [`content_length_parse_all`].
+pub(crate) fn resolve_body_framing(headers: &HMap) -> Result<BodyFraming> {
+    match last_transfer_encoding(headers) {
+        Some(te) => Ok(BodyFraming {
+            transfer_encoding: true,
+            chunked: is_chunked_transfer_encoding(te),
+            content_length: None,
+        }),
+        None => Ok(BodyFraming {
+            content_length: content_length_for_framing(headers)?,
+            ..BodyFraming::default()
+        }),
+    }
 }
 
 pub fn is_upgrade_req(req: &RequestHeader) -> bool {
@@ -342,12 +384,17 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
-pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+///
+/// Takes the values looked up (`headers.get_all(CONTENT_LENGTH)`), so that the
+/// caller can tell an absent field from an invalid one without a second lookup.
+pub(crate) fn content_length_parse_all(
+    values: &http::header::GetAll<'_, HeaderValue>,
+) -> Option<u64> {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
     let mut content_length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in values {
         // A non-visible-ASCII value can't be a valid Content-Length, so the
         // framing is ambiguous.
         let line = value.to_str().ok()?;
@@ -369,7 +416,9 @@ pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
 /// present but cannot be resolved to a single value (conflicting duplicates or
 /// an unparseable value), or `None` when the header is absent.
 pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>> {
-    match content_length_parse_all(headers) {
+    // One lookup: the values found tell both what they say and whether there are any.
+    let values = headers.get_all(header::CONTENT_LENGTH);
+    match content_length_parse_all(&values) {
         Some(cl) => {
             // Content-Length frames the body, so a value that does not fit in
             // `usize` cannot be represented and must not be silently truncated
@@ -385,7 +434,7 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
                 )
             })
         }
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
+        None if values.iter().next().is_some() => {
             // debug, not warn: per-message, client-influenced; avoids log floods
             // under adversarial load. The error is returned to the caller.
             debug!("invalid Content-Length header");
@@ -393,26 +442,6 @@ pub(crate) fn content_length_for_framing(headers: &HMap) -> Result<Option<usize>
         }
         None => Ok(None),
     }
-}
-
-/// Validate that a message's `Content-Length` framing is unambiguous.
-///
-/// Per [RFC 9110 section 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6),
-/// a message received without `Transfer-Encoding` and with multiple
-/// `Content-Length` fields having differing values (or a single invalid value)
-/// has invalid framing and the recipient MUST treat it as an unrecoverable
-/// error. Identical duplicates and comma-combined identical values are
-/// reconciled to a single value via [`content_length_parse_all`].
-///
-/// HTTP/2 does not use `Content-Length` for framing, but reconciling it here
-/// keeps the H2 and downgraded-H1 paths consistent and rejects genuinely
-/// ambiguous values before they cross a proxy boundary.
-pub(crate) fn validate_content_length(headers: &HMap) -> Result<()> {
-    if headers.get(header::TRANSFER_ENCODING).is_some() {
-        // HTTP/1: Transfer-Encoding takes precedence over Content-Length.
-        return Ok(());
-    }
-    content_length_for_framing(headers).map(|_| ())
 }
 
 /// Validate `Content-Length` for transports where `Transfer-Encoding` is not
@@ -454,34 +483,55 @@ mod test {
     use rstest::rstest;
 
     #[test]
-    fn test_validate_content_length() {
+    fn test_resolve_body_framing() {
         let mut headers = HMap::new();
+        let cl = |n| BodyFraming {
+            content_length: Some(n),
+            ..BodyFraming::default()
+        };
 
         // no CL header is fine
-        assert!(validate_content_length(&headers).is_ok());
+        assert_eq!(
+            resolve_body_framing(&headers).unwrap(),
+            BodyFraming::default()
+        );
 
         // a single valid CL is fine
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert_eq!(resolve_body_framing(&headers).unwrap(), cl(1));
 
         // an identical duplicate is reconciled to a single value (RFC 9110 8.6)
         headers.append(CONTENT_LENGTH, "1".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        assert_eq!(resolve_body_framing(&headers).unwrap(), cl(1));
 
         // a differing duplicate is an unrecoverable framing error
         headers.append(CONTENT_LENGTH, "2".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(resolve_body_framing(&headers).is_err());
 
         // Transfer-Encoding overrides Content-Length, so CL is ignored
         headers.append(TRANSFER_ENCODING, "chunked".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_ok());
+        let chunked = BodyFraming {
+            transfer_encoding: true,
+            chunked: true,
+            content_length: None,
+        };
+        assert_eq!(resolve_body_framing(&headers).unwrap(), chunked);
+
+        // the last coding decides: chunked not last is not chunked framing
+        let mut headers = HMap::new();
+        headers.append(TRANSFER_ENCODING, "chunked".try_into().unwrap());
+        headers.append(TRANSFER_ENCODING, "gzip".try_into().unwrap());
+        let framing = resolve_body_framing(&headers).unwrap();
+        assert!(framing.transfer_encoding && !framing.chunked);
+        headers.insert(TRANSFER_ENCODING, "gzip, chunked".try_into().unwrap());
+        assert_eq!(resolve_body_framing(&headers).unwrap(), chunked);
     }
 
     #[test]
-    fn test_validate_content_length_invalid_value() {
+    fn test_resolve_body_framing_invalid_content_length() {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, "not-a-number".try_into().unwrap());
-        assert!(validate_content_length(&headers).is_err());
+        assert!(resolve_body_framing(&headers).is_err());
     }
 
     #[test]
@@ -513,7 +563,10 @@ mod test {
     ) {
         let mut headers = HMap::new();
         headers.insert(CONTENT_LENGTH, value.try_into().unwrap());
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_all(&headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[rstest]
@@ -531,7 +584,10 @@ mod test {
         for value in values {
             headers.append(CONTENT_LENGTH, (*value).try_into().unwrap());
         }
-        assert_eq!(content_length_parse_all(&headers), expected);
+        assert_eq!(
+            content_length_parse_all(&headers.get_all(CONTENT_LENGTH)),
+            expected
+        );
     }
 
     #[test]

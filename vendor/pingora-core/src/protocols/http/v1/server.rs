@@ -117,6 +117,8 @@ pub struct HttpSession {
     request_header: Option<Box<RequestHeader>>,
     /// An internal buffer that holds a copy of the request body up to a certain size
     retry_buffer: Option<FixedBuffer>,
+    /// The request body's framing, resolved when its header was validated.
+    body_framing: Option<BodyFraming>,
     /// Whether this session is an upgraded session. This flag is calculated when sending the
     /// response header to the client.
     upgraded: bool,
@@ -201,6 +203,7 @@ impl HttpSession {
             body_bytes_sent: 0,
             body_bytes_read: 0,
             retry_buffer: None,
+            body_framing: None,
             upgraded: false,
             digest,
             min_send_rate: None,
@@ -487,6 +490,7 @@ impl HttpSession {
                         self.request_header = Some(request_header);
 
                         self.body_reader.reinit();
+                        self.body_framing = None;
                         self.pipelined_idle_bytes_stashed = false;
                         self.response_written = None;
                         self.respect_keepalive();
@@ -495,7 +499,7 @@ impl HttpSession {
                         if has_both_te_and_cl {
                             self.set_keepalive(None);
                         }
-                        self.validate_request()?;
+                        self.body_framing = Some(self.validate_request_framing()?);
 
                         return Ok(Some(s));
                     }
@@ -551,6 +555,11 @@ impl HttpSession {
     /// # Panics
     /// this function and most other functions will panic if called before [`Self::read_request()`]
     pub fn validate_request(&self) -> Result<()> {
+        self.validate_request_framing().map(|_| ())
+    }
+
+    /// [`Self::validate_request()`], returning the body framing it resolved.
+    fn validate_request_framing(&self) -> Result<BodyFraming> {
         let req_header = self.req_header();
 
         // Reject an ambiguous authority before anything routes on it.
@@ -559,10 +568,10 @@ impl HttpSession {
         // Validate/reconcile Content-Length per RFC 9110 section 8.6 (hyper
         // parity): identical duplicates and comma-combined identical values are
         // accepted and collapsed; differing or unparseable values are rejected.
-        // This is a no-op when Transfer-Encoding is present (TE overrides CL).
-        super::common::validate_content_length(&req_header.headers)?;
+        // Content-Length is not looked at when Transfer-Encoding is present (TE overrides CL).
+        let framing = resolve_body_framing(&req_header.headers)?;
 
-        if req_header.headers.contains_key(TRANSFER_ENCODING) {
+        if framing.transfer_encoding {
             // Per [RFC 9112 Section 6.1-16](https://datatracker.ietf.org/doc/html/rfc9112#section-6.1-16),
             // HTTP/1.0 requests with Transfer-Encoding MUST be treated as having faulty framing.
             // We reject with 400 Bad Request and close the connection.
@@ -574,12 +583,12 @@ impl HttpSession {
             }
             // If chunked is not the final Transfer-Encoding, reject request
             // See https://datatracker.ietf.org/doc/html/rfc9112#section-6.3-2.4.3
-            if !self.is_chunked_encoding() {
+            if !framing.chunked {
                 return Error::e_explain(InvalidHTTPHeader, "non-chunked final Transfer-Encoding");
             }
         }
 
-        Ok(())
+        Ok(framing)
     }
 
     /// Return a reference of the `RequestHeader` this session read
@@ -1201,18 +1210,26 @@ impl HttpSession {
                 // if upgraded _post_ 101 (and body was not init yet)
                 // treat as upgraded body (pass through until closed)
                 self.body_reader.init_close_delimited_owned(preread_body);
-            } else if self.is_chunked_encoding() {
-                // if chunked encoding, content-length should be ignored
-                self.body_reader.init_chunked_owned(preread_body);
             } else {
-                // At this point, validate_request() should have already been called,
-                // so get_content_length() should not return an error for invalid values
-                let cl = self.get_content_length().unwrap_or(None);
-                match cl {
-                    Some(i) => {
+                // The framing validate_request() resolved when the header was read;
+                // resolved again only if it was not (then an invalid value reads as none).
+                let framing = self.body_framing.unwrap_or_else(|| BodyFraming {
+                    chunked: self.is_chunked_encoding(),
+                    content_length: self.get_content_length().unwrap_or(None),
+                    ..BodyFraming::default()
+                });
+                match framing {
+                    // if chunked encoding, content-length should be ignored
+                    BodyFraming { chunked: true, .. } => {
+                        self.body_reader.init_chunked_owned(preread_body);
+                    }
+                    BodyFraming {
+                        content_length: Some(i),
+                        ..
+                    } => {
                         self.body_reader.init_content_length_owned(i, preread_body);
                     }
-                    None => {
+                    _ => {
                         // https://datatracker.ietf.org/doc/html/rfc9112#section-6.3
                         // "Request messages are never close-delimited because they are
                         // always explicitly framed by length or transfer coding, with the absence of
