@@ -97,6 +97,7 @@ EOF
   valgrind --tool=callgrind --callgrind-out-file="$dir/cg.$mode.%p" "${cmd[@]}" 2>"$dir/$mode.log" &
   vg=$!; pids+=($vg)
   wait_port "$http"
+  [[ $mode == h2 ]] && wait_port "$tls_port"
   if [[ $mode == cluster-on ]]; then
     for _ in $(seq 1 100); do curl -s "127.0.0.1:$admin/status" | grep -q '"redis":"up"' && break; sleep 0.2; done
   fi

@@ -28,6 +28,10 @@ const TLS_READ_BUFFER: usize = 16 * 1024 + 512;
 /// Runs portier until it is told to stop. Returns the process exit code.
 pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<ReadyHook>) -> i32 {
     portier_certs::install_crypto_provider();
+    // Seeded here, before any listener, not by the first client's handshake.
+    if config.listen.https.is_some() && !portier_certs::seed_random() {
+        tracing::warn!("the TLS random generator could not be seeded at start-up");
+    }
     let inherited = inherited_listeners(&config.listen);
     // Listen addresses that cannot be bound are reported before anything starts
     // (those whose socket was handed over are listening already).
