@@ -43,19 +43,7 @@ wait_port "$up"
 ports=()
 for i in 0 1; do
   http=$(free_port); admin=$(free_port); ports+=("$http")
-  cat > "$dir/p$i.toml" <<EOF
-[listen]
-http = "127.0.0.1:$http"
-admin = "127.0.0.1:$admin"
-threads = 1
-[log]
-access = false
-[pools.odoo]
-http = ["127.0.0.1:$up"]
-[tenants.a]
-hosts = ["a.test"]
-pool = "odoo"
-EOF
+  one_tenant_config "$http" "$admin" "$up" > "$dir/p$i.toml"
   taskset -c 1 "${bins[$i]}" run -c "$dir/p$i.toml" 2>"$dir/p$i.log" & pids+=($!)
   wait_port "$http"
 done

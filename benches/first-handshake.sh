@@ -26,23 +26,7 @@ for bin in "$@"; do
   : >"$dir/times"
   for _ in $(seq 1 "$runs"); do
     http=$(free_port); https=$(free_port); admin=$(free_port)
-    cat >"$dir/p.toml" <<EOF
-[listen]
-http = "127.0.0.1:$http"
-https = "127.0.0.1:$https"
-admin = "127.0.0.1:$admin"
-threads = 1
-[log]
-access = false
-[tls]
-certs = "$dir/certs"
-default = "a.test"
-[pools.odoo]
-http = ["127.0.0.1:$(free_port)"]
-[tenants.a]
-hosts = ["a.test"]
-pool = "odoo"
-EOF
+    one_tenant_config "$http" "$admin" "$(free_port)" "https = \"127.0.0.1:$https\"" "$dir/certs" a.test >"$dir/p.toml"
     t0=$(now)
     "$bin" run -c "$dir/p.toml" 2>"$dir/log" & pid=$!
     for _ in $(seq 1 1000); do (exec 3<>"/dev/tcp/127.0.0.1/$https") 2>/dev/null && break; sleep 0.005; done
