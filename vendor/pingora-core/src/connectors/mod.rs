@@ -335,7 +335,7 @@ impl TransportConnector {
         // first on an idle stream.
         #[cfg(unix)]
         {
-            peer.matches_fd(stream.id())
+            peer.matches_stream(stream)
                 && test_reusable_stream(stream, &self.unexpected_data_conn_count)
         }
         #[cfg(windows)]
@@ -909,6 +909,69 @@ mod tests {
             .connect_local_addr()
             .expect("TLS handshake failure should retain the assigned local address");
         assert_ne!(local_addr.port(), 0);
+    }
+
+    /// A peer at `address` that claims another peer's reuse hash, as a hash collision would.
+    #[derive(Clone)]
+    struct CollidingPeer {
+        address: crate::protocols::l4::socket::SocketAddr,
+        reuse_hash: u64,
+    }
+
+    impl std::fmt::Display for CollidingPeer {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "{}", self.address)
+        }
+    }
+
+    impl Peer for CollidingPeer {
+        fn address(&self) -> &crate::protocols::l4::socket::SocketAddr {
+            &self.address
+        }
+        fn tls(&self) -> bool {
+            false
+        }
+        fn sni(&self) -> &str {
+            ""
+        }
+        fn reuse_hash(&self) -> u64 {
+            self.reuse_hash
+        }
+    }
+
+    #[tokio::test]
+    #[cfg(unix)]
+    async fn test_pooled_stream_matched_by_its_recorded_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut held = vec![];
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let connector = TransportConnector::new(None);
+        let peer = BasicPeer::new(&addr.to_string());
+
+        // the stream records the address it was connected to
+        let stream = connector.new_stream(&peer).await.unwrap();
+        let digest = stream.get_socket_digest().unwrap();
+        assert_eq!(digest.peer_addr.get(), Some(&Some(peer.address().clone())));
+
+        // a peer at another address with the same reuse hash is not given the stream
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        let other = CollidingPeer {
+            address: "127.0.0.2:80".parse::<SocketAddr>().unwrap().into(),
+            reuse_hash: peer.reuse_hash(),
+        };
+        assert!(connector.reused_stream(&other).await.is_none());
+
+        // the peer it was connected to is
+        let stream = connector.new_stream(&peer).await.unwrap();
+        connector.release_stream(stream, peer.reuse_hash(), None);
+        let (_stream, reused) = connector.get_stream(&peer).await.unwrap();
+        assert!(reused);
+        server.abort();
     }
 
     #[tokio::test]

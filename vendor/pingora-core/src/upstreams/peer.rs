@@ -24,6 +24,8 @@ use crate::protocols::tls::PskType;
 #[cfg(unix)]
 use crate::protocols::ConnFdReusable;
 use crate::protocols::TcpKeepalive;
+#[cfg(unix)]
+use crate::protocols::{GetSocketDigest, Stream};
 use crate::utils::tls::{get_organization_unit, CertKey};
 use ahash::AHasher;
 use derivative::Derivative;
@@ -259,6 +261,23 @@ pub trait Peer: Display + Clone {
     #[cfg(unix)]
     fn matches_fd<V: AsRawFd>(&self, fd: V) -> bool {
         self.address().check_fd_match(fd)
+    }
+
+    /// Whether `stream`, taken from the connection pool, is connected to this peer.
+    ///
+    /// A stream made by the connector records the address it was connected to in its socket
+    /// digest; that record is compared with [Self::address], so no `getpeername()` is made on
+    /// each reuse. A stream without the record, or a peer reached through a proxy, is checked
+    /// by [Self::matches_fd].
+    #[cfg(unix)]
+    fn matches_stream(&self, stream: &Stream) -> bool {
+        if self.get_proxy().is_none() {
+            let digest = stream.get_socket_digest();
+            if let Some(Some(connected)) = digest.as_ref().and_then(|d| d.peer_addr.get()) {
+                return connected == self.address();
+            }
+        }
+        self.matches_fd(stream.id())
     }
 
     #[cfg(windows)]
