@@ -49,7 +49,7 @@ impl Proxy {
             .map(|a| forward::canonical(a.ip()));
         let mut request_id = match session.req_header().headers.get(&forward::X_REQUEST_ID) {
             Some(v) if forward::valid_request_id(v.as_bytes()) => v.clone(),
-            _ => HeaderValue::try_from(forward::new_request_id())
+            _ => HeaderValue::from_bytes(&forward::new_request_id_bytes())
                 .unwrap_or_else(|_| HeaderValue::from_static("-")),
         };
         // Over HTTP/2 a value that differs on every response is sent as a never-indexed
