@@ -220,7 +220,9 @@ type Pool<S> = PoolNode<PoolConnection<S>>;
 /// be picked up by another user/request.
 pub struct ConnectionPool<S> {
     // Concurrent per-key pool index; each value handles per-key connection storage.
-    pools: DashMap<GroupKey, Arc<Pool<S>>>,
+    // Looked up on every reuse and release: hashed with aHash, not the default SipHash
+    // (the keys are peers' reuse hashes, not attacker-chosen strings).
+    pools: DashMap<GroupKey, Arc<Pool<S>>, ahash::RandomState>,
     lru: Lru<ID, ConnectionMeta>,
 }
 
@@ -231,7 +233,7 @@ impl<S> ConnectionPool<S> {
     /// or above `size`, the least recently used connection is dropped.
     pub fn new(size: usize) -> Self {
         ConnectionPool {
-            pools: DashMap::with_capacity(size),
+            pools: DashMap::with_capacity_and_hasher(size, ahash::RandomState::new()),
             lru: Lru::new(size),
         }
     }
