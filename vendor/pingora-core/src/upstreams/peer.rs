@@ -23,9 +23,9 @@ use crate::protocols::tls::HandshakeCompleteHook;
 use crate::protocols::tls::PskType;
 #[cfg(unix)]
 use crate::protocols::ConnFdReusable;
-use crate::protocols::TcpKeepalive;
 #[cfg(unix)]
-use crate::protocols::{GetSocketDigest, Stream};
+use crate::protocols::Stream;
+use crate::protocols::TcpKeepalive;
 use crate::utils::tls::{get_organization_unit, CertKey};
 use ahash::AHasher;
 use derivative::Derivative;
