@@ -78,15 +78,19 @@ pub fn is_database_manager(path: &str) -> bool {
     if is_segment_prefix(path, "/web/database") {
         return true;
     }
+    // Both spellings below are found in one pass over the path.
+    let (upper, params) = path.bytes().fold((false, false), |(u, p), b| {
+        (u || b.is_ascii_uppercase(), p || b == b';')
+    });
     // Werkzeug's routing is case-sensitive (`/WEB/database` is a 404 in Odoo), but a
     // case-insensitive layer in between would route it: blocked as well.
-    if path.bytes().any(|b| b.is_ascii_uppercase()) {
+    if upper {
         return is_database_manager(&path.to_ascii_lowercase());
     }
     // Segment parameters (`/web/database;x/manager`) mean nothing to werkzeug, which
     // would not route them to the manager; but a server in between may strip them
     // (as servlet containers do), so those spellings are blocked too.
-    path.contains(';') && {
+    params && {
         let stripped: String = path
             .split('/')
             .map(|seg| seg.split(';').next().unwrap_or(""))

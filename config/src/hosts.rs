@@ -106,7 +106,9 @@ struct Template {
 /// The compiled host table.
 #[derive(Clone, Debug, Default)]
 pub struct HostIndex {
-    exact: HashMap<String, TenantId>,
+    /// Looked up on every request: aHash, not SipHash (its entries come from the
+    /// configuration, so a client's host cannot make them collide).
+    exact: HashMap<String, TenantId, ahash::RandomState>,
     /// Sorted: longest suffix first, then longest prefix.
     templates: Vec<Template>,
 }
