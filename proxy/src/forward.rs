@@ -63,9 +63,8 @@ static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// A new request id: 32 hex digits, unique per process run (random prefix + counter).
 pub fn new_request_id() -> String {
-    let id = new_request_id_bytes();
-    // hex digits are ASCII, so this never falls back
-    std::str::from_utf8(&id).map_or_else(|_| String::new(), str::to_owned)
+    // hex digits are ASCII: nothing is replaced
+    String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
 }
 
 /// [`new_request_id`] as bytes, written without a `String` on the request path (each
