@@ -49,6 +49,12 @@ const CRLF: &[u8; 2] = &[CR, LF];
 // This is really the CRLF end of the last trailer (or 0 chunk), + the last CRLF.
 const TRAILERS_END: &[u8; 4] = &[CR, LF, CR, LF];
 
+/// Whether a chunk line without its CRLF (chunk-size and chunk-ext) holds no control
+/// character but HTAB: no bare LF or CR, no NUL.
+fn chunk_head_is_clean(head: &[u8]) -> bool {
+    head.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
 pub const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 pub const INVALID_TRAILER_END: ErrorType = ErrorType::new("InvalidTrailerEnd");
 pub const PREMATURE_BODY_END: ErrorType = ErrorType::new("PrematureBodyEnd");
@@ -717,6 +723,18 @@ impl BodyReader {
                             "Got size {chunk_size}, payload_index: {payload_index}, chunk: {:?}",
                             String::from_utf8_lossy(buf).escape_default(),
                         );
+                        // httparse takes any byte of a chunk extension, a bare LF included, up
+                        // to the CRLF. A recipient that ends the chunk line at that LF reads
+                        // another body: RFC 9112 allows a bare LF only in the start line and
+                        // header fields, and an extension's token or quoted-string holds no
+                        // control character but HTAB.
+                        if !chunk_head_is_clean(&buf[..payload_index.saturating_sub(2)]) {
+                            self.body_state = self.body_state.done(0);
+                            return Error::e_explain(
+                                INVALID_CHUNK,
+                                "Invalid chunked encoding: a control character (a bare LF) in the chunk line",
+                            );
+                        }
                         let chunk_size = match usize::try_from(chunk_size) {
                             Ok(chunk_size) => chunk_size,
                             Err(_) => {
@@ -2280,6 +2298,36 @@ mod tests {
         let err = body_reader.read_body(&mut mock_io).await.unwrap_err();
         assert_eq!(*err.etype(), INVALID_CHUNK);
         assert_eq!(body_reader.body_state, ParseState::Done(0));
+    }
+
+    #[tokio::test]
+    async fn read_with_body_bare_lf_in_chunk_extension() {
+        init_log();
+        for input in [
+            &b"5;ext\nx\r\nhello\r\n0\r\n\r\n"[..],
+            &b"5;a=\"\n\"\r\nhello\r\n0\r\n\r\n"[..],
+            &b"5;a\0b\r\nhello\r\n0\r\n\r\n"[..],
+            &b"5\r\nhello\r\n0;x\ny\r\n\r\n"[..],
+        ] {
+            let mut mock_io = Builder::new().read(input).build();
+            let mut body_reader = BodyReader::new(false);
+            body_reader.init_chunked(b"");
+            let mut res = body_reader.read_body(&mut mock_io).await;
+            // a good first chunk may come out before the bad last one
+            while let Ok(Some(_)) = res {
+                res = body_reader.read_body(&mut mock_io).await;
+            }
+            let err = res.unwrap_err();
+            assert_eq!(*err.etype(), INVALID_CHUNK, "{}", input.escape_ascii());
+            assert_eq!(body_reader.body_state, ParseState::Done(0));
+        }
+        // HTAB and visible bytes stay allowed in an extension
+        let input = b"5;a=\"b\tc\"\r\nhello\r\n0\r\n\r\n";
+        let mut mock_io = Builder::new().read(&input[..]).build();
+        let mut body_reader = BodyReader::new(false);
+        body_reader.init_chunked(b"");
+        let res = body_reader.read_body(&mut mock_io).await.unwrap();
+        assert_eq!(res, Some(BufRef::new(9, 5)));
     }
 
     #[tokio::test]
