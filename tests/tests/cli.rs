@@ -111,6 +111,92 @@ http = []
     assert_eq!(lines.len(), expected.len(), "{err}");
 }
 
+/// A missing required key is reported at the header of the table that lacks it (contract
+/// r3, "Configuration": `[tls]` for a missing `certs`, `[pools.NAME]` for a pool without
+/// backends), never at 1:1: each file puts that table below other sections, and the
+/// error must name the header's line and the table's name in it.
+#[test]
+fn check_reports_a_missing_key_at_the_header_of_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let listen = "[listen]\nhttp = \"127.0.0.1:18080\"\nhttps = \"127.0.0.1:18443\"\n";
+    let pool = "[pools.p]\nhttp = [\"127.0.0.1:8069\"]\n";
+    let tenant = "[tenants.t]\nhosts = [\"t.test\"]\npool = \"p\"\n";
+    let certs_line = format!("certs = \"{}\"\n", certs.display());
+    // (file text, the header holding the error, the table's name in it, message)
+    let cases = [
+        (
+            format!("{listen}\n{pool}\n[tls]\nredirect_http = true\n\n[tls.acme]\nemail = \"a@b.test\"\n\n{tenant}"),
+            "[tls]",
+            "tls",
+            "[tls] needs `certs`",
+        ),
+        (
+            format!("{listen}\n[tls]\n{certs_line}\n{pool}\n{tenant}\n[cluster]\nkey_prefix = \"x:\"\n"),
+            "[cluster]",
+            "cluster",
+            "[cluster] needs `redis`",
+        ),
+        (
+            format!("{pool}\n{tenant}\n[listen]\nadmin = \"127.0.0.1:19900\"\n"),
+            "[listen]",
+            "listen",
+            "[listen] needs at least one of `http` or `https`",
+        ),
+        (
+            format!("{pool}\n[listen]\nhttp = \"127.0.0.1:18080\"\n\n[tls]\n{certs_line}\n[tls.acme]\nemail = \"a@b.test\"\n\n{tenant}"),
+            "[listen]",
+            "listen",
+            "needs an `https` listener",
+        ),
+        (
+            format!("{listen}\n[tls]\n{certs_line}\n{pool}\n[pools.empty]\nspread = 2\n\n{tenant}"),
+            "[pools.empty]",
+            "empty",
+            "pool \"empty\" has no backends",
+        ),
+        (
+            format!("{listen}\n[tls]\n{certs_line}\n{pool}\n[pools.half]\nlongpolling = [\"127.0.0.1:8072\"]\n\n{tenant}"),
+            "[pools.half]",
+            "half",
+            "pool \"half\" has no `http` backends",
+        ),
+        (
+            format!("{listen}\n[tls]\n{certs_line}\n{pool}\n[tenants.nopool]\nhosts = [\"n.test\"]\n"),
+            "[tenants.nopool]",
+            "nopool",
+            "tenant \"nopool\" needs `pool`",
+        ),
+        (
+            format!("{listen}\n[tls]\n{certs_line}\n{pool}\n[tenants.nohosts]\npool = \"p\"\n"),
+            "[tenants.nohosts]",
+            "nohosts",
+            "tenant \"nohosts\" needs `hosts`",
+        ),
+    ];
+    for (i, (text, header, name, message)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("missing-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, _, err) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+        assert_eq!(code, 1, "{message}: {err}");
+        let (line, header_text) = text
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.trim() == *header)
+            .map(|(n, l)| (n + 1, l))
+            .unwrap();
+        assert!(line > 1, "case {i}: the header must not be on line 1");
+        let col = header_text.find(name).unwrap() + 1;
+        let want = format!("{}:{line}:{col}: ", path.display());
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&want) && l.contains(message)),
+            "case {i}: no {want}...{message} in:\n{err}"
+        );
+    }
+}
+
 #[test]
 fn check_reports_a_missing_file() {
     let (code, _, err) = run_cli(&["check", "-c", "/nonexistent/portier.toml"]);

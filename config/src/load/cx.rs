@@ -71,6 +71,18 @@ impl<'t, 'i> Tbl<'t, 'i> {
         None
     }
 
+    /// Like [`Self::get`], with the span of the key: for a table, its name in its header
+    /// (`tls` of `[tls]`), where a key missing from it is reported.
+    pub(super) fn get_keyed(&mut self, key: &str) -> Option<(Range<usize>, &'t Val<'i>)> {
+        for e in self.entries.iter_mut() {
+            if e.0.get_ref().as_ref() == key {
+                e.2 = true;
+                return Some((e.0.span(), e.1));
+            }
+        }
+        None
+    }
+
     pub(super) fn finish(self, cx: &mut Cx<'_>) {
         for (k, _, used) in self.entries {
             if !used {
@@ -265,6 +277,17 @@ pub(super) fn want_array<'t, 'i>(
             );
             None
         }
+    }
+}
+
+/// The span of `key` in the table `v`, when `v` is a table that has it.
+pub(super) fn key_span(v: &Val<'_>, key: &str) -> Option<Range<usize>> {
+    match v.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == key)
+            .map(|(_, val)| val.span()),
+        _ => None,
     }
 }
 

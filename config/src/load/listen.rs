@@ -116,7 +116,12 @@ pub(super) fn read_log(cx: &mut Cx<'_>, t: &DeTable<'_>) -> LogSettings {
 
 /// `[cluster]`: `redis` must be a `redis://` or `rediss://` URL with a host; Redis is
 /// not contacted (`check` works without it).
-pub(super) fn read_cluster(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Cluster> {
+/// `header`: the span of the table's name in its header, where a missing key is reported.
+pub(super) fn read_cluster(
+    cx: &mut Cx<'_>,
+    t: &DeTable<'_>,
+    header: &Range<usize>,
+) -> Option<Cluster> {
     let mut tbl = Tbl::new(t, "[cluster]", CLUSTER_KEYS);
     let mut ok = true;
     let redis = match tbl.get("redis") {
@@ -132,7 +137,7 @@ pub(super) fn read_cluster(cx: &mut Cx<'_>, t: &DeTable<'_>) -> Option<Cluster> 
         },
         None => {
             cx.error(
-                &(0..0),
+                header,
                 "[cluster] needs `redis`, e.g. redis = \"redis://10.0.2.5:6379/0\"",
             );
             None
@@ -196,7 +201,13 @@ fn check_redis_url(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Option<Tls> {
+/// `header`: the span of the table's name in its header, where a missing key is reported.
+pub(super) fn read_tls(
+    cx: &mut Cx<'_>,
+    t: &DeTable<'_>,
+    header: &Range<usize>,
+    base_dir: &Path,
+) -> Option<Tls> {
     let mut tbl = Tbl::new(t, "[tls]", TLS_KEYS);
     let certs = match tbl.get("certs") {
         Some(v) => want_str(cx, "certs", v).map(|s| {
@@ -206,7 +217,7 @@ pub(super) fn read_tls(cx: &mut Cx<'_>, t: &DeTable<'_>, base_dir: &Path) -> Opt
         }),
         None => {
             cx.error(
-                &(0..0),
+                header,
                 "[tls] needs `certs`, the directory of NAME.crt + NAME.key pairs",
             );
             None

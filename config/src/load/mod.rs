@@ -173,8 +173,9 @@ fn read_document(
 ) -> Option<Config> {
     let mut root = Tbl::new(doc, "the top level", ROOT_KEYS);
 
-    let listen = match root.get("listen") {
-        Some(v) => want_table(cx, "listen", v).and_then(|t| read_listen(cx, t)),
+    let listen_entry = root.get_keyed("listen");
+    let listen = match listen_entry {
+        Some((_, v)) => want_table(cx, "listen", v).and_then(|t| read_listen(cx, t)),
         None => {
             cx.error(
                 &(0..0),
@@ -187,12 +188,14 @@ fn read_document(
         Some(v) => want_table(cx, "log", v).map(|t| read_log(cx, t)),
         None => Some(LogSettings { access: true }),
     };
-    let cluster = root
-        .get("cluster")
-        .and_then(|v| want_table(cx, "cluster", v).and_then(|t| read_cluster(cx, t)));
-    let tls_val = root.get("tls");
-    let tls =
-        tls_val.and_then(|v| want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, base_dir)));
+    let cluster = root.get_keyed("cluster").and_then(|(header, v)| {
+        want_table(cx, "cluster", v).and_then(|t| read_cluster(cx, t, &header))
+    });
+    let tls_entry = root.get_keyed("tls");
+    let tls_val = tls_entry.as_ref().map(|(_, v)| *v);
+    let tls = tls_entry.as_ref().and_then(|(header, v)| {
+        want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, header, base_dir))
+    });
     let defaults = match root.get("defaults") {
         Some(v) => want_table(cx, "defaults", v)
             .map(|t| {
@@ -269,21 +272,23 @@ fn read_document(
     }
 
     // Cross-section checks.
-    if let Some(l) = &listen {
+    // A missing key is reported at the header of the table that lacks it (`[listen]`).
+    if let (Some(l), Some((listen_header, listen_v))) = (&listen, &listen_entry) {
         if l.https.is_some() && tls.is_none() && tls_val.is_none() {
-            cx.error(
-                &(0..0),
-                "`listen.https` is set but there is no [tls] section",
-            );
+            let at = key_span(listen_v, "https").unwrap_or_else(|| listen_header.clone());
+            cx.error(&at, "`listen.https` is set but there is no [tls] section");
         }
         if l.https.is_none() && tls.as_ref().is_some_and(|t| t.acme.is_some()) {
             cx.error(
-                &(0..0),
-                "[tls.acme] needs an `https` listener (certificates are for it; TLS-ALPN-01 is answered on it)",
+                listen_header,
+                "[tls.acme] needs an `https` listener in [listen] (certificates are for it; TLS-ALPN-01 is answered on it)",
             );
         }
         if l.http.is_none() && l.https.is_none() {
-            cx.error(&(0..0), "[listen] needs at least one of `http` or `https`");
+            cx.error(
+                listen_header,
+                "[listen] needs at least one of `http` or `https`",
+            );
         }
     }
 
