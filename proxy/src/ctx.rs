@@ -138,11 +138,22 @@ impl Ctx {
     }
 
     /// A retry of a request that already reached a worker is allowed: attempts
-    /// left, an idempotent method, and the whole body still buffered for a replay.
+    /// left, and the request may be sent again ([`Self::resendable`]).
     pub fn may_resend(&self, session: &Session) -> bool {
+        self.retry_left() && self.resendable(session)
+    }
+
+    /// The request may be sent again at all: an idempotent method, and the whole body
+    /// still buffered for a replay. Sending it again after a stale pooled connection
+    /// needs only this (it uses up no retry).
+    pub fn resendable(&self, session: &Session) -> bool {
+        session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated()
+    }
+
+    /// Retries left: attempts beyond the first, less those that met a stale pooled
+    /// connection, are within the pool's `retries`.
+    pub fn retry_left(&self) -> bool {
         self.attempts.saturating_sub(self.stale) <= self.retries()
-            && session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated()
     }
 
     pub fn retries(&self) -> u32 {

@@ -233,8 +233,9 @@ pub fn proxy_failed(
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         )
         && ctx.class != Some(Class::Longpolling);
-    let allowed = ctx.may_resend(session) && session.response_written().is_none() && !ctx.websocket;
-    if !allowed {
+    let resendable =
+        ctx.resendable(session) && session.response_written().is_none() && !ctx.websocket;
+    if !resendable {
         e.set_retry(false);
     } else if closed_early && client_reused && ctx.stale < MAX_STALE {
         // A pooled connection the worker had closed (Odoo drops idle connections
@@ -244,6 +245,8 @@ pub fn proxy_failed(
         ctx.stale += 1;
         ctx.retry_fresh = true;
         retry(ctx, metrics, &mut e, Retry::Closed);
+    } else if !ctx.retry_left() {
+        e.set_retry(false);
     } else if (timed_out || closed_early) && ctx.has_alternative() {
         let why = if timed_out {
             Retry::Timeout
