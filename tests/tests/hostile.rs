@@ -207,14 +207,46 @@ async fn a_bare_lf_anywhere_in_chunked_framing_is_bad_chunking() {
     let head = "POST /web/dataset/call_kw HTTP/1.1\r\nHost: acme.test\r\nTransfer-Encoding: chunked\r\n\r\n";
     // (where, with the bare LF, the same framing with CRLF or without the LF)
     let cases = [
-        ("the chunk-size line", "5\nhello\r\n0\r\n\r\n", "5\r\nhello\r\n0\r\n\r\n"),
-        ("a chunk extension", "5;ext\nx\r\nhello\r\n0\r\n\r\n", "5;ext;x\r\nhello\r\n0\r\n\r\n"),
-        ("a quoted extension value", "5;e=\"a\nb\"\r\nhello\r\n0\r\n\r\n", "5;e=\"a\tb\"\r\nhello\r\n0\r\n\r\n"),
-        ("after the chunk data", "5\r\nhello\n0\r\n\r\n", "5\r\nhello\r\n0\r\n\r\n"),
-        ("the last-chunk line", "5\r\nhello\r\n0\n\r\n", "5\r\nhello\r\n0\r\n\r\n"),
-        ("the last chunk's extension", "5\r\nhello\r\n0;x\ny\r\n\r\n", "5\r\nhello\r\n0;x;y\r\n\r\n"),
-        ("a trailer field", "5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n", "5\r\nhello\r\n0\r\nX-T: a\r\nX-U: b\r\n\r\n"),
-        ("the end of the trailers", "5\r\nhello\r\n0\r\nX-T: a\r\n\n", "5\r\nhello\r\n0\r\nX-T: a\r\n\r\n"),
+        (
+            "the chunk-size line",
+            "5\nhello\r\n0\r\n\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "a chunk extension",
+            "5;ext\nx\r\nhello\r\n0\r\n\r\n",
+            "5;ext;x\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "a quoted extension value",
+            "5;e=\"a\nb\"\r\nhello\r\n0\r\n\r\n",
+            "5;e=\"a\tb\"\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "after the chunk data",
+            "5\r\nhello\n0\r\n\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "the last-chunk line",
+            "5\r\nhello\r\n0\n\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "the last chunk's extension",
+            "5\r\nhello\r\n0;x\ny\r\n\r\n",
+            "5\r\nhello\r\n0;x;y\r\n\r\n",
+        ),
+        (
+            "a trailer field",
+            "5\r\nhello\r\n0\r\nX-T: a\nb\r\n\r\n",
+            "5\r\nhello\r\n0\r\nX-T: a\r\nX-U: b\r\n\r\n",
+        ),
+        (
+            "the end of the trailers",
+            "5\r\nhello\r\n0\r\nX-T: a\r\n\n",
+            "5\r\nhello\r\n0\r\nX-T: a\r\n\r\n",
+        ),
     ];
     let close = head.replace("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n");
     for (name, bad, good) in cases {
@@ -235,7 +267,11 @@ async fn a_bare_lf_anywhere_in_chunked_framing_is_bad_chunking() {
         )
         .await;
         assert_eq!(status_of(&resp), 200, "{name} without the LF: {resp:?}");
-        assert_eq!(hits(&s.http), before + 1, "{name} without the LF: not forwarded");
+        assert_eq!(
+            hits(&s.http),
+            before + 1,
+            "{name} without the LF: not forwarded"
+        );
     }
 }
 
