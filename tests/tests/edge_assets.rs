@@ -323,6 +323,62 @@ async fn asset_bundles_are_served_from_the_cache() {
     );
 }
 
+/// One cached asset takes at most an eighth of `cache_assets` (contract r3, "Assets"): a
+/// larger answer is served whole every time and never kept (the worker sees every
+/// request), one just under the eighth is kept; and eviction stays least recently used:
+/// an old entry read again survives entries added after it, the ones not read go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_asset_takes_at_most_an_eighth_of_the_cache_and_the_least_recently_used_go() {
+    // 1 MiB in all: an eighth is 131 072 bytes.
+    let e = edge_with("cache_assets = \"1MiB\"\n", &tenant("acme", "")).await;
+    let big = "/web/assets/big/web.assets_web.min.js";
+    for i in 0..3 {
+        let r = get(e.p.http, "acme.test", &format!("{big}?size=140000"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 140_000, "request {i}: not whole");
+        assert_eq!(r.header("x-cache"), Some("miss"), "request {i}: kept");
+    }
+    assert_eq!(e.seen(big), 3, "an answer over an eighth was kept");
+    let under = "/web/assets/under/web.assets_web.min.js";
+    for _ in 0..2 {
+        let r = get(e.p.http, "acme.test", &format!("{under}?size=120000"))
+            .await
+            .unwrap();
+        assert_eq!(r.body.len(), 120_000);
+    }
+    assert_eq!(e.seen(under), 1, "an answer under an eighth was not kept");
+
+    // Least recently used: ten entries of 100 KB (with `under`, more than 1 MiB: it and
+    // the oldest go first), then a0 read again, then two more entries.
+    let path = |i: usize| format!("/web/assets/lru{i}/b.js");
+    let fetch = |i: usize| {
+        let url = format!("{}?size=100000", path(i));
+        let addr = e.p.http;
+        async move {
+            let r = get(addr, "acme.test", &url).await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), 100_000);
+            r.header("x-cache").map(str::to_string)
+        }
+    };
+    for i in 0..10 {
+        assert_eq!(fetch(i).await.as_deref(), Some("miss"), "lru{i}");
+    }
+    assert_eq!(fetch(0).await.as_deref(), Some("hit"), "lru0 read again");
+    for i in 10..12 {
+        assert_eq!(fetch(i).await.as_deref(), Some("miss"), "lru{i}");
+    }
+    // lru0 was read after lru1 and lru2 were added: they went, it stayed.
+    assert_eq!(fetch(0).await.as_deref(), Some("hit"), "lru0 was evicted");
+    assert_eq!(fetch(11).await.as_deref(), Some("hit"), "lru11 was evicted");
+    assert_eq!(fetch(4).await.as_deref(), Some("hit"), "lru4 was evicted");
+    assert_eq!(fetch(1).await.as_deref(), Some("miss"), "lru1 was kept");
+    assert_eq!(e.seen(&path(0)), 1);
+    assert_eq!(e.seen(&path(1)), 2);
+}
+
 /// Over HTTP/2 (TLS, ALPN h2): a bundle compressed and then served from the cache, with
 /// no HTTP/1 framing headers leaking into the HTTP/2 response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
