@@ -23,6 +23,23 @@ use tokio::sync::oneshot;
 use crate::backend::Backend;
 use crate::telemetry::Metrics;
 
+/// Every pool's worker queue, by pool name; they survive reloads.
+#[derive(Default)]
+pub struct Queues(dashmap::DashMap<Arc<str>, Arc<PoolQueue>>);
+
+impl Queues {
+    /// The worker queue of a pool (created on first use).
+    pub fn get(&self, pool: &Arc<str>, metrics: &Metrics) -> Arc<PoolQueue> {
+        if let Some(q) = self.0.get(pool) {
+            return q.clone();
+        }
+        self.0
+            .entry(pool.clone())
+            .or_insert_with(|| Arc::new(PoolQueue::new(pool, metrics)))
+            .clone()
+    }
+}
+
 /// The classes that queue are served in the order interactive, static, integration
 /// (longpolls take no slot).
 fn class_index(c: Class) -> usize {

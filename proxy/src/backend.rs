@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::admission::PoolQueue;
-use crate::breaker::{Breaker, HealthState};
+use crate::breaker::{Breaker, BreakerState, HealthState};
 use crate::hash::backend_hash;
 use crate::telemetry::{BackendStats, Metrics};
 
@@ -53,6 +52,32 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Applies a health transition to a backend's metric and logs it.
+    pub fn health_changed(&self, up: bool) {
+        self.stats.up.set(i64::from(up));
+        if up {
+            tracing::info!(pool = %self.key.pool, backend = %self.addr_str, role = self.key.role.as_str(), "backend is up");
+        } else {
+            tracing::warn!(pool = %self.key.pool, backend = %self.addr_str, role = self.key.role.as_str(), "backend is down (health checks failing)");
+        }
+    }
+
+    /// Applies a breaker transition to a backend's metric and logs it.
+    pub fn breaker_changed(&self, state: BreakerState) {
+        self.stats
+            .breaker_open
+            .set(i64::from(state != BreakerState::Closed));
+        match state {
+            BreakerState::Open => {
+                tracing::warn!(pool = %self.key.pool, backend = %self.addr_str, "circuit breaker opened")
+            }
+            BreakerState::Closed => {
+                tracing::info!(pool = %self.key.pool, backend = %self.addr_str, "circuit breaker closed")
+            }
+            BreakerState::HalfOpen => {}
+        }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.key.addr
     }
@@ -76,26 +101,13 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Every backend portier has seen, by identity, and every pool's worker queue, by
-/// name; both survive reloads.
+/// Every backend portier has seen, by identity; they survive reloads.
 #[derive(Default)]
 pub struct Registry {
     backends: DashMap<BackendKey, Arc<Backend>>,
-    queues: DashMap<Arc<str>, Arc<PoolQueue>>,
 }
 
 impl Registry {
-    /// The worker queue of a pool (created on first use).
-    pub fn queue(&self, pool: &Arc<str>, metrics: &Metrics) -> Arc<PoolQueue> {
-        if let Some(q) = self.queues.get(pool) {
-            return q.clone();
-        }
-        self.queues
-            .entry(pool.clone())
-            .or_insert_with(|| Arc::new(PoolQueue::new(pool, metrics)))
-            .clone()
-    }
-
     pub fn get_or_create(&self, key: BackendKey, metrics: &Metrics) -> Arc<Backend> {
         if let Some(b) = self.backends.get(&key) {
             return b.clone();

@@ -27,7 +27,6 @@ use prometheus::IntGauge;
 use redis::aio::MultiplexedConnection;
 
 use crate::breaker::now_ms;
-use crate::state::Shared;
 
 /// Leased tokens not spent within this are dropped (they were taken from the shared
 /// budget, so dropping them can only under-admit).
@@ -173,7 +172,7 @@ impl Cluster {
             replicas: AtomicU32::new(1),
             // A restarted container may come back with the same host name and PID
             // while its old announcement lasts: the random part tells them apart.
-            id: format!("{}:{:08x}", crate::state::replica_id(), fastrand::u32(..)),
+            id: format!("{}:{:08x}", replica_id(), fastrand::u32(..)),
             leases: DashMap::new(),
             gcra: redis::Script::new(GCRA_LUA),
             announce: redis::Script::new(ANNOUNCE_LUA),
@@ -318,7 +317,7 @@ impl Cluster {
     /// The background side, every half second: (re)connect when down, announce this
     /// replica every two seconds (which also tells whether Redis answers in time), and
     /// forget idle lease state.
-    async fn maintain(&self) {
+    pub async fn maintain(&self) {
         let now = now_ms();
         if !self.is_up()
             || now.saturating_sub(self.last_announce_ms.load(Ordering::Relaxed))
@@ -344,7 +343,7 @@ impl Cluster {
     /// A replica going away (draining) takes its announcement back, so the others'
     /// share while Redis is down is not computed with it (best effort: otherwise it
     /// lapses after `REPLICA_TTL_MS`).
-    async fn leave(&self) {
+    pub async fn leave(&self) {
         let Some(conn) = self.conn.load_full().filter(|_| self.is_up()) else {
             return;
         };
@@ -446,53 +445,13 @@ pub fn share(rate: Rate, burst: u32, replicas: u32) -> (Rate, u32) {
     )
 }
 
-/// At the start of a drain (on the drain thread): this replica's announcement is
-/// taken back, so the others' share while Redis is down no longer counts it.
-pub fn leave(shared: &Shared) {
-    let Some(c) = shared.cluster.load_full() else {
-        return;
-    };
-    // The connection's driver runs on the control thread; this only waits for it.
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(rt) => rt.block_on(c.leave()),
-        Err(e) => tracing::debug!(error = %e, "cluster: no runtime to leave with"),
-    }
-}
-
-/// The background task (control thread): applies `[cluster]` changes from reloads and
-/// keeps the connection, the announcement and the lease table up to date.
-pub async fn supervise(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if shared.draining.load(Ordering::Acquire) {
-            // Going away (`leave` takes the announcement back): no more announcements;
-            // the lease state serves the drain.
-            return;
-        }
-        let want = shared.snapshot.load().config.cluster.clone();
-        let current = shared.cluster.load_full();
-        match (&want, &current) {
-            (None, Some(_)) => {
-                tracing::info!("cluster: [cluster] removed; limits are per replica");
-                shared.cluster.store(None);
-                shared.metrics.cluster_up.set(0);
-            }
-            (Some(w), c) if c.as_ref().map(|c| &c.cfg) != Some(w) => {
-                shared.metrics.register_cluster_up();
-                let fresh = Arc::new(Cluster::new(w.clone(), shared.metrics.cluster_up.clone()));
-                shared.cluster.store(Some(fresh));
-            }
-            _ => {}
-        }
-        if let Some(c) = shared.cluster.load_full() {
-            c.maintain().await;
-        }
-    }
+/// This process among replicas (lock owners, announcements): `HOSTNAME:PID`.
+pub fn replica_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), std::process::id())
+    })
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub async fn run(
     }
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
-    tokio::spawn(crate::cluster::supervise(shared.clone()));
+    tokio::spawn(crate::supervise::cluster(shared.clone()));
     tokio::spawn(crate::acme::run(shared.clone()));
 
     // File watching: changes arrive here and are debounced.
@@ -96,7 +96,7 @@ pub async fn run(
     let mut discoverers = Discoverers::default();
     discoverers.reconcile(&shared);
     let mut checkers = Checkers::default();
-    checkers.reconcile(&shared);
+    checkers.reconcile(&shared.snapshot.load());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
@@ -143,7 +143,7 @@ pub async fn run(
             Some(m) = self_rx.recv() => m,
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
-                checkers.reconcile(&shared);
+                checkers.reconcile(&shared.snapshot.load());
                 trimmer.tick(shared.inflight.load(Ordering::Relaxed));
                 ticks += 1;
                 if ticks.is_multiple_of(2) {
@@ -176,7 +176,7 @@ pub async fn run(
                     }
                 }
                 discoverers.reconcile(&shared);
-                checkers.reconcile(&shared);
+                checkers.reconcile(&shared.snapshot.load());
                 if let Some(r) = reply {
                     let _ = r.send(result);
                 }

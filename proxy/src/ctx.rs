@@ -14,9 +14,9 @@ use crate::admission;
 use crate::backend::{InflightGuard, Role};
 use crate::balance;
 use crate::breaker;
-use crate::health;
 use crate::limits;
-use crate::state::{PoolRt, RequestGuard, Snapshot};
+use crate::snapshot::{PoolRt, Snapshot};
+use crate::state::RequestGuard;
 use crate::telemetry::{Refusal, TenantStats};
 
 /// Per-request state.
@@ -205,7 +205,7 @@ impl Ctx {
             cfg.failures,
             cfg.open_for.as_millis() as u64,
         ) {
-            health::breaker_changed(b, state);
+            b.breaker_changed(state);
         }
     }
 

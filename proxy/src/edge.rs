@@ -4,23 +4,20 @@
 //! `SameSite=Lax` on Odoo's session cookie over TLS.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::{HeaderValue, Method};
 use pingora::proxy::Session;
 use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
 use crate::answer::Answer;
-use crate::cluster::{check_rate, retry_after, LimitKey};
+use crate::cluster::{check_rate, LimitKey};
 use crate::ctx::Ctx;
 use crate::forward;
-use crate::state::{Shared, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
 
 /// Odoo's health route reaches the worker even in maintenance.
 const HEALTH_PATH: &str = "/web/health";
@@ -207,57 +204,6 @@ pub fn websocket_interrupt(
     }))
 }
 
-type LoginKey = (Arc<str>, IpAddr);
-
-/// Login limiters: one keyed GCRA (governor) per distinct `login` setting, keyed by
-/// the tenant's effective name and the client address. Long-lived runtime state: it
-/// survives reloads; a changed `login` setting starts a fresh limiter for it.
-#[derive(Default)]
-pub struct LoginLimits {
-    by_limit: DashMap<(u32, Duration, u32), Arc<DefaultKeyedRateLimiter<LoginKey>>>,
-}
-
-impl LoginLimits {
-    fn limiter(&self, limit: &LoginLimit) -> Option<Arc<DefaultKeyedRateLimiter<LoginKey>>> {
-        let key = (limit.rate.count, limit.rate.per, limit.burst);
-        if let Some(l) = self.by_limit.get(&key) {
-            return Some(l.clone());
-        }
-        let interval = limit.rate.interval().max(Duration::from_nanos(1));
-        let quota = Quota::with_period(interval)?.allow_burst(NonZeroU32::new(limit.burst.max(1))?);
-        Some(
-            self.by_limit
-                .entry(key)
-                .or_insert_with(|| Arc::new(RateLimiter::keyed(quota)))
-                .clone(),
-        )
-    }
-
-    /// One login attempt of `ip` at `tenant`; `Err` holds the seconds to wait.
-    pub fn check(&self, limit: &LoginLimit, tenant: &Arc<str>, ip: IpAddr) -> Result<(), u64> {
-        let Some(l) = self.limiter(limit) else {
-            return Ok(());
-        };
-        l.check_key(&(tenant.clone(), ip))
-            .map_err(|not_until| retry_after(&not_until, l.clock()))
-    }
-
-    /// Forgets addresses whose budget has refilled (a fresh entry is the same), so a
-    /// flood from many addresses costs memory only while their budgets refill.
-    pub fn evict_idle(&self) {
-        for l in self.by_limit.iter() {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
-    }
-
-    /// Addresses with a partly spent budget.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.by_limit.iter().map(|l| l.len()).sum()
-    }
-}
-
 /// With `secure_cookies` over TLS: `Secure` and `SameSite=Lax` added to a `session_id`
 /// cookie that lacks them. `None` when the value stays as it is.
 ///
@@ -360,41 +306,5 @@ mod tests {
         assert!(xmlrpc_is_login(call("login").as_bytes()));
         assert!(!xmlrpc_is_login(call("version").as_bytes()));
         assert!(!xmlrpc_is_login(b"<methodName>login"));
-    }
-
-    #[test]
-    fn login_budget_per_address_and_tenant_and_idle_entries_go() {
-        let limits = LoginLimits::default();
-        let limit = LoginLimit {
-            rate: portier_config::parse_rate("10/min").unwrap(),
-            burst: 2,
-        };
-        let acme: Arc<str> = Arc::from("acme");
-        let other: Arc<str> = Arc::from("other");
-        let a: IpAddr = "203.0.113.1".parse().unwrap();
-        let b: IpAddr = "203.0.113.2".parse().unwrap();
-        assert!(limits.check(&limit, &acme, a).is_ok());
-        assert!(limits.check(&limit, &acme, a).is_ok());
-        let wait = limits.check(&limit, &acme, a).unwrap_err();
-        assert!((1..=6).contains(&wait), "{wait}");
-        assert!(limits.check(&limit, &acme, b).is_ok());
-        assert!(limits.check(&limit, &other, a).is_ok());
-
-        // A flood from 100 000 addresses at a fast-refilling limit: every entry goes
-        // once its budget has refilled.
-        let fast = LoginLimit {
-            rate: portier_config::parse_rate("1000/s").unwrap(),
-            burst: 1,
-        };
-        for i in 0..100_000u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            assert!(limits.check(&fast, &acme, ip).is_ok());
-        }
-        assert!(limits.len() >= 100_000);
-        std::thread::sleep(Duration::from_millis(20));
-        limits.evict_idle();
-        // The slow limit's spent budgets stay; the fast one's are gone.
-        assert!(limits.len() <= 3, "{}", limits.len());
-        assert!(limits.check(&limit, &acme, a).is_err());
     }
 }

@@ -15,8 +15,7 @@ use portier_config::Health;
 use tokio::task::AbortHandle;
 
 use crate::backend::{Backend, BackendKey};
-use crate::breaker::BreakerState;
-use crate::state::Shared;
+use crate::snapshot::Snapshot;
 
 /// One health check: `GET path` must answer 200 within `timeout`.
 pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
@@ -38,32 +37,6 @@ pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> bool
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
 }
 
-/// Applies a health transition to a backend's metric and logs it.
-fn health_changed(b: &Backend, up: bool) {
-    b.stats.up.set(i64::from(up));
-    if up {
-        tracing::info!(pool = %b.key.pool, backend = %b.addr_str, role = b.key.role.as_str(), "backend is up");
-    } else {
-        tracing::warn!(pool = %b.key.pool, backend = %b.addr_str, role = b.key.role.as_str(), "backend is down (health checks failing)");
-    }
-}
-
-/// Applies a breaker transition to a backend's metric and logs it.
-pub fn breaker_changed(b: &Backend, state: BreakerState) {
-    b.stats
-        .breaker_open
-        .set(i64::from(state != BreakerState::Closed));
-    match state {
-        BreakerState::Open => {
-            tracing::warn!(pool = %b.key.pool, backend = %b.addr_str, "circuit breaker opened")
-        }
-        BreakerState::Closed => {
-            tracing::info!(pool = %b.key.pool, backend = %b.addr_str, "circuit breaker closed")
-        }
-        BreakerState::HalfOpen => {}
-    }
-}
-
 /// Runs the active checks of every backend of every pool with `health`, following
 /// reloads and discovery: started, stopped and re-configured by [`reconcile`].
 #[derive(Default)]
@@ -73,8 +46,7 @@ pub struct Checkers {
 
 impl Checkers {
     /// Makes the running checks match the current snapshot.
-    pub fn reconcile(&mut self, shared: &Arc<Shared>) {
-        let snap = shared.snapshot.load();
+    pub fn reconcile(&mut self, snap: &Snapshot) {
         let mut desired: HashMap<BackendKey, (Arc<Backend>, Health)> = HashMap::new();
         let mut unchecked: Vec<Arc<Backend>> = Vec::new();
         for pool in &snap.pools {
@@ -104,7 +76,7 @@ impl Checkers {
         }
         for b in unchecked {
             if b.health.reset_up() {
-                health_changed(&b, true);
+                b.health_changed(true);
             }
         }
     }
@@ -117,7 +89,7 @@ async fn check_loop(backend: Arc<Backend>, cfg: Health) {
     loop {
         let pass = check_once(backend.addr(), &cfg.path, cfg.timeout).await;
         if let Some(up) = backend.health.record(pass, cfg.rise, cfg.fall) {
-            health_changed(&backend, up);
+            backend.health_changed(up);
         }
         tokio::time::sleep(cfg.every).await;
     }

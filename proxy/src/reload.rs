@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use portier_config::{load_file, render};
 
-use crate::state::{Shared, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
 
 /// The outcome of a reload attempt.
 pub type ReloadResult = Result<String, String>;
@@ -66,6 +67,7 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     let snapshot = Snapshot::build(
         config,
         &shared.registry,
+        &shared.queues,
         &shared.metrics,
         &shared.discovered,
     );

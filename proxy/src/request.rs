@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header;
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -17,7 +18,8 @@ use crate::balance;
 use crate::ctx::Ctx;
 use crate::forward::{self, MAX_HEADER_BYTES};
 use crate::hash;
-use crate::state::{Shared, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
 use crate::telemetry::Refusal;
 
 /// Where ACME HTTP-01 challenges are answered: never redirected.
@@ -78,6 +80,18 @@ pub fn host(session: &Session) -> Result<Cow<'_, str>, Answer> {
     request_host(session.req_header())
         .map(normalize_host)
         .ok_or_else(|| Answer::refuse(400, Refusal::BadRequest, "missing Host", true))
+}
+
+/// An ACME HTTP-01 validation (`[tls.acme]`) on the `http` listener is answered before
+/// any redirect or tenant lookup, with the key authorization ACME published.
+pub fn acme_challenge(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
+    if ctx.tls {
+        return Ok(());
+    }
+    match crate::acme::http01_answer(&snap.config, session.req_header().uri.path()) {
+        Some(key_authorization) => Err(Answer::AcmeChallenge(Bytes::from(key_authorization))),
+        None => Ok(()),
+    }
 }
 
 /// Plain HTTP for a host a certificate covers: 308 to https (ACME challenges pass,

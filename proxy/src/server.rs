@@ -256,7 +256,7 @@ pub fn begin_drain(shared: &Arc<Shared>, drain: Duration) {
         .name("portier-drain".into())
         .spawn(move || {
             let start = Instant::now();
-            crate::cluster::leave(&shared);
+            crate::supervise::leave_cluster(&shared);
             let mut idle_polls = 0;
             loop {
                 std::thread::sleep(Duration::from_millis(50));

@@ -23,8 +23,8 @@ use crate::ctx::Ctx;
 use crate::edge::{self, LoginProbe};
 use crate::forward;
 use crate::request;
-use crate::spool;
-use crate::state::{RequestGuard, Shared, Snapshot};
+use crate::snapshot::Snapshot;
+use crate::state::{RequestGuard, Shared};
 use crate::telemetry::Refusal;
 use crate::upstream;
 
@@ -153,7 +153,7 @@ impl Proxy {
         let phases = (|| {
             request::check_framing(session)?;
             let host = request::host(session)?;
-            crate::acme::http01(&snap, session, ctx)?;
+            request::acme_challenge(&snap, session, ctx)?;
             request::https_redirect(&self.shared, &snap, session, ctx, &host)?;
             let m = request::tenant(&self.shared, &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;
@@ -358,7 +358,7 @@ impl ProxyHttp for Proxy {
                 }
             }
         }
-        spool::read_ahead(ctx, body, end_of_stream, &self.shared.metrics).await
+        read_ahead(ctx, body, end_of_stream, &self.shared.metrics).await
     }
 
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
@@ -455,4 +455,28 @@ fn error_status(e: &Error, ctx: &mut Ctx) -> u16 {
             _ => 500,
         },
     }
+}
+
+/// Holds the worker's response ahead of the client (not for longpolls and WebSockets),
+/// and frees the worker slot once the last byte is read from the worker.
+async fn read_ahead(
+    ctx: &mut Ctx,
+    body: &mut Option<Bytes>,
+    end_of_stream: bool,
+    metrics: &crate::telemetry::Metrics,
+) -> Result<()> {
+    let holds =
+        !ctx.websocket && !matches!(ctx.class, Some(portier_config::Class::Longpolling) | None);
+    if let (true, Some(snap)) = (holds, ctx.snap.clone()) {
+        if let Some(t) = ctx.tenant(&snap) {
+            let dir = &snap.config.listen.spool_dir;
+            ctx.response
+                .read_ahead(body, end_of_stream, &t.settings, dir, metrics)
+                .await?;
+        }
+    }
+    if end_of_stream {
+        ctx.slot = None;
+    }
+    Ok(())
 }

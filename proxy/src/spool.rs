@@ -15,10 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use portier_config::Class;
 use tokio::io::AsyncWriteExt;
 
-use crate::ctx::Ctx;
 use crate::telemetry::{Direction, Metrics};
 
 /// The read-ahead state of one response.
@@ -60,51 +58,42 @@ impl ResponseBuffer {
     }
 }
 
-/// The response hook: holds the worker's response until its end — in memory up to
-/// `buffer_response`, then in a spool file up to `max_response_spool` more — and frees
-/// the worker slot when the response has been read whole. Past `max_response_spool`,
-/// what is held is sent and the rest streams; with no room to spool, likewise.
-pub async fn read_ahead(
-    ctx: &mut Ctx,
-    body: &mut Option<Bytes>,
-    end_of_stream: bool,
-    metrics: &Metrics,
-) -> pingora::Result<()> {
-    let snap = ctx.snap.clone();
-    let settings = snap
-        .as_ref()
-        .and_then(|s| ctx.tenant(s))
-        .map(|t| t.settings.clone());
-    let holds = !ctx.websocket && !matches!(ctx.class, Some(Class::Longpolling) | None);
-    if let (true, Some(settings), Some(snap)) = (holds, settings, snap.as_ref()) {
-        let dir = &snap.config.listen.spool_dir;
-        let rb = &mut ctx.response;
-        if !rb.streaming {
-            if let Some(chunk) = body.take() {
-                hold(rb, chunk, body, &settings, dir).await;
-            }
-            if end_of_stream && !rb.streaming {
-                *body = match rb.file.take() {
-                    Some(f) => {
-                        metrics.spooled(Direction::Response, f.spooled());
-                        Some(f.finish().await.map_err(|e| {
-                            pingora::Error::because(
-                                pingora::ErrorType::InternalError,
-                                "mapping the spooled response",
-                                e,
-                            )
-                        })?)
-                    }
-                    None => rb.take(),
-                };
-            }
+impl ResponseBuffer {
+    /// The response hook: holds the worker's response until its end — in memory up to
+    /// `buffer_response`, then in a spool file (under `dir`) up to `max_response_spool`
+    /// more. Past `max_response_spool`, what is held is sent and the rest streams; with
+    /// no room to spool, likewise. At the end, `body` is the whole response.
+    pub async fn read_ahead(
+        &mut self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        settings: &portier_config::Settings,
+        dir: &Path,
+        metrics: &Metrics,
+    ) -> pingora::Result<()> {
+        if self.streaming {
+            return Ok(());
         }
+        if let Some(chunk) = body.take() {
+            hold(self, chunk, body, settings, dir).await;
+        }
+        if end_of_stream && !self.streaming {
+            *body = match self.file.take() {
+                Some(f) => {
+                    metrics.spooled(Direction::Response, f.spooled());
+                    Some(f.finish().await.map_err(|e| {
+                        pingora::Error::because(
+                            pingora::ErrorType::InternalError,
+                            "mapping the spooled response",
+                            e,
+                        )
+                    })?)
+                }
+                None => self.take(),
+            };
+        }
+        Ok(())
     }
-    if end_of_stream {
-        // The last byte was read from the worker: its slot is free.
-        ctx.slot = None;
-    }
-    Ok(())
 }
 
 /// Holds one chunk; sets `out` when what is held must go now.

@@ -1,154 +1,21 @@
-//! The two kinds of state (DESIGN.md): the immutable config [`Snapshot`], swapped
-//! atomically on reload, and long-lived runtime state keyed by stable identity
-//! ([`Backend`]s in the [`Registry`]), which a reload reconciles instead of rebuilding.
+//! The process's state, shared by the data plane and the control plane: the current
+//! [`Snapshot`] (swapped atomically on reload) and the long-lived runtime state that
+//! survives reloads, each part owned by the module that defines it (backends and
+//! queues, limits, the asset cache, ACME, cluster, certificates, telemetry). Phases
+//! take the parts they need; the control side (reload, admin, background tasks) holds
+//! the whole.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use portier_config::{Config, Pool};
+use portier_config::Config;
 
-use crate::admission::PoolQueue;
-use crate::backend::{BackendKey, Members, Registry, Role};
-use crate::telemetry::{Metrics, TenantStats};
-
-/// A pool in a snapshot.
-pub struct PoolRt {
-    pub name: Arc<str>,
-    pub cfg: Pool,
-    pub members: ArcSwap<Members>,
-    /// Round-robin cursor for breaking least-in-flight ties.
-    pub rr: AtomicUsize,
-    /// Requests waiting for a worker slot (long-lived per pool name).
-    pub queue: Arc<PoolQueue>,
-}
-
-/// A tenant in a snapshot.
-pub struct TenantRt {
-    pub name: Arc<str>,
-    /// Metric handles for exact-host tenants, resolved on the tenant's first request
-    /// (template tenants resolve theirs per captured name).
-    pub stats: OnceLock<Arc<TenantStats>>,
-    /// The tenant's limiters, resolved on its first limited request.
-    pub limiter: OnceLock<Arc<crate::limits::TenantLimiter>>,
-    /// The database headers of a tenant whose database name is fixed, built once.
-    pub database: Option<DatabaseHeaders>,
-}
-
-/// The values of `X-Odoo-Database` and `X-Odoo-dbfilter` for one database.
-pub struct DatabaseHeaders {
-    pub database: http::HeaderValue,
-    pub dbfilter: http::HeaderValue,
-}
-
-impl DatabaseHeaders {
-    pub fn new(db: &str) -> Option<DatabaseHeaders> {
-        Some(DatabaseHeaders {
-            database: http::HeaderValue::from_str(db).ok()?,
-            dbfilter: http::HeaderValue::try_from(crate::forward::dbfilter_for(db)).ok()?,
-        })
-    }
-}
-
-/// Everything a request needs from the configuration, swapped as one.
-pub struct Snapshot {
-    pub config: Arc<Config>,
-    pub pools: Vec<Arc<PoolRt>>,
-    pub tenants: Vec<TenantRt>,
-    pub loaded_at: SystemTime,
-}
-
-impl Snapshot {
-    /// Compiles a validated config against the long-lived runtime state.
-    /// `discovered` holds the current members of pools with `discover`.
-    pub fn build(
-        config: Config,
-        registry: &Registry,
-        metrics: &Metrics,
-        discovered: &DashMap<String, Arc<Members>>,
-    ) -> Snapshot {
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| {
-                metrics.declare_pool(&p.name);
-                let name: Arc<str> = Arc::from(p.name.as_str());
-                if p.discover.is_some() {
-                    let members = discovered
-                        .get(&p.name)
-                        .map(|m| m.clone())
-                        .unwrap_or_default();
-                    return Arc::new(PoolRt {
-                        queue: registry.queue(&name, metrics),
-                        name,
-                        cfg: p.clone(),
-                        members: ArcSwap::new(members),
-                        rr: AtomicUsize::new(0),
-                    });
-                }
-                let members = Members {
-                    http: p
-                        .http
-                        .iter()
-                        .map(|a| {
-                            registry.get_or_create(
-                                BackendKey {
-                                    pool: name.clone(),
-                                    role: Role::Http,
-                                    addr: *a,
-                                },
-                                metrics,
-                            )
-                        })
-                        .collect(),
-                    longpolling: p
-                        .longpolling
-                        .iter()
-                        .map(|a| {
-                            registry.get_or_create(
-                                BackendKey {
-                                    pool: name.clone(),
-                                    role: Role::Longpolling,
-                                    addr: *a,
-                                },
-                                metrics,
-                            )
-                        })
-                        .collect(),
-                };
-                Arc::new(PoolRt {
-                    queue: registry.queue(&name, metrics),
-                    name,
-                    cfg: p.clone(),
-                    members: ArcSwap::from_pointee(members),
-                    rr: AtomicUsize::new(0),
-                })
-            })
-            .collect();
-        let tenants = config
-            .tenants
-            .iter()
-            .map(|t| TenantRt {
-                name: Arc::from(t.name.as_str()),
-                stats: OnceLock::new(),
-                limiter: OnceLock::new(),
-                database: t
-                    .database
-                    .as_deref()
-                    .filter(|d| !d.contains("{tenant}"))
-                    .and_then(DatabaseHeaders::new),
-            })
-            .collect();
-        Snapshot {
-            config: Arc::new(config),
-            pools,
-            tenants,
-            loaded_at: SystemTime::now(),
-        }
-    }
-}
+use crate::admission::Queues;
+use crate::backend::{Members, Registry};
+use crate::snapshot::Snapshot;
+use crate::telemetry::Metrics;
 
 /// Outcome of the last reload, for `/status`.
 #[derive(Clone, Debug, Default)]
@@ -160,11 +27,13 @@ pub struct ReloadStatus {
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
+    /// Every pool's worker queue (survive reloads).
+    pub queues: Queues,
     pub metrics: Metrics,
     /// Per-tenant rate and concurrency limiters (survive reloads).
     pub limits: crate::limits::Limits,
     /// Per-address login limiters (survive reloads).
-    pub login: crate::edge::LoginLimits,
+    pub login: crate::limits::LoginLimits,
     /// `[cluster]`: the Redis that rate limits are shared through (maintained by
     /// `cluster::supervise` on the control thread).
     pub cluster: arc_swap::ArcSwapOption<crate::cluster::Cluster>,
@@ -197,13 +66,15 @@ impl Shared {
     pub fn new(config: Config, config_path: Option<std::path::PathBuf>) -> Arc<Shared> {
         let metrics = Metrics::new();
         let registry = Registry::default();
+        let queues = Queues::default();
         let access = config.log.access;
         let assets = crate::assets::AssetCache::new(config.defaults.cache_assets);
         let discovered = DashMap::new();
-        let snapshot = Snapshot::build(config, &registry, &metrics, &discovered);
+        let snapshot = Snapshot::build(config, &registry, &queues, &metrics, &discovered);
         Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
+            queues,
             metrics,
             limits: Default::default(),
             login: Default::default(),
@@ -258,13 +129,4 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// This process among replicas (lock owners, announcements): `HOSTNAME:PID`.
-pub fn replica_id() -> &'static str {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}:{}", host.trim(), std::process::id())
-    })
 }

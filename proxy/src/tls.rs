@@ -4,7 +4,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use portier_config::{Config, Diagnostic};
@@ -16,7 +15,7 @@ pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
 
 /// Reloads the certificate directory of the current configuration (if it has
 /// `[tls]`), logging what failed; previous certificates of failed pairs are kept.
-pub fn reload_certs(shared: &Arc<Shared>) {
+pub fn reload_certs(shared: &Shared) {
     let snap = shared.snapshot.load();
     let Some(tls) = snap.config.tls.as_ref() else {
         return;
@@ -49,7 +48,7 @@ pub fn reload_certs(shared: &Arc<Shared>) {
 }
 
 /// Reloads when the directory's files changed since the last load.
-pub fn reload_if_changed(shared: &Arc<Shared>) {
+pub fn reload_if_changed(shared: &Shared) {
     let snap = shared.snapshot.load();
     let Some(tls) = snap.config.tls.as_ref() else {
         return;

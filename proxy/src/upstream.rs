@@ -21,7 +21,8 @@ use crate::compress;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request::request_host;
-use crate::state::{DatabaseHeaders, PoolRt, Shared, Snapshot};
+use crate::snapshot::{DatabaseHeaders, PoolRt, Snapshot};
+use crate::state::Shared;
 use crate::telemetry::{Metrics, Refusal, Retry};
 
 /// How long an idle upstream connection stays in the pool.
@@ -476,6 +477,7 @@ mod props {
         Arc::new(Snapshot::build(
             config,
             &crate::backend::Registry::default(),
+            &crate::admission::Queues::default(),
             &crate::telemetry::Metrics::new(),
             &dashmap::DashMap::new(),
         ))

@@ -11,17 +11,11 @@ mod order;
 pub mod store;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use pingora::proxy::Session;
+use portier_certs::CertStore;
 use portier_config::{Acme, Config, HostPattern};
-
-use crate::answer::Answer;
-use crate::ctx::Ctx;
-use crate::state::{Shared, Snapshot};
 use store::Store;
 
 const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -114,49 +108,53 @@ impl AcmeState {
     }
 }
 
-/// The key authorization for an HTTP-01 validation request on the `http` listener,
-/// answered before any redirect or tenant lookup. Tokens ACME did not publish pass on
-/// (an operator's own ACME client behind portier still works).
-pub fn http01(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
-    if ctx.tls {
-        return Ok(());
-    }
-    let Some(tls) = snap.config.tls.as_ref().filter(|t| t.acme.is_some()) else {
-        return Ok(());
-    };
-    let Some(token) = session.req_header().uri.path().strip_prefix(CHALLENGE_PATH) else {
-        return Ok(());
-    };
-    match Store::new(&tls.certs).http01(token) {
-        Some(key_authorization) => Err(Answer::AcmeChallenge(Bytes::from(key_authorization))),
-        None => Ok(()),
-    }
+/// The key authorization for an HTTP-01 validation request for `path` on the `http`
+/// listener, when `[tls.acme]` is set and ACME published the token. Tokens ACME did not
+/// publish pass on (an operator's own ACME client behind portier still works).
+pub fn http01_answer(config: &Config, path: &str) -> Option<Vec<u8>> {
+    let tls = config.tls.as_ref().filter(|t| t.acme.is_some())?;
+    let token = path.strip_prefix(CHALLENGE_PATH)?;
+    Store::new(&tls.certs).http01(token)
+}
+
+/// What the ACME scheduler needs of the process it runs in: the narrow handles, not the
+/// process state (which implements this on the control side).
+pub trait Host: Send + Sync + 'static {
+    /// The configuration in force.
+    fn config(&self) -> Arc<Config>;
+    fn acme(&self) -> &AcmeState;
+    fn certs(&self) -> &CertStore;
+    /// Counts an order (`portier_acme_orders_total{result}`).
+    fn order_done(&self, ok: bool);
+    /// The process is draining: the scheduler stops.
+    fn draining(&self) -> bool;
+    /// Reloads the certificate directory (or only when its files changed).
+    fn reload_certs(&self, only_if_changed: bool);
 }
 
 /// The certificate store's hook for handshakes whose SNI no pair covers: with
 /// `on_demand`, a host that a template tenant matches (and only such a host) is asked
 /// for, within `on_demand_rate`. That handshake gets the `default` certificate (or
 /// fails); later ones get the new certificate once it is issued.
-pub fn on_demand_hook(shared: &Arc<Shared>) -> portier_certs::MissHook {
-    let weak = Arc::downgrade(shared);
+pub fn on_demand_hook<E: Host>(env: &Arc<E>) -> portier_certs::MissHook {
+    let weak = Arc::downgrade(env);
     Box::new(move |host: &str| {
-        let Some(shared) = weak.upgrade() else {
+        let Some(env) = weak.upgrade() else {
             return;
         };
-        let snap = shared.snapshot.load();
-        let Some(acme) = snap.config.acme().filter(|a| a.on_demand) else {
+        let config = env.config();
+        let Some(acme) = config.acme().filter(|a| a.on_demand) else {
             return;
         };
         if !store::plain_host(host)
-            || snap
-                .config
+            || config
                 .hosts
                 .lookup(host)
                 .is_none_or(|m| m.captured.is_none())
         {
             return;
         }
-        if !shared.acme.ask_on_demand(host, acme.on_demand_rate) {
+        if !env.acme().ask_on_demand(host, acme.on_demand_rate) {
             tracing::warn!(
                 host,
                 "acme: on_demand_rate spent; no certificate ordered for this host now"
@@ -230,36 +228,35 @@ fn backoff(failures: u32, base: Duration) -> Duration {
 }
 
 /// The background task (control thread): every `TICK`, orders what is missing or due.
-pub async fn run(shared: Arc<Shared>) {
-    let owner = crate::state::replica_id();
+pub async fn run<E: Host>(env: Arc<E>) {
+    let owner = crate::cluster::replica_id();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shared.acme.wake.notified() => {}
+            _ = env.acme().wake.notified() => {}
         }
-        if shared.draining.load(Ordering::Acquire) {
+        if env.draining() {
             return;
         }
-        let snap = shared.snapshot.load_full();
-        let Some(tls) = snap.config.tls.as_ref() else {
+        let config = env.config();
+        let Some(tls) = config.tls.as_ref() else {
             continue;
         };
         let Some(cfg) = tls.acme.as_ref() else {
-            shared.certs.set_alpn_challenge_dir(None);
-            shared.acme.with_hosts(|h| h.clear());
+            env.certs().set_alpn_challenge_dir(None);
+            env.acme().with_hosts(|h| h.clear());
             continue;
         };
         let store = Store::new(&tls.certs);
-        shared.certs.set_alpn_challenge_dir(Some(store.alpn_dir()));
-        let wanted = wanted_hosts(&snap.config, &shared.acme, &store);
-        shared
-            .acme
+        env.certs().set_alpn_challenge_dir(Some(store.alpn_dir()));
+        let wanted = wanted_hosts(&config, env.acme(), &store);
+        env.acme()
             .with_hosts(|h| h.retain(|host, _| wanted.binary_search(host).is_ok()));
         for host in &wanted {
-            visit(&shared, cfg, &store, host, owner).await;
-            if shared.draining.load(Ordering::Acquire) {
+            visit(&*env, cfg, &store, host, owner).await;
+            if env.draining() {
                 return;
             }
         }
@@ -268,15 +265,15 @@ pub async fn run(shared: Arc<Shared>) {
 
 /// One host: nothing to do (an operator's pair, a valid certificate, a retry not due
 /// yet), or an order.
-async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owner: &str) {
+async fn visit<E: Host>(env: &E, cfg: &Acme, store: &Store, host: &str, owner: &str) {
     let now = SystemTime::now();
     let ours = {
-        let index = shared.certs.index();
+        let index = env.certs().index();
         match index.covering(host) {
             // Another pair covers it (a wildcard, another name): ACME stays out.
             Some(p) if p.name != host || !store.is_issued(host) => {
                 drop(index);
-                shared.acme.with_hosts(|h| h.remove(host));
+                env.acme().with_hosts(|h| h.remove(host));
                 return;
             }
             Some(p) => Some(p.not_after),
@@ -285,7 +282,7 @@ async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owne
     };
     if ours.is_none() && store.operator_pair(host) {
         // An operator's files that do not load (yet): never overwritten.
-        shared.acme.with_hosts(|h| h.remove(host));
+        env.acme().with_hosts(|h| h.remove(host));
         return;
     }
     let due = match ours {
@@ -295,7 +292,7 @@ async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owne
             .unwrap_or(true),
         None => true,
     };
-    let retry_at = shared.acme.with_hosts(|h| {
+    let retry_at = env.acme().with_hosts(|h| {
         let s = h.entry(host.to_string()).or_default();
         if let Some(na) = ours {
             s.not_after = Some(na);
@@ -316,7 +313,7 @@ async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owne
         Ok(Some(lock)) => lock,
         Ok(None) => {
             // Another replica is ordering it; its pair will appear in the directory.
-            shared.acme.with_hosts(|h| {
+            env.acme().with_hosts(|h| {
                 let s = h.entry(host.to_string()).or_default();
                 s.state = if ours.is_some() { "valid" } else { "pending" };
                 s.next_try = Some(Instant::now() + LOCKED_RETRY);
@@ -324,30 +321,30 @@ async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owne
             return;
         }
         Err(e) => {
-            failed(shared, host, &e.to_string());
+            failed(env, host, &e.to_string());
             return;
         }
     };
     // Another replica may have finished while this one waited for the lock.
-    crate::tls::reload_if_changed(shared);
-    if ours.is_none() && shared.certs.index().covering(host).is_some() {
+    env.reload_certs(true);
+    if ours.is_none() && env.certs().index().covering(host).is_some() {
         return;
     }
     let renewal = ours.is_some();
     tracing::info!(host, renewal, directory = %cfg.directory, "acme: ordering a certificate");
-    let result = tokio::time::timeout(ORDER_TIMEOUT, order_for(shared, cfg, store, host, owner))
+    let result = tokio::time::timeout(ORDER_TIMEOUT, order_for(env, cfg, store, host, owner))
         .await
         .unwrap_or(Err(order::OrderError::Timeout(ORDER_TIMEOUT)));
     match result {
         Ok(()) => {
             drop(lock);
-            crate::tls::reload_certs(shared);
-            let not_after = shared.certs.index().get(host).map(|p| p.not_after);
-            shared.metrics.acme_orders.with_label_values(&["ok"]).inc();
+            env.reload_certs(false);
+            let not_after = env.certs().index().get(host).map(|p| p.not_after);
+            env.order_done(true);
             let immediate = not_after
                 .and_then(|na| na.duration_since(SystemTime::now()).ok())
                 .is_some_and(|left| left < cfg.renew_before);
-            shared.acme.with_hosts(|h| {
+            env.acme().with_hosts(|h| {
                 let s = h.entry(host.to_string()).or_default();
                 s.state = "valid";
                 s.not_after = not_after;
@@ -372,20 +369,20 @@ async fn visit(shared: &Arc<Shared>, cfg: &Acme, store: &Store, host: &str, owne
         }
         Err(e) => {
             drop(lock);
-            failed(shared, host, &e.to_string());
+            failed(env, host, &e.to_string());
         }
     }
 }
 
-async fn order_for(
-    shared: &Arc<Shared>,
+async fn order_for<E: Host>(
+    env: &E,
     cfg: &Acme,
     store: &Store,
     host: &str,
     owner: &str,
 ) -> Result<(), order::OrderError> {
     let account = {
-        let mut cached = shared.acme.account.lock().await;
+        let mut cached = env.acme().account.lock().await;
         match cached.as_ref().filter(|(dir, _)| *dir == cfg.directory) {
             Some((_, a)) => a.clone(),
             None => {
@@ -410,13 +407,9 @@ async fn order_for(
     Ok(())
 }
 
-fn failed(shared: &Shared, host: &str, error: &str) {
-    shared
-        .metrics
-        .acme_orders
-        .with_label_values(&["error"])
-        .inc();
-    let wait = shared.acme.with_hosts(|h| {
+fn failed<E: Host>(env: &E, host: &str, error: &str) {
+    env.order_done(false);
+    let wait = env.acme().with_hosts(|h| {
         let s = h.entry(host.to_string()).or_default();
         s.failures += 1;
         s.state = "failed";
