@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::Result;
+use pingora::proxy::{FailToProxy, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
 use portier_config::Class;
 
 use crate::ctx::Ctx;
@@ -252,4 +252,51 @@ pub async fn send(session: &mut Session, ctx: &mut Ctx, answer: Answer) -> Resul
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// `fail_to_proxy`: the answer to a request that failed before its response began —
+/// 503 with the maintenance page when no backend was usable, 503 with the queue's
+/// reason, else the status of the error — and what pingora is told of it.
+pub async fn failed(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    let code = error_status(e, ctx);
+    if code > 0 && session.response_written().is_none() {
+        let answer = match (code, ctx.refused) {
+            (503, Some(Refusal::NoBackend)) => Answer::Unavailable,
+            (503, Some(why @ (Refusal::QueueFull | Refusal::QueueTimeout))) => Answer::NoSlot(why),
+            _ => Answer::error(code),
+        };
+        if let Err(err) = send(session, ctx, answer).await {
+            tracing::debug!(error = %err, "cannot send error response");
+        }
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
+}
+
+/// The status for a failed request: the error's own, 504 for upstream timeouts, 502
+/// for other upstream failures, 408/400 for client faults, 0 (nothing to send) when
+/// the client is gone.
+fn error_status(e: &Error, ctx: &mut Ctx) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(c) => *c,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if *e.esource() == ErrorSource::Upstream =>
+        {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                ErrorType::ReadTimedout => 408,
+                _ => {
+                    ctx.refused.get_or_insert(Refusal::BadRequest);
+                    400
+                }
+            },
+            _ => 500,
+        },
+    }
 }

@@ -14,6 +14,7 @@ use portier_config::Settings;
 use crate::answer::Answer;
 use crate::ctx::Ctx;
 use crate::forward;
+use crate::snapshot::Snapshot;
 use crate::spool::{self, BodySpool};
 use crate::telemetry::{Direction, Metrics, Refusal};
 
@@ -29,21 +30,24 @@ pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn receive(
     session: &mut Session,
     ctx: &mut Ctx,
-    settings: &Settings,
-    spool_dir: &Path,
+    snap: &Snapshot,
     metrics: &Metrics,
 ) -> Result<Result<(), Answer>> {
+    let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
+        return Ok(Err(Answer::error(500)));
+    };
+    let spool_dir = &snap.config.listen.spool_dir;
     let declared = forward::content_length(session.req_header());
     if declared.is_some_and(|n| n > settings.max_body) {
         return Ok(Err(too_large(true)));
     }
     session.set_read_timeout(Some(CLIENT_IO_TIMEOUT));
-    if !session.is_body_empty() && !ctx.websocket {
+    if !session.is_body_empty() && !ctx.route.websocket {
         if let Err(answer) = read_whole(session, ctx, settings, spool_dir, metrics).await? {
             return Ok(Err(answer));
         }
     }
-    if ctx.websocket {
+    if ctx.route.websocket {
         session.set_read_timeout(Some(settings.websocket_idle));
     }
     Ok(Ok(()))
@@ -76,8 +80,8 @@ async fn read_whole(
         }
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                ctx.body_seen += chunk.len() as u64;
-                if ctx.body_seen > settings.max_body {
+                ctx.body.seen += chunk.len() as u64;
+                if ctx.body.seen > settings.max_body {
                     return Ok(Err(too_large(true)));
                 }
                 if let Err(e) = body.push(&chunk).await {
@@ -105,11 +109,11 @@ async fn read_whole(
     match body.finish().await {
         Ok(whole) => {
             metrics.spooled(Direction::Request, spooled);
-            if ctx.keep_body {
-                ctx.body = Some(whole.clone());
+            if ctx.body.keep {
+                ctx.body.kept = Some(whole.clone());
             }
             session.as_mut().set_retry_buffer(whole);
-            ctx.body_preread = true;
+            ctx.body.preread = true;
             Ok(Ok(()))
         }
         Err(e) => {
@@ -122,17 +126,17 @@ async fn read_whole(
 
 /// `request_body_filter`: counts a streamed body against `max_body`.
 pub fn count_streamed(ctx: &mut Ctx, body: &Option<Bytes>) -> Result<()> {
-    if ctx.body_preread || ctx.websocket {
+    if ctx.body.preread || ctx.route.websocket {
         return Ok(());
     }
     if let Some(b) = body {
-        ctx.body_seen += b.len() as u64;
+        ctx.body.seen += b.len() as u64;
         let max = ctx
             .snap
             .as_ref()
             .and_then(|s| ctx.tenant(s).map(|t| t.settings.max_body))
             .unwrap_or(u64::MAX);
-        if ctx.body_seen > max {
+        if ctx.body.seen > max {
             ctx.refused = Some(Refusal::BodyTooLarge);
             return Err(Error::explain(
                 ErrorType::HTTPStatus(413),

@@ -13,11 +13,13 @@ use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
 use crate::answer::Answer;
+use crate::cluster::Cluster;
 use crate::cluster::{check_rate, LimitKey};
 use crate::ctx::Ctx;
 use crate::forward;
+use crate::limits::LoginLimits;
 use crate::snapshot::Snapshot;
-use crate::state::Shared;
+use crate::telemetry::Metrics;
 
 /// Odoo's health route reaches the worker even in maintenance.
 const HEALTH_PATH: &str = "/web/health";
@@ -46,6 +48,16 @@ pub enum LoginProbe {
 }
 
 impl LoginProbe {
+    /// Whether the request is a login attempt: by its path, or for an XML-RPC `common`
+    /// call by the `methodName` of its `body` (none yet: not one).
+    pub fn is_login(self, body: Option<&Bytes>) -> bool {
+        match self {
+            LoginProbe::No => false,
+            LoginProbe::Path => true,
+            LoginProbe::XmlRpc => body.is_some_and(|b| xmlrpc_is_login(b)),
+        }
+    }
+
     pub fn of(method: &Method, path: &str) -> LoginProbe {
         if method != Method::POST {
             return LoginProbe::No;
@@ -114,24 +126,16 @@ pub fn maintenance(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), 
     Err(Answer::Maintenance)
 }
 
-/// The login limit of the request, if `probe` (and, for XML-RPC, `body`) says it is a
-/// login attempt; shared across replicas with `[cluster]`.
+/// The login limit of a request that is a login attempt ([`LoginProbe::is_login`]);
+/// shared across replicas with `[cluster]`.
 pub async fn login(
-    shared: &Shared,
+    limits: &LoginLimits,
+    cluster: Option<&Cluster>,
+    metrics: &Metrics,
     snap: &Snapshot,
     session: &Session,
     ctx: &Ctx,
-    probe: LoginProbe,
-    body: Option<&Bytes>,
 ) -> Result<(), Answer> {
-    let is_login = match probe {
-        LoginProbe::No => false,
-        LoginProbe::Path => true,
-        LoginProbe::XmlRpc => body.is_some_and(|b| xmlrpc_is_login(b)),
-    };
-    if !is_login {
-        return Ok(());
-    }
     let Some(tenant) = ctx.tenant(snap) else {
         return Ok(());
     };
@@ -139,28 +143,23 @@ pub async fn login(
     let (Some(limit), Some(ip), Some(name)) = (
         &settings.login,
         real_client(session, ctx, settings),
-        &ctx.tenant_name,
+        &ctx.route.tenant_name,
     ) else {
         return Ok(());
     };
     if settings.is_admin(ip) {
         return Ok(());
     }
-    let cluster = shared.cluster.load_full();
     let key = || LimitKey::Login(name.clone(), ip);
-    let verdict = check_rate(
-        cluster.as_deref(),
-        key,
-        limit.rate,
-        limit.burst,
-        |rate, burst| shared.login.check(&LoginLimit { rate, burst }, name, ip),
-    )
+    let verdict = check_rate(cluster, key, limit.rate, limit.burst, |rate, burst| {
+        limits.check(&LoginLimit { rate, burst }, name, ip)
+    })
     .await;
     match verdict {
         Ok(()) => Ok(()),
         Err(retry_after) => {
-            if let Some(stats) = &ctx.stats {
-                shared.metrics.login_limited(stats);
+            if let Some(stats) = &ctx.route.stats {
+                metrics.login_limited(stats);
             }
             Err(Answer::LoginLimited {
                 tenant: name.clone(),
@@ -178,18 +177,17 @@ const CLOSE_GOING_AWAY: &[u8] = &[0x88, 0x02, 0x03, 0xe9];
 /// connection opened while its tenant was already in maintenance (an admin's) is left
 /// alone.
 pub fn websocket_interrupt(
-    shared: &Arc<Shared>,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
+    current: impl Fn() -> Arc<Snapshot> + Send + 'static,
     ctx: &Ctx,
 ) -> Option<futures_util::future::BoxFuture<'static, Option<Bytes>>> {
     let snap = ctx.snap.as_ref()?;
     let tenant = ctx.tenant(snap)?;
     let name = tenant.name.clone();
     let was = tenant.maintenance;
-    let shared = shared.clone();
-    let mut reloads = shared.reloaded.subscribe();
     Some(Box::pin(async move {
         while reloads.changed().await.is_ok() {
-            let snap = shared.snapshot.load();
+            let snap = current();
             let now = snap
                 .config
                 .tenants

@@ -62,9 +62,10 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// A new request id: 32 hex digits, unique per process run (random prefix + counter).
-pub fn new_request_id() -> String {
-    // hex digits are ASCII: nothing is replaced
-    String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
+pub fn new_request_id() -> HeaderValue {
+    // hex digits are always a valid header value
+    HeaderValue::from_bytes(&new_request_id_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// [`new_request_id`] as bytes, written without a `String` on the request path (each
@@ -246,8 +247,8 @@ mod tests {
         assert!(!valid_request_id(b"has space"));
         assert!(!valid_request_id(b"quote\""));
         assert!(!valid_request_id(&[b'a'; 201]));
-        let a = new_request_id();
-        let b = new_request_id();
+        let (a, b) = (new_request_id(), new_request_id());
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert!(a

@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header;
@@ -15,12 +16,15 @@ use portier_config::{normalize_host, Class, HostMatch};
 
 use crate::answer::Answer;
 use crate::balance;
+use crate::cluster::Cluster;
 use crate::ctx::Ctx;
 use crate::forward::{self, MAX_HEADER_BYTES};
 use crate::hash;
+use crate::limits::Limits;
 use crate::snapshot::Snapshot;
-use crate::state::Shared;
+use crate::telemetry::Metrics;
 use crate::telemetry::Refusal;
+use portier_certs::CertStore;
 
 /// Where ACME HTTP-01 challenges are answered: never redirected.
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
@@ -82,6 +86,33 @@ pub fn host(session: &Session) -> Result<Cow<'_, str>, Answer> {
         .ok_or_else(|| Answer::refuse(400, Refusal::BadRequest, "missing Host", true))
 }
 
+/// Per-request set-up: the snapshot the request keeps to its end, the client address,
+/// the request id, the client's keep-alive and write timeouts.
+pub fn begin(session: &mut Session, ctx: &mut Ctx, snap: Arc<Snapshot>) {
+    ctx.start = Instant::now();
+    ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+    ctx.client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| forward::canonical(a.ip()));
+    let mut request_id = match session.req_header().headers.get(&forward::X_REQUEST_ID) {
+        Some(v) if forward::valid_request_id(v.as_bytes()) => v.clone(),
+        _ => forward::new_request_id(),
+    };
+    // Over HTTP/2 a value that differs on every response is sent as a never-indexed
+    // literal (HPACK, RFC 7541 section 6.2.3): h2's encoder otherwise inserts every
+    // value into the connection's dynamic table, where each new id evicts entries
+    // that do repeat. No effect on HTTP/1.
+    request_id.set_sensitive(true);
+    ctx.request_id = request_id;
+    if session.get_keepalive().is_some() {
+        let idle = snap.config.listen.idle_timeout.as_secs().max(1);
+        session.set_keepalive(Some(idle));
+    }
+    session.set_write_timeout(Some(crate::body::CLIENT_IO_TIMEOUT));
+    ctx.snap = Some(snap);
+}
+
 /// An ACME HTTP-01 validation (`[tls.acme]`) on the `http` listener is answered before
 /// any redirect or tenant lookup, with the key authorization ACME published.
 pub fn acme_challenge(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
@@ -97,7 +128,7 @@ pub fn acme_challenge(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(
 /// Plain HTTP for a host a certificate covers: 308 to https (ACME challenges pass,
 /// so certificates can be issued and renewed over HTTP).
 pub fn https_redirect(
-    shared: &Shared,
+    certs: &CertStore,
     snap: &Snapshot,
     session: &Session,
     ctx: &Ctx,
@@ -110,7 +141,7 @@ pub fn https_redirect(
         return Ok(());
     };
     let uri = &session.req_header().uri;
-    if !tls.redirect_http || uri.path().starts_with(ACME_CHALLENGE) || !shared.certs.covers(host) {
+    if !tls.redirect_http || uri.path().starts_with(ACME_CHALLENGE) || !certs.covers(host) {
         return Ok(());
     }
     let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -122,7 +153,7 @@ pub fn https_redirect(
 /// The tenant by host: sets the tenant, its effective name, its metric handles and
 /// the rendezvous keys. Unknown hosts get 404.
 pub fn tenant<'h>(
-    shared: &Shared,
+    metrics: &Metrics,
     snap: &Snapshot,
     session: &Session,
     ctx: &mut Ctx,
@@ -137,18 +168,18 @@ pub fn tenant<'h>(
         ));
     };
     let (name, stats) = match m.captured {
-        Some(label) => (Arc::from(label), shared.metrics.tenant_stats(label)),
+        Some(label) => (Arc::from(label), metrics.tenant_stats(label)),
         None => {
             let t = &snap.tenants[m.tenant];
             let stats = t
                 .stats
-                .get_or_init(|| shared.metrics.tenant_stats(&t.name))
+                .get_or_init(|| metrics.tenant_stats(&t.name))
                 .clone();
             (t.name.clone(), stats)
         }
     };
-    ctx.tenant_hash = hash::hash_bytes(name.as_bytes());
-    ctx.session_hash = balance::session_id(
+    ctx.route.tenant_hash = hash::hash_bytes(name.as_bytes());
+    ctx.route.session_hash = balance::session_id(
         session
             .req_header()
             .headers
@@ -157,9 +188,9 @@ pub fn tenant<'h>(
             .map(|v| v.as_bytes()),
     )
     .map(hash::hash_bytes);
-    ctx.tenant = Some(m.tenant);
-    ctx.tenant_name = Some(name);
-    ctx.stats = Some(stats);
+    ctx.route.tenant = Some(m.tenant);
+    ctx.route.tenant_name = Some(name);
+    ctx.route.stats = Some(stats);
     Ok(m)
 }
 
@@ -168,8 +199,8 @@ pub fn tenant<'h>(
 pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Class, Answer> {
     let path = normalize_path(session.req_header().uri.path());
     let class = Class::of(&path);
-    ctx.class = Some(class);
-    ctx.websocket = class == Class::Longpolling && is_websocket(session.req_header());
+    ctx.route.class = Some(class);
+    ctx.route.websocket = class == Class::Longpolling && is_websocket(session.req_header());
     let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
         return Ok(class);
     };
@@ -197,7 +228,7 @@ pub struct TenantLimits {
 /// The tenant's limits on integration (and optionally interactive) traffic, if its
 /// class has any: checked by [`tenant_limits`].
 pub fn tenant_limiter(
-    shared: &Shared,
+    limits: &Limits,
     snap: &Snapshot,
     ctx: &Ctx,
     m: &HostMatch<'_>,
@@ -210,10 +241,10 @@ pub fn tenant_limiter(
         Class::Static | Class::Longpolling => None,
     }?;
     let limiter = match m.captured {
-        Some(label) => shared.limits.get(label),
+        Some(label) => limits.get(label),
         None => {
             let t = &snap.tenants[m.tenant];
-            t.limiter.get_or_init(|| shared.limits.get(&t.name)).clone()
+            t.limiter.get_or_init(|| limits.get(&t.name)).clone()
         }
     };
     Some(TenantLimits {
@@ -225,20 +256,23 @@ pub fn tenant_limiter(
 
 /// The tenant's rate and concurrency limits (the rate shared across replicas with
 /// `[cluster]`); the concurrency slot is held in `ctx` until the request ends.
-pub async fn tenant_limits(shared: &Shared, ctx: &mut Ctx, l: TenantLimits) -> Result<(), Answer> {
-    let tenant = ctx.tenant_name.clone().unwrap_or_else(|| Arc::from(""));
-    let cluster = shared.cluster.load_full();
-    match l
-        .limiter
-        .admit(l.class, &l.limit, cluster.as_deref(), &tenant)
-        .await
-    {
+pub async fn tenant_limits(
+    cluster: Option<&Cluster>,
+    ctx: &mut Ctx,
+    l: TenantLimits,
+) -> Result<(), Answer> {
+    let tenant = ctx
+        .route
+        .tenant_name
+        .clone()
+        .unwrap_or_else(|| Arc::from(""));
+    match l.limiter.admit(l.class, &l.limit, cluster, &tenant).await {
         Ok(permit) => {
             ctx.permit = permit;
             Ok(())
         }
         Err(refused) => {
-            if let Some(stats) = &ctx.stats {
+            if let Some(stats) = &ctx.route.stats {
                 stats.rate_limited(l.class);
             }
             Err(Answer::Limited {

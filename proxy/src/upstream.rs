@@ -1,286 +1,16 @@
-//! The upstream phases: picking the backend of an attempt, deciding whether a failed
-//! attempt is retried (DESIGN.md; contract "Health and circuit breaking"), and the
-//! request and response headers as they cross portier ("What goes upstream").
-
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+//! The request as it goes upstream (contract "What goes upstream"): the client's
+//! headers, less the ones portier owns, plus the forwarding headers, the request id and
+//! the tenant's database.
 
 use http::{header, HeaderMap, HeaderValue};
-use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::Session;
-use pingora::upstreams::peer::HttpPeer;
-use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
+use pingora::http::RequestHeader;
+use pingora::{Error, ErrorType, Result};
 use portier_config::Class;
 
-use crate::admission::{self, NoSlot};
-use crate::assets::{self, CacheState};
-use crate::backend::{Backend, InflightGuard, Role};
-use crate::balance;
-use crate::breaker;
-use crate::compress;
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::request::request_host;
-use crate::snapshot::{DatabaseHeaders, PoolRt, Snapshot};
-use crate::state::Shared;
-use crate::telemetry::{Metrics, Refusal, Retry};
-
-/// How long an idle upstream connection stays in the pool.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// Stale pooled connections a request may meet before such failures count as attempts.
-const MAX_STALE: u32 = 2;
-/// The pingora reuse key of connections opened for a retry after a stale one.
-const FRESH_GROUP: u64 = 0x0053_5441_4c45;
-
-/// Picks the backend of the next attempt (waiting for a worker slot on pools with
-/// `workers`) and describes the connection to it.
-pub async fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-    let snap = ctx
-        .snap
-        .clone()
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no snapshot"))?;
-    let tenant = ctx
-        .tenant(&snap)
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no tenant"))?;
-    let pool = ctx
-        .pool(&snap)
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "no pool"))?;
-    let fresh = std::mem::take(&mut ctx.retry_fresh);
-    if fresh {
-        ctx.tried.pop();
-    }
-    let members = pool.members.load();
-    let picked = balance::pick(
-        members.list(ctx.role()),
-        &pool.rr,
-        &ctx.want(pool, breaker::now_ms()),
-    );
-    let Some(backend) = picked else {
-        if ctx.attempts == 0 {
-            ctx.refused = Some(Refusal::NoBackend);
-            return Err(Error::explain(
-                ErrorType::HTTPStatus(503),
-                "no backend available",
-            ));
-        }
-        return Err(Error::explain(
-            ErrorType::HTTPStatus(502),
-            "backend failed and no other backend is left to retry on",
-        ));
-    };
-    // The previous attempt's slot goes back before this one takes one.
-    ctx.slot = None;
-    let backend = if ctx.role() == Role::Http && pool.cfg.workers > 0 {
-        match worker_slot(ctx, pool, members.list(Role::Http), backend).await {
-            Ok(b) => b,
-            Err(why) => {
-                ctx.refused = Some(why);
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(503),
-                    "no worker slot for the request",
-                ));
-            }
-        }
-    } else {
-        backend
-    };
-    ctx.outcome_recorded = false;
-    ctx.retry_on_status = false;
-    ctx.response_started = false;
-    ctx.tried.push(backend.addr());
-    ctx.attempts += 1;
-    let addr = backend.addr();
-    ctx.backend = Some(InflightGuard::new(backend));
-
-    let s = &tenant.settings;
-    let timeout = if ctx.websocket {
-        s.websocket_idle
-    } else if ctx.class == Some(Class::Longpolling) {
-        s.longpolling_timeout
-    } else {
-        s.request_timeout
-    };
-    let mut peer = HttpPeer::new(addr, false, String::new());
-    peer.options.connection_timeout = Some(s.connect_timeout);
-    peer.options.total_connection_timeout = Some(s.connect_timeout);
-    peer.options.read_timeout = Some(timeout);
-    peer.options.write_timeout = Some(timeout);
-    peer.options.idle_timeout = Some(UPSTREAM_IDLE);
-    // The worker's response header is rebuilt without its names' case for the client
-    // (`response_headers`), so that case is not kept when it is read (vendor patch 31).
-    peer.options.h1_ignore_header_case = true;
-    if fresh {
-        // A reuse key of its own finds no pooled connection; released with no idle
-        // time, the connection is not kept either.
-        peer.group_key = FRESH_GROUP;
-        peer.options.idle_timeout = Some(Duration::ZERO);
-    }
-    Ok(Box::new(peer))
-}
-
-/// A worker slot for the request: on `picked` (the session's backend, or the least
-/// busy of the tenant's) if free, else on any backend the request may use (not a
-/// session's), else in the pool's queue. Returns the backend of the slot, held in
-/// `ctx.slot`.
-async fn worker_slot(
-    ctx: &mut Ctx,
-    pool: &PoolRt,
-    list: &[Arc<Backend>],
-    picked: Arc<Backend>,
-) -> std::result::Result<Arc<Backend>, Refusal> {
-    let cap = pool.cfg.workers;
-    let class = ctx.class.unwrap_or(Class::Interactive);
-    let slots = cap.saturating_mul(list.len() as u32);
-    let gate = admission::gate(class, slots, pool.cfg.queue.reserve);
-    let granted = if admission::try_acquire(&picked, cap, &pool.queue, gate) {
-        picked
-    } else {
-        let targets = match ctx.session_hash {
-            Some(_) => vec![picked],
-            None => balance::candidates(list, &ctx.want(pool, breaker::now_ms()), &picked),
-        };
-        let free = match ctx.session_hash {
-            Some(_) => None,
-            None => targets
-                .iter()
-                .find(|b| admission::try_acquire(b, cap, &pool.queue, gate))
-                .cloned(),
-        };
-        match free {
-            Some(b) => b,
-            None => {
-                let start = Instant::now();
-                let q = &pool.cfg.queue;
-                let waited = pool
-                    .queue
-                    .wait(
-                        admission::Waiting {
-                            class,
-                            tenant: ctx.tenant_hash,
-                        },
-                        targets,
-                        (cap, gate),
-                        *q,
-                    )
-                    .await;
-                ctx.queued += start.elapsed();
-                match waited {
-                    Ok(b) => b,
-                    Err(NoSlot::Full) => return Err(Refusal::QueueFull),
-                    Err(NoSlot::Timeout) => return Err(Refusal::QueueTimeout),
-                }
-            }
-        }
-    };
-    ctx.slot = Some(admission::Slot::taken(granted.clone(), pool.queue.clone()));
-    Ok(granted)
-}
-
-/// Marks `e` for a retry on another backend and counts it.
-fn retry(ctx: &Ctx, metrics: &Metrics, e: &mut Error, why: Retry) {
-    e.set_retry(true);
-    if let Some(pool) = ctx.pool_name() {
-        metrics.retried(pool, why);
-    }
-}
-
-/// `fail_to_connect`: nothing reached the worker, so another one may always be tried.
-pub fn connect_failed(ctx: &mut Ctx, metrics: &Metrics, mut e: Box<Error>) -> Box<Error> {
-    ctx.record_outcome(false);
-    if ctx.attempts <= ctx.retries() && ctx.has_alternative() {
-        retry(ctx, metrics, &mut e, Retry::Connect);
-    }
-    e
-}
-
-/// `error_while_proxy`: whether an attempt that failed after connecting is retried
-/// (contract r2, "Health and circuit breaking"). Idempotent requests are sent again
-/// to another backend after an upstream timeout (not longpolls) and after the worker
-/// closed or reset the connection before its response (an Odoo worker recycled by
-/// `limit_request`, or killed by `limit_time_real`/`limit_memory_hard`, does that).
-/// Every such failure counts toward the backend's breaker.
-pub fn proxy_failed(
-    ctx: &mut Ctx,
-    metrics: &Metrics,
-    session: &Session,
-    peer: &HttpPeer,
-    e: Box<Error>,
-    client_reused: bool,
-) -> Box<Error> {
-    let mut e = e.more_context(format!("backend {peer}"));
-    if ctx.retry_on_status {
-        // upstream_response_filter asked for this retry (and checked it is allowed).
-        retry(ctx, metrics, &mut e, Retry::Status);
-        return e;
-    }
-    let upstream_fault = *e.esource() == ErrorSource::Upstream;
-    if upstream_fault {
-        ctx.record_outcome(false);
-    }
-    // pingora marks a connection closed or reset while the response head was awaited
-    // as retryable on reused connections only; before the head, nothing of the
-    // response reached portier. A fresh connection reset while the request was being
-    // written (a worker accepting and resetting) is the same case for the contract.
-    let closed_early = upstream_fault
-        && !ctx.response_started
-        && (matches!(e.retry, RetryType::ReusedOnly)
-            || matches!(
-                e.etype(),
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
-            ));
-    let timed_out = upstream_fault
-        && matches!(
-            e.etype(),
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout
-        )
-        && ctx.class != Some(Class::Longpolling);
-    let resendable =
-        ctx.resendable(session) && session.response_written().is_none() && !ctx.websocket;
-    if !resendable {
-        e.set_retry(false);
-    } else if closed_early && client_reused && ctx.stale < MAX_STALE {
-        // A pooled connection the worker had closed (Odoo drops idle connections
-        // after its socket timeout, and a recycled process drops its own): that says
-        // nothing about the worker, so the request goes out again on a fresh
-        // connection, to any usable backend (its own included), using up no retry.
-        ctx.stale += 1;
-        ctx.retry_fresh = true;
-        retry(ctx, metrics, &mut e, Retry::Closed);
-    } else if !ctx.retry_left() {
-        e.set_retry(false);
-    } else if (timed_out || closed_early) && ctx.has_alternative() {
-        let why = if timed_out {
-            Retry::Timeout
-        } else {
-            Retry::Closed
-        };
-        retry(ctx, metrics, &mut e, why);
-    } else {
-        e.retry.decide_reuse(client_reused);
-    }
-    e
-}
-
-/// `upstream_response_filter`: feeds the breaker and turns a 502-504 answer into a
-/// retry on another backend when the request may be sent again.
-pub fn response_status(ctx: &mut Ctx, session: &Session, status: u16) -> Result<()> {
-    ctx.response_started = true;
-    if status < 200 && status != 101 {
-        return Ok(());
-    }
-    let failed = (502..=504).contains(&status);
-    ctx.record_outcome(!failed);
-    if failed && ctx.may_resend(session) && ctx.has_alternative() {
-        ctx.retry_on_status = true;
-        let mut e = Error::explain(
-            ErrorType::HTTPStatus(status),
-            format!("backend answered {status}; retrying on another backend"),
-        );
-        e.as_up();
-        return Err(e);
-    }
-    Ok(())
-}
+use crate::snapshot::{DatabaseHeaders, Snapshot};
 
 /// The request as it goes upstream.
 ///
@@ -306,7 +36,7 @@ pub fn request_headers(
     let dropped: Vec<header::HeaderName> = out
         .keys()
         .filter(|name| {
-            forward::is_own_header(name) || (ctx.body_preread && *name == header::EXPECT)
+            forward::is_own_header(name) || (ctx.body.preread && *name == header::EXPECT)
         })
         .cloned()
         .collect();
@@ -374,8 +104,10 @@ pub fn request_headers(
 /// session is never saved, so on browser traffic it would make logging in
 /// impossible, and with a session of another database Odoo answers 403.
 fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut HeaderMap) -> Result<()> {
-    let with_database = ctx.class == Some(Class::Integration) && ctx.session_hash.is_none();
+    let with_database =
+        ctx.route.class == Some(Class::Integration) && ctx.route.session_hash.is_none();
     let fixed = ctx
+        .route
         .tenant
         .and_then(|t| snap.tenants.get(t))
         .and_then(|t| t.database.as_ref());
@@ -386,7 +118,7 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut HeaderMap) -> Result<(
         }
         return Ok(());
     }
-    let (Some(tenant), Some(name)) = (ctx.tenant(snap), ctx.tenant_name.as_deref()) else {
+    let (Some(tenant), Some(name)) = (ctx.tenant(snap), ctx.route.tenant_name.as_deref()) else {
         return Ok(());
     };
     let Some(h) = tenant
@@ -402,58 +134,6 @@ fn database_headers(ctx: &Ctx, snap: &Snapshot, out: &mut HeaderMap) -> Result<(
     Ok(())
 }
 
-/// The response as it goes to the client: the request id echoed, HSTS on TLS.
-/// Edited in place, as the request is (vendor patch 34).
-pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeader) -> Result<()> {
-    // The asset cache decides on the worker's answer; compression then changes the
-    // headers; the entry keeps them as the client gets them.
-    let ttl = match &ctx.cache {
-        CacheState::Miss { fill: Some(_), .. } => assets::lifetime(resp),
-        _ => None,
-    };
-    let hsts = ctx
-        .hsts()
-        .map(|hsts| {
-            HeaderValue::try_from(hsts)
-                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "hsts"))
-        })
-        .transpose()?;
-    let secure_cookies = crate::edge::secures_cookies(ctx);
-    let headers = resp.headers_mut();
-    if secure_cookies {
-        if let header::Entry::Occupied(mut cookies) = headers.entry(header::SET_COOKIE) {
-            for value in cookies.iter_mut() {
-                if let Some(secured) = crate::edge::secure_session_cookie(value) {
-                    *value = secured;
-                }
-            }
-        }
-    }
-    // The worker's own X-Request-Id, if any, is replaced.
-    headers.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
-    if let Some(hsts) = hsts {
-        headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
-    }
-    if ctx.compressible {
-        ctx.encoder = compress::response_headers(ctx.encoding, resp)?;
-    }
-    if let CacheState::Miss { key, fill } = &mut ctx.cache {
-        resp.insert_header(forward::X_CACHE, "miss")?;
-        if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
-            ctx.capture = Some(assets::Capture::start(
-                &shared.assets,
-                key.clone(),
-                fill,
-                resp,
-                ttl,
-            ));
-        }
-        // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
-        *fill = None;
-    }
-    Ok(())
-}
-
 /// Property tests of the request header rewrite (the stable-Rust stand-in for fuzzing;
 /// `scripts/fuzz.sh` runs them longer): whatever headers a client sends, the worker
 /// gets exactly the tenant's database headers, portier's forwarding headers and
@@ -462,6 +142,7 @@ pub fn response_headers(shared: &Shared, ctx: &mut Ctx, resp: &mut ResponseHeade
 mod props {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
     fn cases() -> u32 {
         crate::forward::props::fuzz_cases(500)
@@ -529,10 +210,10 @@ mod props {
             }
             let mut ctx = Ctx::new();
             ctx.snap = Some(snap);
-            ctx.tenant = Some(0);
-            ctx.tenant_name = Some(Arc::from("acme"));
-            ctx.class = Some(if integration { Class::Integration } else { Class::Interactive });
-            ctx.session_hash = session.then_some(1);
+            ctx.route.tenant = Some(0);
+            ctx.route.tenant_name = Some(Arc::from("acme"));
+            ctx.route.class = Some(if integration { Class::Integration } else { Class::Interactive });
+            ctx.route.session_hash = session.then_some(1);
             ctx.tls = tls;
             ctx.request_id = HeaderValue::from_static("rid-1");
             let peer: std::net::IpAddr = if trusted { "10.9.9.9" } else { "198.51.100.7" }.parse().unwrap();
