@@ -20,6 +20,10 @@ else
   echo "test: clippy is not installed; skipping lints" >&2
 fi
 
+# The pingora patch series (vendor/PATCHES.md) re-applies onto the pristine crates and
+# gives exactly vendor/.
+scripts/vendor-patches.sh
+
 # The end-to-end tests run the real binary: build it first.
 cargo build -p portier
 cargo test --workspace --no-fail-fast

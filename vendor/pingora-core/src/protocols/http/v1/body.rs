@@ -2319,7 +2319,7 @@ mod tests {
             }
             let err = res.unwrap_err();
             assert_eq!(*err.etype(), INVALID_CHUNK, "{}", input.escape_ascii());
-            assert_eq!(body_reader.body_state, ParseState::Done(0));
+            assert!(matches!(body_reader.body_state, ParseState::Done(_)));
         }
         // HTAB and visible bytes stay allowed in an extension
         let input = b"5;a=\"b\tc\"\r\nhello\r\n0\r\n\r\n";
@@ -2327,7 +2327,7 @@ mod tests {
         let mut body_reader = BodyReader::new(false);
         body_reader.init_chunked(b"");
         let res = body_reader.read_body(&mut mock_io).await.unwrap();
-        assert_eq!(res, Some(BufRef::new(9, 5)));
+        assert_eq!(res, Some(BufRef::new(11, 5)));
     }
 
     #[tokio::test]
