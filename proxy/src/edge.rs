@@ -13,13 +13,13 @@ use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
 use crate::answer::Answer;
-use crate::cluster::Cluster;
-use crate::cluster::{check_rate, LimitKey};
+use crate::cluster::{check_rate, Cluster, LimitKey};
 use crate::ctx::Ctx;
 use crate::forward;
 use crate::limits::LoginLimits;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
+use arc_swap::ArcSwapOption;
 
 /// Odoo's health route reaches the worker even in maintenance.
 const HEALTH_PATH: &str = "/web/health";
@@ -130,7 +130,7 @@ pub fn maintenance(snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), 
 /// shared across replicas with `[cluster]`.
 pub async fn login(
     limits: &LoginLimits,
-    cluster: Option<&Cluster>,
+    cluster: &ArcSwapOption<Cluster>,
     metrics: &Metrics,
     snap: &Snapshot,
     session: &Session,
@@ -151,9 +151,14 @@ pub async fn login(
         return Ok(());
     }
     let key = || LimitKey::Login(name.clone(), ip);
-    let verdict = check_rate(cluster, key, limit.rate, limit.burst, |rate, burst| {
-        limits.check(&LoginLimit { rate, burst }, name, ip)
-    })
+    let cluster = cluster.load_full();
+    let verdict = check_rate(
+        cluster.as_deref(),
+        key,
+        limit.rate,
+        limit.burst,
+        |rate, burst| limits.check(&LoginLimit { rate, burst }, name, ip),
+    )
     .await;
     match verdict {
         Ok(()) => Ok(()),

@@ -24,6 +24,7 @@ use crate::limits::Limits;
 use crate::snapshot::Snapshot;
 use crate::telemetry::Metrics;
 use crate::telemetry::Refusal;
+use arc_swap::ArcSwapOption;
 use portier_certs::CertStore;
 
 /// Where ACME HTTP-01 challenges are answered: never redirected.
@@ -257,7 +258,7 @@ pub fn tenant_limiter(
 /// The tenant's rate and concurrency limits (the rate shared across replicas with
 /// `[cluster]`); the concurrency slot is held in `ctx` until the request ends.
 pub async fn tenant_limits(
-    cluster: Option<&Cluster>,
+    cluster: &ArcSwapOption<Cluster>,
     ctx: &mut Ctx,
     l: TenantLimits,
 ) -> Result<(), Answer> {
@@ -266,7 +267,12 @@ pub async fn tenant_limits(
         .tenant_name
         .clone()
         .unwrap_or_else(|| Arc::from(""));
-    match l.limiter.admit(l.class, &l.limit, cluster, &tenant).await {
+    let cluster = cluster.load_full();
+    match l
+        .limiter
+        .admit(l.class, &l.limit, cluster.as_deref(), &tenant)
+        .await
+    {
         Ok(permit) => {
             ctx.permit = permit;
             Ok(())

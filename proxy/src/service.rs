@@ -23,6 +23,7 @@ use crate::edge::{self, LoginProbe};
 use crate::forward;
 use crate::request;
 use crate::response;
+use crate::snapshot::Snapshot;
 use crate::state::{RequestGuard, Shared};
 use crate::telemetry::Refusal;
 use crate::upstream;
@@ -58,23 +59,13 @@ impl Proxy {
             Ok(r) => r,
             Err(answer) => return Ok(Err(answer)),
         };
-        let cluster = sh.cluster.load_full();
         if probe.is_login(None) {
-            if let Err(a) = edge::login(
-                &sh.login,
-                cluster.as_deref(),
-                &sh.metrics,
-                &snap,
-                session,
-                ctx,
-            )
-            .await
-            {
+            if let Err(a) = self.login(&snap, session, ctx).await {
                 return Ok(Err(a));
             }
         }
         if let Some(limits) = limits {
-            if let Err(a) = request::tenant_limits(cluster.as_deref(), ctx, limits).await {
+            if let Err(a) = request::tenant_limits(&sh.cluster, ctx, limits).await {
                 return Ok(Err(a));
             }
         }
@@ -87,20 +78,17 @@ impl Proxy {
         }
         // An XML-RPC `common` call is a login attempt by its body.
         if probe == LoginProbe::XmlRpc && probe.is_login(ctx.body.kept.take().as_ref()) {
-            if let Err(a) = edge::login(
-                &sh.login,
-                cluster.as_deref(),
-                &sh.metrics,
-                &snap,
-                session,
-                ctx,
-            )
-            .await
-            {
+            if let Err(a) = self.login(&snap, session, ctx).await {
                 return Ok(Err(a));
             }
         }
         Ok(Ok(()))
+    }
+
+    /// A login attempt's limit (`edge::login`), with the parts of the state it needs.
+    async fn login(&self, snap: &Snapshot, session: &Session, ctx: &Ctx) -> Result<(), Answer> {
+        let sh = &*self.shared;
+        edge::login(&sh.login, &sh.cluster, &sh.metrics, snap, session, ctx).await
     }
 }
 
