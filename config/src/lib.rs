@@ -1,16 +1,26 @@
-//! portier's configuration: the TOML file format of the contract, its validation with
-//! `FILE:LINE:COL` diagnostics, and the compiled routing pieces (host index, traffic
-//! classes, units). No networking happens here.
+//! portier's configuration: one validated model, several front ends.
+//!
+//! - The **model** ([`model`], with the compiled routing pieces [`hosts`], [`class`],
+//!   [`units`]) is what the proxy runs on: a [`Config`] of listeners, pools, tenants
+//!   and their settings, with every default applied and every cross-reference checked
+//!   (a tenant's pool exists, no host is claimed twice). The proxy never sees a file
+//!   format and does not know which front end produced the model.
+//! - A **front end** turns a source into that model, with diagnostics that point into
+//!   the source: [`file`] reads the TOML file of the contract (`FILE:LINE:COL` for every
+//!   problem, all of them, not just the first). Another source (Kubernetes objects)
+//!   is another front end producing the same [`Config`].
+//!
+//! No networking happens here.
 
 pub mod class;
+pub mod file;
 pub mod hosts;
-mod load;
 pub mod model;
 pub mod units;
 
 pub use class::Class;
+pub use file::{load_file, load_str, sha256_hex};
 pub use hosts::{normalize_host, HostIndex, HostMatch, HostPattern, TenantId};
-pub use load::{load_file, load_str, sha256_hex};
 pub use model::*;
 pub use units::{parse_duration, parse_rate, parse_size, Rate};
 

@@ -1,42 +1,18 @@
 //! `portier`: an edge proxy and load balancer for multi-tenant Odoo hosting.
 
-mod access_log;
+// The layers, bottom up (docs/architecture.md): the runtime crate (portier-runtime) and
+// the configuration model (portier-config) below everything here; `io` and `acme`
+// (building blocks); `snapshot` (the configuration as a request sees it); `phase` (the
+// request path's steps and per-request data); `state` (the process state); `service`
+// (pingora's phases -> ours) and `ops` (the process, admin API, reloads, background
+// tasks) on top.
 mod acme;
-mod admission;
-mod answer;
-mod assets;
-mod attempt;
-mod backend;
-mod balance;
-mod body;
-mod breaker;
-mod check;
-mod cluster;
-mod compress;
-mod conns;
-mod control;
-mod ctx;
-mod demo;
-mod discover;
-mod edge;
-mod forward;
-mod hash;
-mod health;
-mod limits;
-mod memory;
-mod reload;
-mod request;
-mod response;
-mod server;
+mod io;
+mod ops;
+mod phase;
 mod service;
 mod snapshot;
-mod spool;
 mod state;
-mod supervise;
-mod telemetry;
-mod tls;
-mod upstream;
-mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: memory::Mimalloc = memory::Mimalloc;
+static GLOBAL: ops::memory::Mimalloc = ops::memory::Mimalloc;
 
 #[derive(Parser)]
 #[command(
@@ -105,7 +81,7 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check::run(&config_path(config)),
+        Command::Check { config } => ops::check::run(&config_path(config)),
         Command::Run { config } => {
             init_logging();
             let path = config_path(config);
@@ -127,11 +103,11 @@ fn main() -> ExitCode {
                 tracing::warn!("{w}");
             }
             let path = std::fs::canonicalize(&path).unwrap_or(path);
-            ExitCode::from(server::serve(config, Some(path), None) as u8)
+            ExitCode::from(ops::server::serve(config, Some(path), None) as u8)
         }
         Command::Demo { port, admin_port } => {
             init_logging();
-            ExitCode::from(demo::run(port, admin_port) as u8)
+            ExitCode::from(ops::demo::run(port, admin_port) as u8)
         }
     }
 }

@@ -15,18 +15,18 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, Result};
 
-use crate::answer::{self, Answer};
-use crate::attempt;
-use crate::body;
-use crate::ctx::Ctx;
-use crate::edge::{self, LoginProbe};
-use crate::forward;
-use crate::request;
-use crate::response;
+use crate::io::forward;
+use crate::phase::answer::{self, Answer};
+use crate::phase::attempt;
+use crate::phase::body;
+use crate::phase::ctx::{Ctx, RequestGuard};
+use crate::phase::edge::{self, LoginProbe};
+use crate::phase::request;
+use crate::phase::response;
+use crate::phase::upstream;
 use crate::snapshot::Snapshot;
-use crate::state::{RequestGuard, Shared};
-use crate::telemetry::Refusal;
-use crate::upstream;
+use crate::state::Shared;
+use portier_runtime::telemetry::Refusal;
 
 pub struct Proxy {
     pub shared: Arc<Shared>,
@@ -106,7 +106,7 @@ impl ProxyHttp for Proxy {
     /// Request phase (`request`, `edge`, `body`, `response::prepare`): set-up, then the
     /// phases before a worker is picked; a refusal is answered here (`answer`).
     async fn request_filter(&self, session: &mut Session, ctx: &mut Box<Ctx>) -> Result<bool> {
-        ctx.guard = Some(RequestGuard::new(&self.shared));
+        ctx.guard = Some(RequestGuard::new(&self.shared.inflight));
         request::begin(session, ctx, self.shared.snapshot.load_full());
         match self.admit(session, ctx).await? {
             Ok(()) => Ok(false),

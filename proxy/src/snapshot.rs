@@ -3,7 +3,7 @@
 //! each pool's queue), swapped atomically on reload. A request loads it once and keeps
 //! that `Arc` to its end, so a reload never changes a request half-way.
 //!
-//! [`Backend`]: crate::backend::Backend
+//! [`Backend`]: portier_runtime::backend::Backend
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
@@ -11,11 +11,11 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use portier_config::{Config, Pool};
+use portier_config::{Config, Health, Pool};
 
-use crate::admission::{PoolQueue, Queues};
-use crate::backend::{BackendKey, Members, Registry, Role};
-use crate::telemetry::{Metrics, TenantStats};
+use portier_runtime::admission::{PoolQueue, Queues};
+use portier_runtime::backend::{BackendKey, Members, Registry, Role};
+use portier_runtime::telemetry::{Metrics, TenantStats};
 
 /// A pool in a snapshot.
 pub struct PoolRt {
@@ -35,7 +35,7 @@ pub struct TenantRt {
     /// (template tenants resolve theirs per captured name).
     pub stats: OnceLock<Arc<TenantStats>>,
     /// The tenant's limiters, resolved on its first limited request.
-    pub limiter: OnceLock<Arc<crate::limits::TenantLimiter>>,
+    pub limiter: OnceLock<Arc<portier_runtime::limits::TenantLimiter>>,
     /// The database headers of a tenant whose database name is fixed, built once.
     pub database: Option<DatabaseHeaders>,
 }
@@ -50,7 +50,7 @@ impl DatabaseHeaders {
     pub fn new(db: &str) -> Option<DatabaseHeaders> {
         Some(DatabaseHeaders {
             database: http::HeaderValue::from_str(db).ok()?,
-            dbfilter: http::HeaderValue::try_from(crate::forward::dbfilter_for(db)).ok()?,
+            dbfilter: http::HeaderValue::try_from(crate::io::forward::dbfilter_for(db)).ok()?,
         })
     }
 }
@@ -64,6 +64,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Each pool's members and its `health` settings (what the active checks follow).
+    pub fn health_targets(&self) -> Vec<(Arc<Members>, Option<&Health>)> {
+        self.pools
+            .iter()
+            .map(|p| (p.members.load_full(), p.cfg.health.as_ref()))
+            .collect()
+    }
+
     /// Compiles a validated config against the long-lived runtime state.
     /// `discovered` holds the current members of pools with `discover`.
     pub fn build(

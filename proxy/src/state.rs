@@ -5,17 +5,17 @@
 //! take the parts they need; the control side (reload, admin, background tasks) holds
 //! the whole.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use portier_config::Config;
 
-use crate::admission::Queues;
-use crate::backend::{Members, Registry};
 use crate::snapshot::Snapshot;
-use crate::telemetry::Metrics;
+use portier_runtime::admission::Queues;
+use portier_runtime::backend::{Members, Registry};
+use portier_runtime::telemetry::Metrics;
 
 /// Outcome of the last reload, for `/status`.
 #[derive(Clone, Debug, Default)]
@@ -31,16 +31,16 @@ pub struct Shared {
     pub queues: Queues,
     pub metrics: Metrics,
     /// Per-tenant rate and concurrency limiters (survive reloads).
-    pub limits: crate::limits::Limits,
+    pub limits: portier_runtime::limits::Limits,
     /// Per-address login limiters (survive reloads).
-    pub login: crate::limits::LoginLimits,
+    pub login: portier_runtime::limits::LoginLimits,
     /// `[cluster]`: the Redis that rate limits are shared through (maintained by
     /// `cluster::supervise` on the control thread).
-    pub cluster: arc_swap::ArcSwapOption<crate::cluster::Cluster>,
+    pub cluster: arc_swap::ArcSwapOption<portier_runtime::cluster::Cluster>,
     /// ACME's hosts and account (survive reloads).
     pub acme: crate::acme::AcmeState,
     /// Cached asset bundles (survive reloads).
-    pub assets: Arc<crate::assets::AssetCache>,
+    pub assets: Arc<crate::io::assets::AssetCache>,
     /// Bumped after each applied reload (WebSockets of tenants entering maintenance
     /// watch it).
     pub reloaded: tokio::sync::watch::Sender<u64>,
@@ -48,13 +48,13 @@ pub struct Shared {
     pub certs: Arc<portier_certs::CertStore>,
     /// Summary of the certificate directory at the last load (change detection).
     pub cert_fingerprint: Mutex<u64>,
-    pub access_log: crate::access_log::AccessLog,
+    pub access_log: portier_runtime::access_log::AccessLog,
     /// Listeners are bound and the config is loaded.
     pub ready: AtomicBool,
     /// SIGTERM/SIGINT received.
     pub draining: AtomicBool,
-    /// Requests between `request_filter` and `logging`.
-    pub inflight: AtomicU64,
+    /// Requests between `request_filter` and `logging` (each holds a `RequestGuard`).
+    pub inflight: Arc<AtomicU64>,
     pub reload_status: Mutex<ReloadStatus>,
     /// Current members of pools with `discover`, by pool name (survives reloads).
     pub discovered: DashMap<String, Arc<Members>>,
@@ -68,7 +68,7 @@ impl Shared {
         let registry = Registry::default();
         let queues = Queues::default();
         let access = config.log.access;
-        let assets = crate::assets::AssetCache::new(config.defaults.cache_assets);
+        let assets = crate::io::assets::AssetCache::new(config.defaults.cache_assets);
         let discovered = DashMap::new();
         let snapshot = Snapshot::build(config, &registry, &queues, &metrics, &discovered);
         Arc::new(Shared {
@@ -84,10 +84,10 @@ impl Shared {
             reloaded: tokio::sync::watch::Sender::new(0),
             certs: Arc::new(portier_certs::CertStore::new()),
             cert_fingerprint: Mutex::new(0),
-            access_log: crate::access_log::AccessLog::new(access),
+            access_log: portier_runtime::access_log::AccessLog::new(access),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            inflight: AtomicU64::new(0),
+            inflight: Arc::default(),
             reload_status: Mutex::new(ReloadStatus::default()),
             discovered,
             config_path,
@@ -112,21 +112,5 @@ impl Shared {
             },
             &self.metrics,
         );
-    }
-}
-
-/// Counts a request as in flight for the drain; decrements when dropped.
-pub struct RequestGuard(Arc<Shared>);
-
-impl RequestGuard {
-    pub fn new(shared: &Arc<Shared>) -> Self {
-        shared.inflight.fetch_add(1, Ordering::Relaxed);
-        RequestGuard(shared.clone())
-    }
-}
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }

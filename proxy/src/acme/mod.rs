@@ -229,7 +229,7 @@ fn backoff(failures: u32, base: Duration) -> Duration {
 
 /// The background task (control thread): every `TICK`, orders what is missing or due.
 pub async fn run<E: Host>(env: Arc<E>) {
-    let owner = crate::cluster::replica_id();
+    let owner = portier_runtime::cluster::replica_id();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -7,9 +7,9 @@ use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, Result};
 use portier_config::Class;
 
-use crate::ctx::Ctx;
-use crate::forward;
-use crate::request::request_host;
+use crate::io::forward;
+use crate::phase::ctx::Ctx;
+use crate::phase::request::request_host;
 use crate::snapshot::{DatabaseHeaders, Snapshot};
 
 /// The request as it goes upstream.
@@ -145,7 +145,7 @@ mod props {
     use std::sync::Arc;
 
     fn cases() -> u32 {
-        crate::forward::props::fuzz_cases(500)
+        crate::io::forward::props::fuzz_cases(500)
     }
 
     fn snapshot(trusted: bool) -> Arc<Snapshot> {
@@ -157,9 +157,9 @@ mod props {
             .unwrap_or_else(|e| panic!("{e:?}"));
         Arc::new(Snapshot::build(
             config,
-            &crate::backend::Registry::default(),
-            &crate::admission::Queues::default(),
-            &crate::telemetry::Metrics::new(),
+            &portier_runtime::backend::Registry::default(),
+            &portier_runtime::admission::Queues::default(),
+            &portier_runtime::telemetry::Metrics::new(),
             &dashmap::DashMap::new(),
         ))
     }

@@ -5,6 +5,7 @@
 //! (`response`). Nothing here decides anything beyond reading the snapshot.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +14,14 @@ use http::HeaderValue;
 use pingora::protocols::http::compression::Algorithm;
 use portier_config::{Class, Tenant};
 
-use crate::admission::Slot;
-use crate::assets::{CacheState, Capture};
-use crate::backend::{InflightGuard, Role};
-use crate::compress::Encoder;
-use crate::limits::Permit;
+use crate::io::assets::{CacheState, Capture};
+use crate::io::compress::Encoder;
+use crate::io::spool::ResponseBuffer;
 use crate::snapshot::{PoolRt, Snapshot};
-use crate::spool::ResponseBuffer;
-use crate::state::RequestGuard;
-use crate::telemetry::{Refusal, TenantStats};
+use portier_runtime::admission::Slot;
+use portier_runtime::backend::{InflightGuard, Role};
+use portier_runtime::limits::Permit;
+use portier_runtime::telemetry::{Refusal, TenantStats};
 
 /// Per-request state.
 pub struct Ctx {
@@ -169,5 +169,21 @@ impl Ctx {
         } else {
             Role::Http
         }
+    }
+}
+
+/// Counts a request as in flight (for the drain) until it is dropped with its context.
+pub struct RequestGuard(Arc<AtomicU64>);
+
+impl RequestGuard {
+    pub fn new(inflight: &Arc<AtomicU64>) -> Self {
+        inflight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(inflight.clone())
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

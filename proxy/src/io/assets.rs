@@ -25,7 +25,7 @@ use pingora_lru::Lru;
 use portier_config::Class;
 use tokio::sync::watch;
 
-use crate::hash;
+use portier_runtime::hash;
 
 /// Shards of the LRU: one. Sharded, pingora-lru evicts from a random shard (power of
 /// two choices), a good approximation with many thousands of entries but not with the
@@ -289,7 +289,7 @@ pub fn cacheable_request(session: &Session, class: Class) -> bool {
     class == Class::Static
         && req.method == Method::GET
         && !req.headers.contains_key(header::TRANSFER_ENCODING)
-        && crate::forward::content_length(req).unwrap_or(0) == 0
+        && crate::io::forward::content_length(req).unwrap_or(0) == 0
         && !req.headers.contains_key(header::RANGE)
 }
 

@@ -16,8 +16,8 @@ use hickory_resolver::TokioResolver;
 use portier_config::Discover;
 use tokio::task::AbortHandle;
 
-use crate::backend::{BackendKey, Members, Role};
 use crate::state::Shared;
+use portier_runtime::backend::{BackendKey, Members, Role};
 
 /// Runs one discovery task per pool with `discover`, following reloads.
 #[derive(Default)]

@@ -12,14 +12,14 @@ use pingora::proxy::Session;
 use portier_config::class::normalize_path;
 use portier_config::{LoginLimit, Settings};
 
-use crate::answer::Answer;
-use crate::cluster::{check_rate, Cluster, LimitKey};
-use crate::ctx::Ctx;
-use crate::forward;
-use crate::limits::LoginLimits;
+use crate::io::forward;
+use crate::phase::answer::Answer;
+use crate::phase::ctx::Ctx;
 use crate::snapshot::Snapshot;
-use crate::telemetry::Metrics;
 use arc_swap::ArcSwapOption;
+use portier_runtime::cluster::{check_rate, Cluster, LimitKey};
+use portier_runtime::limits::LoginLimits;
+use portier_runtime::telemetry::Metrics;
 
 /// Odoo's health route reaches the worker even in maintenance.
 const HEALTH_PATH: &str = "/web/health";

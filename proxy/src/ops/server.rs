@@ -18,7 +18,7 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use portier_config::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::control::{self, ControlMsg, ReadyHook};
+use crate::ops::control::{self, ControlMsg, ReadyHook};
 use crate::service::Proxy;
 use crate::state::Shared;
 
@@ -47,7 +47,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         }
     }
     // Spool files of portier processes that are gone (a crash, a kill) go now.
-    let stale = crate::spool::clean_dir(&config.listen.spool_dir);
+    let stale = crate::io::spool::clean_dir(&config.listen.spool_dir);
     if stale > 0 {
         tracing::info!(files = stale, dir = %config.listen.spool_dir.display(), "removed stale spool files");
     }
@@ -64,7 +64,7 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
 
     let listen = config.listen.clone();
     let shared = Shared::new(config, config_path);
-    crate::tls::reload_certs(&shared);
+    crate::ops::tls::reload_certs(&shared);
     shared
         .certs
         .set_on_miss(crate::acme::on_demand_hook(&shared));
@@ -180,13 +180,13 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         );
     }
     // Connection caps at accept, and the request-header and idle timeouts.
-    let limits = crate::conns::ConnLimits::new(
+    let limits = crate::ops::conns::ConnLimits::new(
         listen.max_connections,
         listen.max_connections_per_ip,
         shared.metrics.refused_max_connections.clone(),
         shared.metrics.refused_per_ip.clone(),
     );
-    proxy.set_connection_filter(Arc::new(crate::conns::Filter(limits)));
+    proxy.set_connection_filter(Arc::new(crate::ops::conns::Filter(limits)));
     if let Some(app) = proxy.app_logic_mut() {
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h1_header_timeout = Some(listen.header_timeout);
@@ -256,7 +256,7 @@ pub fn begin_drain(shared: &Arc<Shared>, drain: Duration) {
         .name("portier-drain".into())
         .spawn(move || {
             let start = Instant::now();
-            crate::supervise::leave_cluster(&shared);
+            crate::ops::supervise::leave_cluster(&shared);
             let mut idle_polls = 0;
             loop {
                 std::thread::sleep(Duration::from_millis(50));

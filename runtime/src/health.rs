@@ -14,8 +14,7 @@ use hyper_util::rt::TokioIo;
 use portier_config::Health;
 use tokio::task::AbortHandle;
 
-use crate::backend::{Backend, BackendKey};
-use crate::snapshot::Snapshot;
+use crate::backend::{Backend, BackendKey, Members};
 
 /// One health check: `GET path` must answer 200 within `timeout`.
 pub async fn check_once(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
@@ -45,14 +44,17 @@ pub struct Checkers {
 }
 
 impl Checkers {
-    /// Makes the running checks match the current snapshot.
-    pub fn reconcile(&mut self, snap: &Snapshot) {
+    /// Makes the running checks match the pools of the configuration in force: each
+    /// pool's members and its `health` (none: no active checks, its backends up).
+    pub fn reconcile<'a>(
+        &mut self,
+        pools: impl IntoIterator<Item = (Arc<Members>, Option<&'a Health>)>,
+    ) {
         let mut desired: HashMap<BackendKey, (Arc<Backend>, Health)> = HashMap::new();
         let mut unchecked: Vec<Arc<Backend>> = Vec::new();
-        for pool in &snap.pools {
-            let members = pool.members.load();
+        for (members, health) in pools {
             for b in members.http.iter().chain(members.longpolling.iter()) {
-                match &pool.cfg.health {
+                match health {
                     Some(h) => {
                         desired.insert(b.key.clone(), (b.clone(), h.clone()));
                     }

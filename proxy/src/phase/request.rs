@@ -1,4 +1,4 @@
-//! The request phases before a worker is picked (DESIGN.md, "The request path"):
+//! The request phases before a worker is picked (docs/architecture.md, "The request path"):
 //! framing checks, the https redirect, the tenant by host, the class by path, the
 //! database-manager block and the tenant's limits. Each is a short step that either
 //! lets the request go on or returns the [`Answer`] to send instead.
@@ -14,18 +14,18 @@ use pingora::proxy::Session;
 use portier_config::class::{is_database_manager, normalize_path};
 use portier_config::{normalize_host, Class, HostMatch};
 
-use crate::answer::Answer;
-use crate::balance;
-use crate::cluster::Cluster;
-use crate::ctx::Ctx;
-use crate::forward::{self, MAX_HEADER_BYTES};
-use crate::hash;
-use crate::limits::Limits;
+use crate::io::forward::{self, MAX_HEADER_BYTES};
+use crate::phase::answer::Answer;
+use crate::phase::ctx::Ctx;
 use crate::snapshot::Snapshot;
-use crate::telemetry::Metrics;
-use crate::telemetry::Refusal;
 use arc_swap::ArcSwapOption;
 use portier_certs::CertStore;
+use portier_runtime::balance;
+use portier_runtime::cluster::Cluster;
+use portier_runtime::hash;
+use portier_runtime::limits::Limits;
+use portier_runtime::telemetry::Metrics;
+use portier_runtime::telemetry::Refusal;
 
 /// Where ACME HTTP-01 challenges are answered: never redirected.
 const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
@@ -110,7 +110,7 @@ pub fn begin(session: &mut Session, ctx: &mut Ctx, snap: Arc<Snapshot>) {
         let idle = snap.config.listen.idle_timeout.as_secs().max(1);
         session.set_keepalive(Some(idle));
     }
-    session.set_write_timeout(Some(crate::body::CLIENT_IO_TIMEOUT));
+    session.set_write_timeout(Some(crate::phase::body::CLIENT_IO_TIMEOUT));
     ctx.snap = Some(snap);
 }
 
@@ -221,7 +221,7 @@ pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Cla
 
 /// The limits that apply to a request: its tenant's limiter, class and limit.
 pub struct TenantLimits {
-    limiter: Arc<crate::limits::TenantLimiter>,
+    limiter: Arc<portier_runtime::limits::TenantLimiter>,
     class: Class,
     limit: portier_config::Limit,
 }

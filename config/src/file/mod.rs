@@ -1,5 +1,6 @@
-//! Reading a TOML file into the validated [`Config`], collecting every problem as a
-//! [`Diagnostic`] with the line and column of the offending key or value.
+//! The TOML front end: a configuration file in, the validated [`Config`] model out,
+//! every problem collected as a [`Diagnostic`] with the line and column of the offending
+//! key or value (a missing key at the header of the table that lacks it).
 //!
 //! `cx` holds the diagnostics and the typed readers of single values; each section of
 //! the file has a module of its own: `listen` (`[listen]`, `[log]`, `[tls]`), `pool`

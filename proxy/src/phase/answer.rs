@@ -12,10 +12,10 @@ use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use portier_config::Class;
 
-use crate::ctx::Ctx;
-use crate::forward;
-use crate::limits;
-use crate::telemetry::Refusal;
+use crate::io::forward;
+use crate::phase::ctx::Ctx;
+use portier_runtime::limits;
+use portier_runtime::telemetry::Refusal;
 
 /// A refused request's unread body up to this size is drained to keep the connection.
 const DRAIN_LIMIT: u64 = 64 * 1024;
@@ -55,7 +55,7 @@ pub enum Answer {
     /// `429` from the login limit.
     LoginLimited { tenant: Arc<str>, retry_after: u64 },
     /// A fresh asset-cache entry.
-    Cached(Arc<crate::assets::Entry>),
+    Cached(Arc<crate::io::assets::Entry>),
     /// `200` with an ACME HTTP-01 key authorization.
     AcmeChallenge(Bytes),
 }
@@ -164,7 +164,7 @@ impl From<Answer> for Reply {
             } => {
                 let mut body = String::with_capacity(80);
                 body.push_str("{\"error\":\"login_limited\",\"tenant\":");
-                crate::access_log::push_json_str(&mut body, &tenant);
+                portier_runtime::access_log::push_json_str(&mut body, &tenant);
                 body.push_str(",\"retry_after\":");
                 body.push_str(&retry_after.to_string());
                 body.push('}');
@@ -208,7 +208,7 @@ pub async fn send(session: &mut Session, ctx: &mut Ctx, answer: Answer) -> Resul
         ctx.refused = Some(why);
     }
     if let Answer::Cached(entry) = answer {
-        return crate::assets::serve(session, &entry, &ctx.request_id, ctx.hsts()).await;
+        return crate::io::assets::serve(session, &entry, &ctx.request_id, ctx.hsts()).await;
     }
     let Reply {
         status,

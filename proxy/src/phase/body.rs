@@ -11,12 +11,12 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use portier_config::Settings;
 
-use crate::answer::Answer;
-use crate::ctx::Ctx;
-use crate::forward;
+use crate::io::forward;
+use crate::io::spool::{self, BodySpool};
+use crate::phase::answer::Answer;
+use crate::phase::ctx::Ctx;
 use crate::snapshot::Snapshot;
-use crate::spool::{self, BodySpool};
-use crate::telemetry::{Direction, Metrics, Refusal};
+use portier_runtime::telemetry::{Direction, Metrics, Refusal};
 
 /// Timeout for reading a request body from the client.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(60);

@@ -12,7 +12,7 @@ pub fn run(path: &Path) -> ExitCode {
     };
     let mut certificates = 0;
     if let Some(c) = &config {
-        let (cert_diags, n) = crate::tls::check_certs(c);
+        let (cert_diags, n) = crate::ops::tls::check_certs(c);
         diags.extend(cert_diags);
         certificates = n;
     }

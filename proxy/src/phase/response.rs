@@ -12,14 +12,14 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 use portier_config::Class;
 
-use crate::access_log::{AccessLog, AccessRecord};
-use crate::answer::Answer;
-use crate::assets::{self, AssetCache, CacheState, Lookup};
-use crate::compress;
-use crate::ctx::Ctx;
-use crate::forward;
+use crate::io::assets::{self, AssetCache, CacheState, Lookup};
+use crate::io::compress;
+use crate::io::forward;
+use crate::phase::answer::Answer;
+use crate::phase::ctx::Ctx;
 use crate::snapshot::Snapshot;
-use crate::telemetry::Metrics;
+use portier_runtime::access_log::{AccessLog, AccessRecord};
+use portier_runtime::telemetry::Metrics;
 
 /// The response as it goes to the client: the request id echoed, HSTS on TLS.
 /// Edited in place, as the request is (vendor patch 34).
@@ -37,12 +37,12 @@ pub fn headers(cache: &Arc<AssetCache>, ctx: &mut Ctx, resp: &mut ResponseHeader
                 .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "hsts"))
         })
         .transpose()?;
-    let secure_cookies = crate::edge::secures_cookies(ctx);
+    let secure_cookies = crate::phase::edge::secures_cookies(ctx);
     let headers = resp.headers_mut();
     if secure_cookies {
         if let header::Entry::Occupied(mut cookies) = headers.entry(header::SET_COOKIE) {
             for value in cookies.iter_mut() {
-                if let Some(secured) = crate::edge::secure_session_cookie(value) {
+                if let Some(secured) = crate::phase::edge::secure_session_cookie(value) {
                     *value = secured;
                 }
             }

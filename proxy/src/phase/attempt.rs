@@ -13,13 +13,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 use portier_config::Class;
 
-use crate::admission::{self, NoSlot};
-use crate::backend::{Backend, InflightGuard, Role};
-use crate::balance;
-use crate::breaker;
-use crate::ctx::Ctx;
+use crate::phase::ctx::Ctx;
 use crate::snapshot::PoolRt;
-use crate::telemetry::{Metrics, Refusal, Retry};
+use portier_runtime::admission::{self, NoSlot};
+use portier_runtime::backend::{Backend, InflightGuard, Role};
+use portier_runtime::balance;
+use portier_runtime::breaker;
+use portier_runtime::telemetry::{Metrics, Refusal, Retry};
 
 /// How long an idle upstream connection stays in the pool.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use portier_config::Config;
 
 use crate::acme::{AcmeState, Host};
-use crate::cluster::Cluster;
 use crate::state::Shared;
+use portier_runtime::cluster::Cluster;
 
 /// At the start of a drain (on the drain thread): this replica's announcement is
 /// taken back, so the others' share while Redis is down no longer counts it.
@@ -86,9 +86,9 @@ impl Host for Shared {
 
     fn reload_certs(&self, only_if_changed: bool) {
         if only_if_changed {
-            crate::tls::reload_if_changed(self);
+            crate::ops::tls::reload_if_changed(self);
         } else {
-            crate::tls::reload_certs(self);
+            crate::ops::tls::reload_certs(self);
         }
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 
-use crate::telemetry::{Direction, Metrics};
+use portier_runtime::telemetry::{Direction, Metrics};
 
 /// The read-ahead state of one response.
 #[derive(Default)]
@@ -337,7 +337,7 @@ pub fn clean_dir(dir: &Path) -> usize {
 /// Logs a spooling failure at most once a minute.
 pub fn log_spool_error(e: &SpoolError) {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = crate::breaker::now_ms();
+    let now = portier_runtime::breaker::now_ms();
     let last = LAST.load(Ordering::Relaxed);
     if (last == 0 || now.saturating_sub(last) >= 60_000)
         && LAST

@@ -187,8 +187,13 @@ impl Limits {
             .clone()
     }
 
+    /// Tenants with a limiter now.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 
     /// Drops limiters unused for `idle_for` with nothing in flight: their buckets have
@@ -263,7 +268,7 @@ impl LoginLimits {
 
     /// Addresses with a partly spent budget.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.by_limit.iter().map(|l| l.len()).sum()
     }
 }

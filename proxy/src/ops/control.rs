@@ -17,12 +17,12 @@ use hyper_util::rt::TokioIo;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::Role;
-use crate::discover::Discoverers;
-use crate::health::Checkers;
-use crate::reload::{reload, ReloadResult};
+use crate::ops::discover::Discoverers;
+use crate::ops::reload::{reload, ReloadResult};
+use crate::ops::watch::{self, Change};
 use crate::state::Shared;
-use crate::watch::{self, Change};
+use portier_runtime::backend::Role;
+use portier_runtime::health::Checkers;
 
 /// Something to run on the control plane once the listeners are ready (the demo's
 /// self-test uses it).
@@ -69,7 +69,7 @@ pub async fn run(
     }
 
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
-    tokio::spawn(crate::supervise::cluster(shared.clone()));
+    tokio::spawn(crate::ops::supervise::cluster(shared.clone()));
     tokio::spawn(crate::acme::run(shared.clone()));
 
     // File watching: changes arrive here and are debounced.
@@ -96,11 +96,11 @@ pub async fn run(
     let mut discoverers = Discoverers::default();
     discoverers.reconcile(&shared);
     let mut checkers = Checkers::default();
-    checkers.reconcile(&shared.snapshot.load());
+    checkers.reconcile(shared.snapshot.load().health_targets());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
-    let mut trimmer = crate::memory::Trimmer::default();
+    let mut trimmer = crate::ops::memory::Trimmer::default();
 
     loop {
         let due = [config_due, certs_due].into_iter().flatten().min();
@@ -117,7 +117,7 @@ pub async fn run(
                 let now = tokio::time::Instant::now();
                 if certs_due.is_some_and(|d| d <= now) {
                     certs_due = None;
-                    crate::tls::reload_certs(&shared);
+                    crate::ops::tls::reload_certs(&shared);
                 }
                 if config_due.is_some_and(|d| d <= now) {
                     config_due = None;
@@ -143,18 +143,18 @@ pub async fn run(
             Some(m) = self_rx.recv() => m,
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
-                checkers.reconcile(&shared.snapshot.load());
+                checkers.reconcile(shared.snapshot.load().health_targets());
                 trimmer.tick(shared.inflight.load(Ordering::Relaxed));
                 ticks += 1;
                 if ticks.is_multiple_of(2) {
-                    crate::tls::reload_if_changed(&shared);
+                    crate::ops::tls::reload_if_changed(&shared);
                 }
                 if ticks.is_multiple_of(10) {
                     // Addresses whose login budget has refilled are forgotten.
                     shared.login.evict_idle();
                 }
                 if ticks.is_multiple_of(60) {
-                    crate::tls::update_expiry(&shared);
+                    crate::ops::tls::update_expiry(&shared);
                     // Limiters idle for an hour have refilled: a fresh one is the same.
                     shared.limits.evict_idle(Duration::from_secs(3600));
                 }
@@ -166,7 +166,7 @@ pub async fn run(
                 let result = reload(&shared);
                 trimmer.config_loaded();
                 if result.is_ok() {
-                    crate::tls::reload_certs(&shared);
+                    crate::ops::tls::reload_certs(&shared);
                     let now_certs = certs_dir(&shared);
                     if now_certs != watched_certs {
                         watched_certs = now_certs;
@@ -176,7 +176,7 @@ pub async fn run(
                     }
                 }
                 discoverers.reconcile(&shared);
-                checkers.reconcile(&shared.snapshot.load());
+                checkers.reconcile(shared.snapshot.load().health_targets());
                 if let Some(r) = reply {
                     let _ = r.send(result);
                 }
@@ -327,7 +327,7 @@ fn update_connections(shared: &Shared) {
         .filter_map(|(name, a)| a.map(|a| (name, a.port())))
         .collect();
     let ports: Vec<u16> = listeners.iter().map(|(_, p)| *p).collect();
-    let counts = crate::telemetry::established_on(&ports);
+    let counts = portier_runtime::telemetry::established_on(&ports);
     for ((name, _), n) in listeners.iter().zip(counts) {
         shared
             .metrics

@@ -139,7 +139,7 @@ pub fn run(port: u16, admin_port: u16) -> i32 {
             return 1;
         }
     };
-    let hook: crate::control::ReadyHook = Box::new(move |shared: Arc<Shared>| {
+    let hook: crate::ops::control::ReadyHook = Box::new(move |shared: Arc<Shared>| {
         let _ = std::thread::Builder::new()
             .name("demo-selftest".into())
             .spawn(move || {
@@ -152,7 +152,7 @@ pub fn run(port: u16, admin_port: u16) -> i32 {
                 drop(shared);
             });
     });
-    crate::server::serve(config, None, Some(hook))
+    crate::ops::server::serve(config, None, Some(hook))
 }
 
 fn local(port: u16) -> SocketAddr {

@@ -13,7 +13,7 @@ use dashmap::DashMap;
 use pingora::listeners::{ConnectionFilter, ConnectionGuard};
 use prometheus::IntCounter;
 
-use crate::forward;
+use crate::io::forward;
 
 /// The open-connection counts and the caps (fixed at start: `[listen]` changes need a
 /// restart).

@@ -1,0 +1,9 @@
+//! Building blocks of the request path that work on the bytes and know nothing of a
+//! request's phases: the headers portier forwards and owns (`forward`), bodies and
+//! responses buffered in memory or spool files (`spool`), response compression
+//! (`compress`) and the per-tenant cache of asset answers (`assets`).
+
+pub mod assets;
+pub mod compress;
+pub mod forward;
+pub mod spool;
