@@ -280,6 +280,11 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         "curl -i http://acme.localhost:{}/web/login",
         ports.http
     )));
+    // What it prints is text for a person: no escape left unexpanded.
+    assert!(!out.contains("\\n"), "a literal \\n in:\n{out}");
+    assert!(out
+        .lines()
+        .any(|l| l.starts_with("databases on the simulated Odoo 17 servers:")));
     // And it really serves those tenants.
     let r = get(p.http, "acme.localhost", "/web/dataset/call_kw")
         .await
