@@ -54,12 +54,7 @@ enum Outcome {
 
 async fn one(addr: SocketAddr, post: bool) -> Outcome {
     let fut = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(conn);
+        let mut sender = portier_sim::client::connect(addr).await.ok()?;
         let req = if post {
             http::Request::post("/web/dataset/call_kw?size=20000")
                 .header("host", "a.test")

@@ -169,14 +169,7 @@ impl Stats {
 }
 
 async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
-    Some(sender)
+    portier_sim::client::connect(addr).await.ok()
 }
 
 /// Sends one request; returns the status once the whole body has arrived.

@@ -71,12 +71,7 @@ pool = "odoo"
 
 /// One GET on a new connection: status and body bytes as received (encoded).
 async fn fetch(addr: SocketAddr, path: &str) -> Option<(u16, u64)> {
-    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .ok()?;
-    tokio::spawn(conn);
+    let mut sender = portier_sim::client::connect(addr).await.ok()?;
     let req = http::Request::builder()
         .uri(path)
         .header("host", "acme.test")
