@@ -111,6 +111,28 @@ struct Reply {
     close: bool,
 }
 
+const TEXT: &str = "text/plain; charset=utf-8";
+const HTML: &str = "text/html; charset=utf-8";
+const JSON: &str = "application/json";
+
+impl Reply {
+    fn new(status: u16, content_type: &'static str, body: Bytes) -> Reply {
+        Reply {
+            status,
+            content_type,
+            body,
+            extra: None,
+            close: false,
+        }
+    }
+
+    /// With one more header (`Location`, `Retry-After`).
+    fn with(mut self, name: &'static str, value: String) -> Reply {
+        self.extra = Some((name, value));
+        self
+    }
+}
+
 impl From<Answer> for Reply {
     fn from(a: Answer) -> Reply {
         match a {
@@ -120,86 +142,63 @@ impl From<Answer> for Reply {
                 close,
                 ..
             } => Reply {
-                status,
-                content_type: "text/plain; charset=utf-8",
-                body: Bytes::from(format!("{text}\n")),
-                extra: None,
                 close,
+                ..Reply::new(status, TEXT, Bytes::from(format!("{text}\n")))
             },
-            Answer::Redirect { location } => Reply {
-                status: 308,
-                content_type: "text/plain; charset=utf-8",
-                body: Bytes::from_static(b"moved to https\n"),
-                extra: Some(("location", location)),
-                close: false,
-            },
+            Answer::Redirect { location } => {
+                Reply::new(308, TEXT, Bytes::from_static(b"moved to https\n"))
+                    .with("location", location)
+            }
             Answer::Limited {
                 refused,
                 tenant,
                 class,
-            } => Reply {
-                status: 429,
-                content_type: "application/json",
-                body: Bytes::from(limits::refusal_body(&refused, &tenant, class)),
-                extra: Some(("retry-after", refused.retry_after.to_string())),
-                close: false,
-            },
-            Answer::Unavailable => Reply {
-                status: 503,
-                content_type: "text/html; charset=utf-8",
-                body: Bytes::from_static(MAINTENANCE_PAGE.as_bytes()),
-                extra: Some(("retry-after", "5".to_string())),
-                close: false,
-            },
-            Answer::Maintenance => Reply {
-                status: 503,
-                content_type: "text/html; charset=utf-8",
-                body: Bytes::from_static(UPGRADE_PAGE.as_bytes()),
-                extra: Some(("retry-after", "60".to_string())),
-                close: false,
-            },
+            } => Reply::new(
+                429,
+                JSON,
+                Bytes::from(limits::refusal_body(&refused, &tenant, class)),
+            )
+            .with("retry-after", refused.retry_after.to_string()),
+            Answer::Unavailable => {
+                Reply::new(503, HTML, Bytes::from_static(MAINTENANCE_PAGE.as_bytes()))
+                    .with("retry-after", "5".to_string())
+            }
+            Answer::Maintenance => {
+                Reply::new(503, HTML, Bytes::from_static(UPGRADE_PAGE.as_bytes()))
+                    .with("retry-after", "60".to_string())
+            }
             Answer::LoginLimited {
                 tenant,
                 retry_after,
-            } => {
-                let mut body = String::with_capacity(80);
-                body.push_str("{\"error\":\"login_limited\",\"tenant\":");
-                portier_runtime::access_log::push_json_str(&mut body, &tenant);
-                body.push_str(",\"retry_after\":");
-                body.push_str(&retry_after.to_string());
-                body.push('}');
-                Reply {
-                    status: 429,
-                    content_type: "application/json",
-                    body: Bytes::from(body),
-                    extra: Some(("retry-after", retry_after.to_string())),
-                    close: false,
-                }
-            }
+            } => Reply::new(429, JSON, login_limited_body(&tenant, retry_after))
+                .with("retry-after", retry_after.to_string()),
+            // Sent by `assets::serve`; never built.
             Answer::Cached(_) => Reply {
-                // Sent by `assets::serve`; never built.
-                status: 500,
-                content_type: "text/plain; charset=utf-8",
-                body: Bytes::new(),
-                extra: None,
                 close: true,
+                ..Reply::new(500, TEXT, Bytes::new())
             },
-            Answer::AcmeChallenge(key_authorization) => Reply {
-                status: 200,
-                content_type: "application/octet-stream",
-                body: key_authorization,
-                extra: None,
-                close: false,
-            },
-            Answer::NoSlot(why) => Reply {
-                status: 503,
-                content_type: "application/json",
-                body: Bytes::from(format!("{{\"error\":\"{}\"}}", why.as_str())),
-                extra: Some(("retry-after", "5".to_string())),
-                close: false,
-            },
+            Answer::AcmeChallenge(key_authorization) => {
+                Reply::new(200, "application/octet-stream", key_authorization)
+            }
+            Answer::NoSlot(why) => Reply::new(
+                503,
+                JSON,
+                Bytes::from(format!("{{\"error\":\"{}\"}}", why.as_str())),
+            )
+            .with("retry-after", "5".to_string()),
         }
     }
+}
+
+/// `{"error":"login_limited","tenant":"...","retry_after":N}`.
+fn login_limited_body(tenant: &str, retry_after: u64) -> Bytes {
+    let mut body = String::with_capacity(80);
+    body.push_str("{\"error\":\"login_limited\",\"tenant\":");
+    portier_runtime::access_log::push_json_str(&mut body, tenant);
+    body.push_str(",\"retry_after\":");
+    body.push_str(&retry_after.to_string());
+    body.push('}');
+    Bytes::from(body)
 }
 
 /// Sends `answer` to the client and records its refusal reason for the access log.

@@ -5,6 +5,7 @@
 //! The decisions (`want`, `may_resend`, `has_alternative`, `record_outcome`) read the
 //! request's [`Ctx`] and are here, next to the flow that asks them.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,12 @@ pub async fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
     let addr = backend.addr();
     ctx.attempt.backend = Some(InflightGuard::new(backend));
 
-    let s = &tenant.settings;
+    Ok(Box::new(http_peer(ctx, &tenant.settings, addr, fresh)))
+}
+
+/// The connection to `addr` for this attempt: the tenant's timeouts for the request's
+/// kind, pooled connections reused unless the attempt must go out on a `fresh` one.
+fn http_peer(ctx: &Ctx, s: &portier_config::Settings, addr: SocketAddr, fresh: bool) -> HttpPeer {
     let timeout = if ctx.route.websocket {
         s.websocket_idle
     } else if ctx.route.class == Some(Class::Longpolling) {
@@ -111,7 +117,7 @@ pub async fn peer(ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         peer.group_key = FRESH_GROUP;
         peer.options.idle_timeout = Some(Duration::ZERO);
     }
-    Ok(Box::new(peer))
+    peer
 }
 
 /// A worker slot for the request: on `picked` (the session's backend, or the least
