@@ -494,6 +494,86 @@ login = "sometimes"
     }
 
     #[test]
+    fn routes_match_element_wise_longest_first() {
+        let text = r#"[listen]
+http = "0.0.0.0:80"
+[pools.web]
+http = ["10.0.0.1:8069"]
+[pools.batch]
+http = ["10.0.0.2:8069"]
+[pools.login]
+http = ["10.0.0.3:8069"]
+[tenants.acme]
+hosts = ["acme.test"]
+pool = "web"
+routes = [
+  { path = "/xmlrpc/", pool = "batch" },
+  { path = "/jsonrpc", pool = "batch" },
+  { path = "/web", pool = "batch" },
+  { path = "/web/dataset", pool = "web" },
+  { path = "/web/login", pool = "login", exact = true },
+]
+"#;
+        let (c, _) = load(text).unwrap_or_else(|e| panic!("{}", render(&e)));
+        let t = &c.tenants[0];
+        let (web, batch, login) = (0, 1, 2);
+        for (path, want) in [
+            ("/jsonrpc", batch),
+            ("/jsonrpc/x", batch),
+            ("/jsonrpc2", web),
+            ("/xmlrpc", batch),
+            ("/xmlrpc/2/object", batch),
+            ("/xmlrpcx", web),
+            ("/web", batch),
+            ("/web/action", batch),
+            // the longest match wins
+            ("/web/dataset/call_kw", web),
+            // exact: that path only
+            ("/web/login", login),
+            ("/web/login/x", batch),
+            ("/odoo", web),
+            ("/", web),
+        ] {
+            assert_eq!(t.pool_for(path), want, "{path}");
+        }
+        // Routes are optional.
+        let plain = load(&text[..text.find("routes").unwrap()]).unwrap().0;
+        assert!(plain.tenants[0].routes.is_empty());
+        assert_eq!(plain.tenants[0].pool_for("/jsonrpc"), web);
+    }
+
+    #[test]
+    fn bad_routes_are_reported_at_their_values() {
+        let text = r#"[listen]
+http = "0.0.0.0:80"
+[pools.web]
+http = ["10.0.0.1:8069"]
+[tenants.acme]
+hosts = ["acme.test"]
+pool = "web"
+routes = [
+  { path = "jsonrpc", pool = "web" },
+  { path = "/x", pool = "nope" },
+  { path = "/y" },
+  { path = "/z", pool = "web", colour = "blue" },
+  { path = "/z/", pool = "web" },
+]
+"#;
+        let errs = load(text).unwrap_err();
+        let all = render(&errs);
+        for want in [
+            ":9:12: route `path` \"jsonrpc\" must start with `/`",
+            ":10:25: route names unknown pool \"nope\"",
+            ":11:3: a route needs `pool`",
+            ":12:32: unknown key `colour` in a route of tenant \"acme\"",
+            ":13:12: route `path` \"/z\" is given twice",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+        assert_eq!(errs.iter().filter(|d| d.is_error()).count(), 5, "{all}");
+    }
+
+    #[test]
     fn positions() {
         assert_eq!(Pos::of_offset("ab\ncd", 0), Pos { line: 1, col: 1 });
         assert_eq!(Pos::of_offset("ab\ncd", 4), Pos { line: 2, col: 2 });

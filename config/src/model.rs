@@ -320,9 +320,60 @@ pub struct Tenant {
     pub settings: Arc<Settings>,
     /// Answer every client outside `admin_cidrs` with the maintenance page (r2).
     pub maintenance: bool,
+    /// Path prefixes sent to another pool's HTTP backends (r3), longest first: the
+    /// first that matches is the longest match.
+    pub routes: Vec<Route>,
+}
+
+/// A tenant's route: requests whose path matches `path` go to `pool`'s HTTP backends
+/// instead of the tenant's pool; limits, login and maintenance stay the tenant's, and
+/// longpolling always uses the tenant's pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Starts with `/`; as a prefix, without a trailing `/` (but `/` itself).
+    pub path: String,
+    /// Matches `path` only, not the paths under it.
+    pub exact: bool,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+}
+
+impl Route {
+    /// A prefix matches element by element, as Gateway API's `PathPrefix`: `/jsonrpc`
+    /// matches `/jsonrpc` and `/jsonrpc/x`, not `/jsonrpc2`. `path` has no query string.
+    pub fn matches(&self, path: &str) -> bool {
+        if self.exact {
+            return path == self.path;
+        }
+        if self.path == "/" {
+            return true;
+        }
+        match path.strip_prefix(self.path.as_str()) {
+            Some(rest) => rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    }
+
+    /// The order that makes the first match the longest: longer paths first, an exact
+    /// route before a prefix of the same path.
+    pub fn precedence(a: &Route, b: &Route) -> std::cmp::Ordering {
+        b.path
+            .len()
+            .cmp(&a.path.len())
+            .then_with(|| b.exact.cmp(&a.exact))
+    }
 }
 
 impl Tenant {
+    /// The pool of an HTTP request (not a longpoll) for the normalised `path`: the
+    /// longest matching route's, else the tenant's.
+    pub fn pool_for(&self, path: &str) -> usize {
+        self.routes
+            .iter()
+            .find(|r| r.matches(path))
+            .map_or(self.pool, |r| r.pool)
+    }
+
     /// The database for a request whose effective tenant name is `name`.
     pub fn database_for<'a>(&'a self, name: &str) -> Option<std::borrow::Cow<'a, str>> {
         let db = self.database.as_deref()?;

@@ -128,6 +128,7 @@ pub(super) const TENANT_KEYS: &[&str] = &[
     "pool",
     "database",
     "maintenance",
+    "routes",
     "connect_timeout",
     "request_timeout",
     "longpolling_timeout",
@@ -157,6 +158,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "workers",
     "queue",
 ];
+pub(super) const ROUTE_KEYS: &[&str] = &["path", "pool", "exact"];
 pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout", "reserve"];
 pub(super) const LIMIT_KEYS: &[&str] = &["rate", "burst", "concurrency"];
 pub(super) const LOGIN_KEYS: &[&str] = &["rate", "burst"];

@@ -258,6 +258,10 @@ pub(super) fn read_tenant(
         .get("maintenance")
         .and_then(|v| want_bool(cx, "maintenance", v))
         .unwrap_or(false);
+    let routes = tbl
+        .get("routes")
+        .map(|v| read_routes(cx, name, v, pool_names))
+        .unwrap_or_default();
     let settings = read_settings(cx, &mut tbl, defaults);
     let settings = if settings == **defaults {
         defaults.clone()
@@ -276,5 +280,86 @@ pub(super) fn read_tenant(
         database,
         settings,
         maintenance,
+        routes,
     })
+}
+
+/// `routes = [{ path = "/jsonrpc", pool = "batch" }, { path = "/web/login", pool = "x", exact = true }]`:
+/// each path starts with `/`, each pool exists, no path is given twice; sorted so that
+/// the first match is the longest.
+fn read_routes(cx: &mut Cx<'_>, tenant: &str, v: &Val<'_>, pool_names: &[String]) -> Vec<Route> {
+    let Some(items) = want_array(cx, "routes", v) else {
+        return Vec::new();
+    };
+    let mut routes: Vec<Route> = Vec::new();
+    for item in items {
+        let Some(t) = want_table(cx, "routes", item) else {
+            continue;
+        };
+        let mut tbl = Tbl::new(t, format!("a route of tenant \"{tenant}\""), ROUTE_KEYS);
+        let path = match tbl.get("path") {
+            Some(pv) => want_str(cx, "path", pv).and_then(|p| {
+                if !p.starts_with('/') {
+                    cx.error(
+                        &pv.span(),
+                        format!("route `path` \"{p}\" must start with `/`"),
+                    );
+                    return None;
+                }
+                Some((p.to_string(), pv.span()))
+            }),
+            None => {
+                cx.error(
+                    &item.span(),
+                    "a route needs `path`, e.g. path = \"/jsonrpc\"",
+                );
+                None
+            }
+        };
+        let pool = match tbl.get("pool") {
+            Some(pv) => want_str(cx, "pool", pv).and_then(|p| {
+                let idx = pool_names.iter().position(|n| n == p);
+                if idx.is_none() {
+                    cx.error(
+                        &pv.span(),
+                        format!(
+                            "route names unknown pool \"{p}\" (known pools: {})",
+                            pool_names.join(", ")
+                        ),
+                    );
+                }
+                idx
+            }),
+            None => {
+                cx.error(
+                    &item.span(),
+                    "a route needs `pool`, the pool its requests go to",
+                );
+                None
+            }
+        };
+        let exact = tbl
+            .get("exact")
+            .and_then(|ev| want_bool(cx, "exact", ev))
+            .unwrap_or(false);
+        tbl.finish(cx);
+        let (Some((path, span)), Some(pool)) = (path, pool) else {
+            continue;
+        };
+        // Matched against the request's normalised path, so normalised the same way; as
+        // a prefix, `/xmlrpc/` is `/xmlrpc` (a trailing `/` is ignored, as Gateway API does).
+        let path = crate::class::normalize_path(&path).into_owned();
+        let path = match path.trim_end_matches('/') {
+            _ if exact => path,
+            "" => "/".to_string(),
+            trimmed => trimmed.to_string(),
+        };
+        if routes.iter().any(|r| r.path == path && r.exact == exact) {
+            cx.error(&span, format!("route `path` \"{path}\" is given twice"));
+            continue;
+        }
+        routes.push(Route { path, exact, pool });
+    }
+    routes.sort_by(Route::precedence);
+    routes
 }

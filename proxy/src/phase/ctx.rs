@@ -54,6 +54,9 @@ pub struct Route {
     pub tenant_name: Option<Arc<str>>,
     pub stats: Option<Arc<TenantStats>>,
     pub class: Option<Class>,
+    /// The request's pool (in the snapshot's pools): the tenant's, or for an HTTP
+    /// request its longest matching route's.
+    pub pool: Option<usize>,
     pub websocket: bool,
     /// Rendezvous keys: the effective tenant name and the `session_id` cookie.
     pub tenant_hash: u64,
@@ -144,8 +147,12 @@ impl Ctx {
         self.route.tenant.and_then(|t| snap.config.tenants.get(t))
     }
 
+    /// The request's pool: its route's (see [`Route::pool`]), else its tenant's.
     pub fn pool<'a>(&self, snap: &'a Snapshot) -> Option<&'a Arc<PoolRt>> {
-        self.tenant(snap).and_then(|t| snap.pools.get(t.pool))
+        match self.route.pool {
+            Some(p) => snap.pools.get(p),
+            None => self.tenant(snap).and_then(|t| snap.pools.get(t.pool)),
+        }
     }
 
     /// The name of the request's pool (for metrics).

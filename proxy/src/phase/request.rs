@@ -195,16 +195,22 @@ pub fn tenant<'h>(
     Ok(m)
 }
 
-/// The class from the normalised path, and the database-manager block (decided on
-/// the path as the worker will see it).
+/// The class and the pool from the normalised path (a tenant's `routes` send HTTP
+/// requests under a prefix to another pool; longpolling always uses the tenant's), and
+/// the database-manager block (decided on the path as the worker will see it).
 pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Class, Answer> {
     let path = normalize_path(session.req_header().uri.path());
     let class = Class::of(&path);
     ctx.route.class = Some(class);
     ctx.route.websocket = class == Class::Longpolling && is_websocket(session.req_header());
-    let Some(settings) = ctx.tenant(snap).map(|t| &t.settings) else {
+    let Some(tenant) = ctx.tenant(snap) else {
         return Ok(class);
     };
+    ctx.route.pool = Some(match class {
+        Class::Longpolling => tenant.pool,
+        _ => tenant.pool_for(&path),
+    });
+    let settings = &tenant.settings;
     if settings.block_database_manager
         && is_database_manager(&path)
         && !ctx.client_ip.is_some_and(|ip| settings.is_admin(ip))
