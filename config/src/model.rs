@@ -242,6 +242,9 @@ pub struct Pool {
     /// Requests in flight at once per HTTP backend (its Odoo `workers`); 0 = no cap (r2).
     pub workers: u32,
     pub queue: QueueCfg,
+    /// Where this pool's Odoo `data_dir/filestore` is mounted (r3): answers handing a
+    /// file over (`X-Accel-Redirect`) are sent from it. `None`: no offload.
+    pub filestore: Option<PathBuf>,
 }
 
 /// The pool's queue of requests waiting for a worker slot (r2).

@@ -21,6 +21,7 @@ use crate::phase::attempt;
 use crate::phase::body;
 use crate::phase::ctx::{Ctx, RequestGuard};
 use crate::phase::edge::{self, LoginProbe};
+use crate::phase::filestore;
 use crate::phase::request;
 use crate::phase::response;
 use crate::phase::upstream;
@@ -47,6 +48,7 @@ impl Proxy {
             request::https_redirect(&sh.certs, &snap, session, ctx, &host)?;
             let m = request::tenant(&sh.metrics, &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;
+            filestore::internal(session)?;
             edge::maintenance(&snap, session, ctx)?;
             let req = session.req_header();
             let probe = LoginProbe::of(&req.method, req.uri.path());
@@ -157,14 +159,16 @@ impl ProxyHttp for Proxy {
         attempt::proxy_failed(ctx, &self.shared.metrics, session, peer, e, client_reused)
     }
 
-    /// Attempt phase (`attempt`): the worker's status feeds the breaker; 502-504 retried.
+    /// Attempt phase (`attempt`): the worker's status feeds the breaker; 502-504 retried;
+    /// a file handed over is taken over (`filestore`).
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
-        attempt::response_status(ctx, session, resp.status.as_u16())
+        attempt::response_status(ctx, session, resp.status.as_u16())?;
+        filestore::take_over(ctx, session.req_header(), resp).await
     }
 
     /// Upstream phase (`upstream`): the request header as the worker gets it.
@@ -224,12 +228,15 @@ impl ProxyHttp for Proxy {
         e: &Error,
         ctx: &mut Box<Ctx>,
     ) -> FailToProxy {
-        answer::failed(session, e, ctx).await
+        match ctx.response.handover.take() {
+            Some(h) => filestore::send(session, ctx, h, &self.shared.metrics).await,
+            None => answer::failed(session, e, ctx).await,
+        }
     }
 
-    /// Refusals are in the access log already.
-    fn suppress_error_log(&self, _session: &Session, ctx: &Box<Ctx>, _error: &Error) -> bool {
-        ctx.refused.is_some()
+    /// Refusals and handed-over files are in the access log already.
+    fn suppress_error_log(&self, _session: &Session, ctx: &Box<Ctx>, e: &Error) -> bool {
+        ctx.refused.is_some() || *e.etype() == filestore::HANDOVER
     }
 
     /// Logging phase (`response::log`): the tenant's metrics and the access record.

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// `portier_cluster_redis_up`: registered when a `[cluster]` is first configured.
     pub cluster_up: IntGauge,
+    /// `portier_filestore_requests_total{result}`, `portier_filestore_bytes_total`.
+    pub filestore: FilestoreMetrics,
     tenants: DashMap<String, Arc<TenantStats>>,
     other: OnceLock<Arc<TenantStats>>,
 }
@@ -280,6 +282,7 @@ impl Metrics {
         let refused_max_connections = connections_refused.with_label_values(&["max_connections"]);
         let refused_per_ip = connections_refused.with_label_values(&["per_ip"]);
         let refused_header_timeout = connections_refused.with_label_values(&["header_timeout"]);
+        let filestore = FilestoreMetrics::new(&registry);
         let cache_requests = reg!(IntCounterVec::new(
             Opts::new(
                 "portier_cache_requests_total",
@@ -340,6 +343,7 @@ impl Metrics {
             access_log_dropped,
             acme_orders,
             cluster_up,
+            filestore,
             tenants: DashMap::new(),
             other: OnceLock::new(),
         }
@@ -468,6 +472,9 @@ pub enum Refusal {
     Maintenance,
     LoginLimited,
     HeaderTimeout,
+    FilestoreDenied,
+    FilestoreMissing,
+    FilestoreUnset,
 }
 
 impl Refusal {
@@ -485,6 +492,50 @@ impl Refusal {
             Refusal::Maintenance => "maintenance",
             Refusal::LoginLimited => "login_limited",
             Refusal::HeaderTimeout => "header_timeout",
+            Refusal::FilestoreDenied => "filestore_denied",
+            Refusal::FilestoreMissing => "filestore_missing",
+            Refusal::FilestoreUnset => "filestore_unset",
+        }
+    }
+}
+
+/// The filestore offload's counters: answers by result, and the file bytes sent.
+pub struct FilestoreMetrics {
+    pub sent: IntCounter,
+    pub missing: IntCounter,
+    pub denied: IntCounter,
+    pub unset: IntCounter,
+    pub bytes: IntCounter,
+}
+
+impl FilestoreMetrics {
+    fn new(registry: &Registry) -> FilestoreMetrics {
+        // Constant, valid names and labels: construction cannot fail.
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "portier_filestore_requests_total",
+                "Worker answers handing a file over (X-Accel-Redirect), by result: sent, missing, denied, unset",
+            ),
+            &["result"],
+        )
+        .expect("valid metric definition");
+        let bytes = IntCounter::new(
+            "portier_filestore_bytes_total",
+            "File bytes sent from the filestore",
+        )
+        .expect("valid metric definition");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(bytes.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        FilestoreMetrics {
+            sent: requests.with_label_values(&["sent"]),
+            missing: requests.with_label_values(&["missing"]),
+            denied: requests.with_label_values(&["denied"]),
+            unset: requests.with_label_values(&["unset"]),
+            bytes,
         }
     }
 }

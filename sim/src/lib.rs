@@ -26,6 +26,7 @@
 //! `x-sim-sleep-ms` header).
 
 pub mod client;
+pub mod filestore;
 pub mod odoo;
 mod process;
 mod routes;
@@ -102,6 +103,8 @@ pub struct SimConfig {
     /// neither threaded nor forking for werkzeug) speaks HTTP/1.0: every response
     /// closes its connection.
     pub close_each: bool,
+    /// `--x-sendfile`: attachments are handed to the web server (`filestore.rs`).
+    pub x_sendfile: bool,
 }
 
 impl Default for SimConfig {
@@ -123,6 +126,7 @@ impl SimConfig {
             limit_request: None,
             workers: None,
             close_each: false,
+            x_sendfile: false,
         }
     }
 }
@@ -170,6 +174,9 @@ struct Shared {
     open: AtomicU64,
     recycled: AtomicU64,
     stalled: AtomicU64,
+    /// Requests for `/web/filestore/...` that reached the worker with `x_sendfile` on
+    /// (Odoo logs an error for each: the web server should have served them).
+    filestore_errors: AtomicU64,
     busy: AtomicU64,
     peak_busy: AtomicU64,
     busy_micros: AtomicU64,
@@ -220,6 +227,7 @@ impl SimWorker {
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
             recycled: AtomicU64::new(0),
+            filestore_errors: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             peak_busy: AtomicU64::new(0),
@@ -290,6 +298,11 @@ impl SimWorker {
     /// Requests dropped unanswered because their worker process was recycled.
     pub fn recycled(&self) -> u64 {
         self.shared.recycled.load(Ordering::Relaxed)
+    }
+
+    /// `/web/filestore/...` requests that reached this worker with `x_sendfile` on.
+    pub fn filestore_errors(&self) -> u64 {
+        self.shared.filestore_errors.load(Ordering::Relaxed)
     }
 
     /// Connections dropped because the client stalled past the socket timeout.

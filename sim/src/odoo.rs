@@ -76,6 +76,8 @@ pub struct Odoo {
     seq: AtomicU64,
     /// `/web/health?db_server_status=1` reports the PostgreSQL server up.
     pub db_server_up: AtomicBool,
+    /// `data_dir/filestore`, once attachments are stored (see [`Odoo::set_data_dir`]).
+    filestore: std::sync::OnceLock<crate::filestore::Filestore>,
 }
 
 /// Why a request gets no database, or an error instead.
@@ -104,7 +106,28 @@ impl Odoo {
             sessions: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(1),
             db_server_up: AtomicBool::new(true),
+            filestore: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the server a `data_dir` whose `filestore` holds attachments (once).
+    pub fn set_data_dir(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> std::io::Result<&crate::filestore::Filestore> {
+        if self.filestore.get().is_none() {
+            let _ = self
+                .filestore
+                .set(crate::filestore::Filestore::new(data_dir)?);
+        }
+        self.filestore
+            .get()
+            .ok_or_else(|| std::io::Error::other("filestore not set"))
+    }
+
+    /// The server's filestore, if it has a `data_dir`.
+    pub fn filestore(&self) -> Option<&crate::filestore::Filestore> {
+        self.filestore.get()
     }
 
     fn all_databases(&self, headers: &HeaderMap) -> Vec<String> {

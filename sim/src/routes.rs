@@ -97,6 +97,31 @@ pub(crate) async fn route(
             }
         }
         "/web/login" | "/web" | "/odoo" => login_and_home(shared, method, path, headers, body),
+        p if p.starts_with("/web/filestore/") => {
+            // binary.py `content_filestore`: the web server should have served it.
+            if shared.cfg.x_sendfile {
+                shared.filestore_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            json_response(StatusCode::NOT_FOUND, worker, "{}".to_string())
+        }
+        p if (p.starts_with("/web/content/") || p.starts_with("/web/image/"))
+            && odoo.filestore().is_some() =>
+        {
+            match (odoo.resolve(headers), odoo.filestore()) {
+                (Ok(r), Some(store)) => match r.db {
+                    Some(db) => crate::filestore::content(
+                        worker,
+                        store,
+                        &db,
+                        p,
+                        headers,
+                        shared.cfg.x_sendfile,
+                    ),
+                    None => json_response(StatusCode::NOT_FOUND, worker, "{}".to_string()),
+                },
+                _ => forbidden(worker),
+            }
+        }
         p if is_static(p) => static_file(worker, p, query, headers),
         p if p.starts_with("/json/2/") => {
             if !odoo.version.has_json2() {

@@ -274,12 +274,16 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         .lines()
         .filter(|l| l.starts_with("  ok ") || l.starts_with("  FAIL "))
         .collect();
-    assert_eq!(checks.len(), 9, "{out}");
+    assert_eq!(checks.len(), 10, "{out}");
     assert!(checks.iter().all(|l| l.starts_with("  ok ")), "{out}");
     assert!(out.contains(&format!(
         "curl -i http://acme.localhost:{}/web/login",
         ports.http
     )));
+    assert!(
+        out.contains("bytes sent by portier from the filestore"),
+        "{out}"
+    );
     // What it prints is text for a person: no escape left unexpanded.
     assert!(!out.contains("\\n"), "a literal \\n in:\n{out}");
     assert!(out

@@ -157,6 +157,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "retries",
     "workers",
     "queue",
+    "filestore",
 ];
 pub(super) const ROUTE_KEYS: &[&str] = &["path", "pool", "exact"];
 pub(super) const QUEUE_KEYS: &[&str] = &["max", "timeout", "reserve"];
@@ -221,7 +222,7 @@ fn read_document(
                 let name_str = name.get_ref().to_string();
                 pool_names.push(name_str.clone());
                 if let Some(pt) = want_table(cx, &format!("pools.{name_str}"), pv) {
-                    if let Some(p) = read_pool(cx, &name_str, &name.span(), pt) {
+                    if let Some(p) = read_pool(cx, &name_str, &name.span(), pt, base_dir) {
                         pools.push(p);
                     } else {
                         // Keep indices aligned with names even when a pool is invalid.
@@ -322,6 +323,7 @@ fn placeholder_pool(name: &str) -> Pool {
         retries: 1,
         workers: 0,
         queue: QueueCfg::default(),
+        filestore: None,
     }
 }
 

@@ -8,6 +8,7 @@ pub(super) fn read_pool(
     name: &str,
     name_span: &Range<usize>,
     t: &DeTable<'_>,
+    base_dir: &Path,
 ) -> Option<Pool> {
     let mut tbl = Tbl::new(t, format!("[pools.{name}]"), POOL_KEYS);
     let errors_before = cx.diags.iter().filter(|d| d.is_error()).count();
@@ -85,6 +86,9 @@ pub(super) fn read_pool(
     }
     if let Some(v) = tbl.get("retries") {
         pool.retries = want_uint(cx, "retries", v, 0, 10).unwrap_or(1) as u32;
+    }
+    if let Some(v) = tbl.get("filestore") {
+        pool.filestore = read_filestore(cx, v, base_dir);
     }
     let has_static = http_v.is_some() || longpolling_v.is_some();
     match (&pool.discover, has_static) {
@@ -238,4 +242,25 @@ pub(super) fn read_discover(cx: &mut Cx<'_>, v: &Val<'_>) -> Option<Discover> {
         every: every?,
         resolver,
     })
+}
+
+/// `filestore = "/mnt/odoo/filestore"`: a directory portier can read (relative to the
+/// configuration file's directory).
+fn read_filestore(cx: &mut Cx<'_>, v: &Val<'_>, base_dir: &Path) -> Option<PathBuf> {
+    let s = want_str(cx, "filestore", v)?;
+    let p = PathBuf::from(s);
+    let p = if p.is_absolute() { p } else { base_dir.join(p) };
+    match std::fs::read_dir(&p) {
+        Ok(_) => Some(p),
+        Err(e) => {
+            cx.error(
+                &v.span(),
+                format!(
+                    "`filestore` \"{}\" is not a readable directory: {e}",
+                    p.display()
+                ),
+            );
+            None
+        }
+    }
 }

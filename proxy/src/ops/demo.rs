@@ -1,6 +1,7 @@
 //! `portier demo`: the proxy on 127.0.0.1 with an embedded config in front of two
 //! simulated Odoo workers (each with an HTTP port and a gevent port), a self-test
-//! that shows two tenants and a WebSocket routed, and `curl` lines to try.
+//! that shows two tenants and a WebSocket routed and an attachment sent by portier from
+//! the filestore (the workers run with `--x-sendfile`), and `curl` lines to try.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,6 +22,16 @@ const DATABASES: &[&str] = &["acme", "acme2", "beta", "gamma", "zeta"];
 struct Workers {
     http: Vec<SocketAddr>,
     gevent: Vec<SocketAddr>,
+    /// The servers' `data_dir/filestore`, and acme's attachment in it (id, size).
+    filestore: std::path::PathBuf,
+    attachment: (u64, u64),
+}
+
+/// acme's attachment: a small PDF-looking file of 64 KiB.
+fn invoice() -> Vec<u8> {
+    let mut v = b"%PDF-1.4\n% portier demo invoice\n".to_vec();
+    v.resize(64 << 10, b'.');
+    v
 }
 
 fn start_workers() -> std::io::Result<Workers> {
@@ -47,10 +58,24 @@ fn start_workers() -> std::io::Result<Workers> {
                 // volume multi-server Odoo deployments share): a session rotated at
                 // login may land on the other server.
                 let odoo = Arc::new(Odoo::new(OdooVersion::V17, Some(DATABASES)));
+                // Their data_dir, whose filestore portier sends attachments from.
+                let data_dir =
+                    std::env::temp_dir().join(format!("portier-demo-{}", std::process::id()));
+                let attachment = odoo
+                    .set_data_dir(&data_dir)
+                    .and_then(|fs| fs.add("acme", "invoice.pdf", "application/pdf", &invoice()));
+                let (filestore, attachment) = match attachment {
+                    Ok(a) => (data_dir.join("filestore"), (a.id, a.size)),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
                 for server in ["w1", "w2"] {
                     let odoo = odoo.clone();
                     let mut http = SimConfig::new(Server::Http, odoo.clone());
                     http.workers = Some(2);
+                    http.x_sendfile = true;
                     let gevent = SimConfig::new(Server::Gevent, odoo);
                     for (name, cfg) in [
                         (server.to_string(), http),
@@ -72,6 +97,8 @@ fn start_workers() -> std::io::Result<Workers> {
                 let addrs = Workers {
                     http: vec![workers[0].addr(), workers[2].addr()],
                     gevent: vec![workers[1].addr(), workers[3].addr()],
+                    filestore,
+                    attachment,
                 };
                 let _ = tx.send(Ok(addrs));
                 // Keep the workers alive for the life of the process.
@@ -88,12 +115,7 @@ fn list(addrs: &[SocketAddr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-pub fn config_text(
-    port: u16,
-    admin_port: u16,
-    http: &[SocketAddr],
-    gevent: &[SocketAddr],
-) -> String {
+fn config_text(port: u16, admin_port: u16, workers: &Workers) -> String {
     format!(
         r#"# portier demo configuration (embedded)
 [listen]
@@ -105,6 +127,7 @@ drain = "5s"
 http = {http}
 longpolling = {gevent}
 health = {{ path = "/web/health", every = "2s" }}
+filestore = "{filestore}"
 
 [tenants.acme]
 hosts = ["acme.localhost"]
@@ -118,8 +141,9 @@ pool = "demo"
 database = "{{tenant}}"
 admin_cidrs = []
 "#,
-        http = list(http),
-        gevent = list(gevent),
+        http = list(&workers.http),
+        gevent = list(&workers.gevent),
+        filestore = workers.filestore.display(),
     )
 }
 
@@ -131,7 +155,7 @@ pub fn run(port: u16, admin_port: u16) -> i32 {
             return 1;
         }
     };
-    let text = config_text(port, admin_port, &workers.http, &workers.gevent);
+    let text = config_text(port, admin_port, &workers);
     let (config, _) = match portier_config::load_str(&text, Path::new("<demo>")) {
         Ok(c) => c,
         Err(diags) => {
@@ -166,6 +190,8 @@ struct Answer {
     /// `X-Cache` and `Content-Encoding`, for the asset-cache check.
     cache: String,
     encoding: String,
+    /// `X-Accel-Redirect`, which the client must never see.
+    accel: String,
 }
 
 async fn call(
@@ -203,6 +229,7 @@ async fn call(
         status: resp.status().as_u16(),
         cache: header("x-cache"),
         encoding: header("content-encoding"),
+        accel: header("x-accel-redirect"),
         body: String::from_utf8_lossy(resp.body()).into_owned(),
         cookie,
     })
@@ -375,6 +402,9 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
         ),
         (Err(e), _) | (_, Err(e)) => line(false, format!("asset cache: {e}")),
     }
+    let (ok, text) = attachment(port, workers.attachment).await;
+    line(ok, text);
+    let attachment_id = workers.attachment.0;
     let http: Vec<String> = workers.http.iter().map(|a| a.to_string()).collect();
     let gevent: Vec<String> = workers.gevent.iter().map(|a| a.to_string()).collect();
     println!(
@@ -395,10 +425,28 @@ try it (*.localhost resolves to 127.0.0.1; the workers answer with what reached 
   curl -i http://beta.saas.localhost:{port}/web/database/manager              # 403
   curl -sI http://acme.localhost:{port}/web/assets/1a2b3c/web.assets_web.min.js -H 'Accept-Encoding: br' # X-Cache, Age, br
   curl -i -N --max-time 2 http://acme.localhost:{port}/websocket -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Origin: http://acme.localhost:{port}'
+  curl -sI http://acme.localhost:{port}/web/content/{attachment_id}                          # sent by portier from the filestore
   curl -s http://127.0.0.1:{admin_port}/status
   curl -s http://127.0.0.1:{admin_port}/metrics | grep portier_requests_total
 press Ctrl-C to stop."#,
         http = http.join(", "),
         gevent = gevent.join(", "),
     );
+}
+
+/// acme's attachment: the worker answers `X-Accel-Redirect` (Odoo's `--x-sendfile`) and
+/// portier sends the file from the filestore.
+async fn attachment(port: u16, (id, size): (u64, u64)) -> (bool, String) {
+    let path = format!("/web/content/{id}");
+    match get(port, "acme.localhost", &path, "").await {
+        Ok(a) => (
+            a.status == 200 && a.body.len() as u64 == size && a.accel.is_empty(),
+            format!(
+                "acme.localhost GET {path} -> {}, {} bytes sent by portier from the filestore (the worker answered X-Accel-Redirect)",
+                a.status,
+                a.body.len()
+            ),
+        ),
+        Err(e) => (false, format!("attachment: {e}")),
+    }
 }

@@ -210,6 +210,11 @@ pub fn proxy_failed(
     client_reused: bool,
 ) -> Box<Error> {
     let mut e = e.more_context(format!("backend {peer}"));
+    if ctx.response.handover.is_some() {
+        // The worker answered and handed a file over: nothing failed, nothing to retry.
+        e.set_retry(false);
+        return e;
+    }
     if ctx.attempt.retry_on_status {
         // upstream_response_filter asked for this retry (and checked it is allowed).
         retry(ctx, metrics, &mut e, Retry::Status);

@@ -16,6 +16,7 @@ use portier_config::{Class, Tenant};
 
 use crate::io::assets::{CacheState, Capture};
 use crate::io::compress::Encoder;
+use crate::io::filestore::Handover;
 use crate::io::spool::ResponseBuffer;
 use crate::snapshot::{PoolRt, Snapshot};
 use portier_runtime::admission::Slot;
@@ -117,6 +118,8 @@ pub struct ResponseState {
     /// The request's part in the asset cache, and the response being captured for it.
     pub cache: CacheState,
     pub capture: Option<Capture>,
+    /// The worker handed a file over (`X-Accel-Redirect`): what the client gets instead.
+    pub handover: Option<Handover>,
 }
 
 impl Default for Ctx {

@@ -30,6 +30,26 @@ pub fn headers(cache: &Arc<AssetCache>, ctx: &mut Ctx, resp: &mut ResponseHeader
         CacheState::Miss { fill: Some(_), .. } => assets::lifetime(resp),
         _ => None,
     };
+    client_headers(ctx, resp)?;
+    if ctx.response.compressible {
+        ctx.response.encoder = compress::response_headers(ctx.response.encoding, resp)?;
+    }
+    if let CacheState::Miss { key, fill } = &mut ctx.response.cache {
+        resp.insert_header(forward::X_CACHE, "miss")?;
+        if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
+            ctx.response.capture =
+                Some(assets::Capture::start(cache, key.clone(), fill, resp, ttl));
+        }
+        // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
+        *fill = None;
+    }
+    Ok(())
+}
+
+/// What every worker answer gets on its way to the client: the request id (replacing
+/// the worker's own), HSTS over TLS, `Secure` and `SameSite` on Odoo's session cookie.
+/// Edited in place (vendor patch 34).
+pub fn client_headers(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
     let hsts = ctx
         .hsts()
         .map(|hsts| {
@@ -48,22 +68,9 @@ pub fn headers(cache: &Arc<AssetCache>, ctx: &mut Ctx, resp: &mut ResponseHeader
             }
         }
     }
-    // The worker's own X-Request-Id, if any, is replaced.
     headers.insert(forward::X_REQUEST_ID, ctx.request_id.clone());
     if let Some(hsts) = hsts {
         headers.insert(header::STRICT_TRANSPORT_SECURITY, hsts);
-    }
-    if ctx.response.compressible {
-        ctx.response.encoder = compress::response_headers(ctx.response.encoding, resp)?;
-    }
-    if let CacheState::Miss { key, fill } = &mut ctx.response.cache {
-        resp.insert_header(forward::X_CACHE, "miss")?;
-        if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
-            ctx.response.capture =
-                Some(assets::Capture::start(cache, key.clone(), fill, resp, ttl));
-        }
-        // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
-        *fill = None;
     }
     Ok(())
 }
