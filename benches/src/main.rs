@@ -4,6 +4,7 @@ mod all;
 mod chaos;
 mod cluster;
 mod compare;
+mod downloads;
 mod exhaustion;
 mod failure;
 mod load;
@@ -128,6 +129,32 @@ enum Command {
         /// The shared peers harness (nginx runs beside portier when installed).
         #[arg(long, default_value = "../shared/peers")]
         peers: PathBuf,
+    },
+    /// Attachments downloaded slowly while clicks go on, through 4 Odoo workers: the
+    /// worker streams, response buffering, the filestore offload, and nginx's internal
+    /// location: worker-seconds per download, click latency, proxy CPU and memory.
+    Downloads {
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        #[arg(long, default_value_t = 5 << 20)]
+        min_size: usize,
+        #[arg(long, default_value_t = 20 << 20)]
+        max_size: usize,
+        /// Distinct attachments in the filestore.
+        #[arg(long, default_value_t = 16)]
+        files: usize,
+        /// Each client's reading speed, bytes per second.
+        #[arg(long, default_value_t = 1 << 20)]
+        rate: usize,
+        /// The longest a phase may last, seconds.
+        #[arg(long, default_value_t = 40)]
+        seconds: u64,
+        /// Clicks per second meanwhile.
+        #[arg(long, default_value_t = 20.0)]
+        b_rate: f64,
+        /// Leave nginx out even when it is installed.
+        #[arg(long)]
+        no_nginx: bool,
     },
     /// Faults injected one after another under load (worker killed, hung, resetting,
     /// dying after the request, dying mid-response): every request accounted for.
@@ -427,6 +454,35 @@ fn main() -> ExitCode {
                 rt.block_on(slow::run(&opts)),
                 |p| slow::table(p),
                 |p| slow::json(p, &opts),
+                out,
+            )
+        }
+        Command::Downloads {
+            clients,
+            min_size,
+            max_size,
+            files,
+            rate,
+            seconds,
+            b_rate,
+            no_nginx,
+        } => {
+            let opts = downloads::Opts {
+                portier,
+                clients,
+                min_size,
+                max_size,
+                files,
+                rate,
+                seconds,
+                b_rate,
+                proxy_cpus: cpus,
+                nginx: !no_nginx,
+            };
+            report(
+                rt.block_on(downloads::run(&opts)),
+                |p| downloads::table(p),
+                |p| downloads::json(p, &opts),
                 out,
             )
         }

@@ -89,7 +89,12 @@ pub struct Group {
 }
 
 impl Group {
-    fn spawn(name: &str, cpus: &str, log: &Path, cmd: &mut Command) -> std::io::Result<Group> {
+    pub(crate) fn spawn(
+        name: &str,
+        cpus: &str,
+        log: &Path,
+        cmd: &mut Command,
+    ) -> std::io::Result<Group> {
         let log = std::fs::File::create(log)?;
         let program = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
