@@ -16,7 +16,9 @@
 //!   WebSocket upgrade fails (the prefork handler has no socket for the bus);
 //! - the bus WebSocket (`addons/bus/websocket.py`): the handshake checks of Odoo 17+,
 //!   no extensions negotiated, served on the gevent port (and in threaded mode);
-//! - `/web/health` and `?db_server_status=1` (`addons/web/controllers/webclient.py`).
+//! - `/web/health` and `?db_server_status=1` (`addons/web/controllers/webclient.py`);
+//! - attachments in `data_dir/filestore` and `--x-sendfile` ([`filestore`]):
+//!   `odoo/http.py` `Stream.get_response`, `addons/web/controllers/binary.py`.
 //!
 //! Every answer names the worker (`x-sim-worker` header and `"worker"` field) and,
 //! for ordinary paths, echoes the request headers it received, so tests can assert
@@ -29,6 +31,7 @@ pub mod client;
 pub mod filestore;
 pub mod odoo;
 mod process;
+mod record;
 mod routes;
 mod ws;
 
@@ -38,7 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -49,6 +52,8 @@ use tokio::task::JoinHandle;
 pub use odoo::{Odoo, OdooVersion};
 pub use process::Held;
 use process::{held, read_body, Busy, Dropped};
+pub use record::Recorded;
+use record::{record, record_full};
 use routes::{json_response, query_param, route, selects_database};
 
 /// How the whole worker behaves.
@@ -130,38 +135,6 @@ impl SimConfig {
         }
     }
 }
-
-/// One request as the worker received it.
-#[derive(Clone, Debug)]
-pub struct Recorded {
-    pub method: String,
-    /// Path and query, as received.
-    pub target: String,
-    pub headers: HeaderMap,
-    pub body_len: usize,
-    /// The database Odoo selected for it, on the paths that select one.
-    pub db: Option<String>,
-    /// When the request head arrived, and when its body was complete.
-    pub head_at: Instant,
-    pub body_at: Instant,
-}
-
-impl Recorded {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// All values of a header (for checking that a client copy was dropped).
-    pub fn header_all(&self, name: &str) -> Vec<String> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_string))
-            .collect()
-    }
-}
-
-const MAX_RECORDED: usize = 4096;
 
 struct Shared {
     name: String,
@@ -578,41 +551,6 @@ async fn handle(
         return Ok(process::held_truncated(resp, slot, Some(busy)));
     }
     Ok(held(resp, slot, Some(busy)))
-}
-
-fn record(
-    shared: &Shared,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    body_len: usize,
-    db: Option<String>,
-    at: Instant,
-) {
-    record_full(
-        shared,
-        Recorded {
-            method: method.as_str().to_string(),
-            target: target.to_string(),
-            headers: headers.clone(),
-            body_len,
-            db,
-            head_at: at,
-            body_at: at,
-        },
-    );
-}
-
-fn record_full(shared: &Shared, rec: Recorded) {
-    if !shared.recording.load(Ordering::Relaxed) {
-        return;
-    }
-    if let Ok(mut r) = shared.recorded.lock() {
-        if r.len() >= MAX_RECORDED {
-            r.pop_front();
-        }
-        r.push_back(rec);
-    }
 }
 
 #[cfg(test)]
