@@ -26,7 +26,6 @@ use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorType, Result};
 use portier_config::class::normalize_path;
 use portier_runtime::telemetry::{Metrics, Refusal};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::io::filestore::{self as store, Handover, Plan, Refused};
 use crate::phase::answer::{self, Answer};
@@ -225,31 +224,43 @@ async fn stream(
     if head_only {
         return Ok(());
     }
-    let mut file = tokio::fs::File::from_std(file);
-    let io = |e: std::io::Error| Error::because(ErrorType::ReadError, "reading the file", e);
-    file.seek(std::io::SeekFrom::Start(start))
-        .await
-        .map_err(io)?;
-    let mut left = len;
+    let file = std::sync::Arc::new(file);
+    let (mut at, mut left) = (start, len);
     while left > 0 {
         let want = CHUNK.min(usize::try_from(left).unwrap_or(CHUNK));
-        let mut buf = BytesMut::with_capacity(want);
-        let n = (&mut file)
-            .take(want as u64)
-            .read_buf(&mut buf)
-            .await
-            .map_err(io)?;
+        let piece = read_at(&file, at, want).await?;
+        let n = piece.len() as u64;
         if n == 0 {
             // The file shrank under us: the client's Content-Length cannot be met.
             return Error::e_explain(ErrorType::ReadError, "the file ended early");
         }
-        left -= n as u64;
-        m.bytes.inc_by(n as u64);
-        session
-            .write_response_body(Some(buf.freeze()), left == 0)
-            .await?;
+        (at, left) = (at + n, left - n);
+        m.bytes.inc_by(n);
+        session.write_response_body(Some(piece), left == 0).await?;
     }
     Ok(())
+}
+
+/// Up to `want` bytes of `file` at `offset`, read on the blocking pool straight into the
+/// buffer that is sent (`pread`: no file position shared, one copy).
+async fn read_at(
+    file: &std::sync::Arc<std::fs::File>,
+    offset: u64,
+    want: usize,
+) -> Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let file = file.clone();
+    // Allocated (and freed, once sent) on this thread, not the blocking pool's: a
+    // buffer freed by another thread than its allocator's stays in that thread's heap.
+    let mut buf = BytesMut::zeroed(want);
+    let read = tokio::task::spawn_blocking(move || {
+        let n = file.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok::<_, std::io::Error>(buf.freeze())
+    })
+    .await
+    .map_err(|e| Error::because(ErrorType::ReadError, "reading the file", e))?;
+    read.map_err(|e| Error::because(ErrorType::ReadError, "reading the file", e))
 }
 
 /// A pool without `filestore` meets a handover: logged at most once a minute.
