@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use portier_sim::filestore::Attachment;
 use portier_sim::{Odoo, OdooVersion, Server, SimConfig, SimWorker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::load::{self, Req, Stats};
 use crate::peers;
@@ -131,40 +130,6 @@ fn attachments(odoo: &Odoo, dir: &Path, opts: &Opts) -> std::io::Result<Vec<Atta
         .collect()
 }
 
-/// One download at `rate` bytes per second; the bytes received (all of them when complete).
-async fn download(addr: SocketAddr, a: Attachment, rate: usize, deadline: Instant) -> (bool, u64) {
-    let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
-        return (false, 0);
-    };
-    let _ = socket.set_recv_buffer_size(16 * 1024);
-    let Ok(mut conn) = socket.connect(addr).await else {
-        return (false, 0);
-    };
-    let req = format!(
-        "GET /web/content/{} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
-        a.id
-    );
-    if conn.write_all(req.as_bytes()).await.is_err() {
-        return (false, 0);
-    }
-    let step = 16 * 1024;
-    let pause = Duration::from_secs_f64(step as f64 / rate as f64);
-    let mut buf = vec![0u8; step];
-    let mut got = 0u64;
-    let mut next = Instant::now();
-    while Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
-            Ok(Ok(0)) => return (got >= a.size, got),
-            Ok(Ok(n)) => got += n as u64,
-            Ok(Err(_)) => return (false, got),
-            Err(_) => continue,
-        }
-        next += pause;
-        tokio::time::sleep_until(next.into()).await;
-    }
-    (false, got)
-}
-
 /// The downloads and the clicks through the proxy at `addr`; `usage` reads the proxy's
 /// CPU seconds and resident KiB.
 async fn measure(
@@ -181,12 +146,12 @@ async fn measure(
     let deadline = start + Duration::from_secs(opts.seconds);
     let tasks: Vec<_> = (0..opts.clients)
         .map(|i| {
-            tokio::spawn(download(
-                addr,
-                files[i % files.len()].clone(),
-                opts.rate,
-                deadline,
-            ))
+            let a = &files[i % files.len()];
+            let path = format!("/web/content/{}", a.id);
+            let (size, rate) = (a.size, opts.rate);
+            tokio::spawn(async move {
+                load::slow_get(addr, "a.test", &path, size, rate, deadline).await
+            })
         })
         .collect();
     // Memory while the downloads are under way, then the clicks beside them.

@@ -477,3 +477,44 @@ pub fn table(label: &str, s: &Stats) -> String {
         s.failures()
     )
 }
+
+/// A slow client: one `GET` of `path` on a new connection (a 16 KiB receive buffer),
+/// read at `rate` bytes per second until the server closes; whether `expect` bytes or
+/// more arrived before `deadline`, and how many did.
+pub async fn slow_get(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    expect: u64,
+    rate: usize,
+    deadline: Instant,
+) -> (bool, u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+        return (false, 0);
+    };
+    let _ = socket.set_recv_buffer_size(16 * 1024);
+    let Ok(mut conn) = socket.connect(addr).await else {
+        return (false, 0);
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if conn.write_all(req.as_bytes()).await.is_err() {
+        return (false, 0);
+    }
+    let step = 16 * 1024;
+    let pause = Duration::from_secs_f64(step as f64 / rate as f64);
+    let mut buf = vec![0u8; step];
+    let mut got = 0u64;
+    let mut next = Instant::now();
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(0)) => return (got >= expect, got),
+            Ok(Ok(n)) => got += n as u64,
+            Ok(Err(_)) => return (false, got),
+            Err(_) => continue,
+        }
+        next += pause;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    (false, got)
+}

@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::load::{self, Req, Stats};
 use crate::peers;
 use crate::proc;
@@ -70,39 +68,6 @@ pool = "odoo"
 "#,
         list = list.join(", ")
     )
-}
-
-/// One slow download; true when every byte arrived before `deadline`.
-async fn download(addr: SocketAddr, size: usize, rate: usize, deadline: Instant) -> bool {
-    let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
-        return false;
-    };
-    let _ = socket.set_recv_buffer_size(16 * 1024);
-    let Ok(mut conn) = socket.connect(addr).await else {
-        return false;
-    };
-    let req = format!(
-        "GET /web/content/report?size={size} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
-    );
-    if conn.write_all(req.as_bytes()).await.is_err() {
-        return false;
-    }
-    let step = 16 * 1024;
-    let pause = Duration::from_secs_f64(step as f64 / rate as f64);
-    let mut buf = vec![0u8; step];
-    let mut got = 0usize;
-    loop {
-        if Instant::now() > deadline {
-            return false;
-        }
-        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
-            Ok(Ok(0)) => return got >= size,
-            Ok(Ok(n)) => got += n,
-            Ok(Err(_)) => return false,
-            Err(_) => continue,
-        }
-        tokio::time::sleep(pause).await;
-    }
 }
 
 pub async fn run(opts: &Opts) -> std::io::Result<Vec<Phase>> {
@@ -170,7 +135,15 @@ async fn measure(
     let start = Instant::now();
     let deadline = start + Duration::from_secs(opts.seconds);
     let tasks: Vec<_> = (0..opts.clients)
-        .map(|_| tokio::spawn(download(addr, opts.size, opts.rate, deadline)))
+        .map(|_| {
+            let path = format!("/web/content/report?size={}", opts.size);
+            let (size, rate) = (opts.size as u64, opts.rate);
+            tokio::spawn(async move {
+                load::slow_get(addr, "a.test", &path, size, rate, deadline)
+                    .await
+                    .0
+            })
+        })
         .collect();
     // Interactive load while the downloads run (as long as the slowest may take).
     let window = Duration::from_secs_f64(
