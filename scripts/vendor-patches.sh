@@ -8,9 +8,10 @@
 #                                        applied in DIR/vendor (to rebase onto a new pingora:
 #                                        put the new pristine crates there and apply there)
 #
-# Downloads nothing. The pristine crates come from cargo's registry cache
-# (NAME-VERSION.crate, present after any `cargo fetch` of that exact version), else from
-# the commit that vendored each crate unmodified (listed below and in vendor/PATCHES.md).
+# The pristine crates come from cargo's registry cache (NAME-VERSION.crate, present after
+# any `cargo fetch` of that exact version), else from the commit that vendored each crate
+# unmodified (listed below and in vendor/PATCHES.md); only when a shallow clone has
+# neither does cargo fetch them from the registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +30,31 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/vendor"
 
+registry_crate() {
+  ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$1-$VERSION.crate" 2>/dev/null | head -n 1 || true
+}
+
+# A shallow clone on a machine whose cargo cache never held the pristine crates has
+# neither source: as a last resort, cargo fetches them into its cache from the registry
+# (the only download this script can make, and only then).
+missing=()
 for crate in "${!PRISTINE[@]}"; do
-  cached=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$crate-$VERSION.crate" 2>/dev/null | head -n 1 || true)
+  if [[ -z "$(registry_crate "$crate")" ]] && ! git cat-file -e "${PRISTINE[$crate]}^{commit}" 2>/dev/null; then
+    missing+=("$crate")
+  fi
+done
+if ((${#missing[@]})); then
+  echo "vendor-patches: ${missing[*]} $VERSION in neither cargo's cache nor this clone's history; fetching them into cargo's cache"
+  fetch=$(mktemp -d)
+  mkdir -p "$fetch/src" && echo 'fn main() {}' >"$fetch/src/main.rs"
+  { printf '[package]\nname = "pristine"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\n'
+    for crate in "${missing[@]}"; do printf '%s = "=%s"\n' "$crate" "$VERSION"; done; } >"$fetch/Cargo.toml"
+  (cd "$fetch" && cargo fetch -q) || true
+  rm -rf "$fetch"
+fi
+
+for crate in "${!PRISTINE[@]}"; do
+  cached=$(registry_crate "$crate")
   if [[ -n "$cached" ]]; then
     tar -xzf "$cached" -C "$work/vendor"
     mv "$work/vendor/$crate-$VERSION" "$work/vendor/$crate"
