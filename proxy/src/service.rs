@@ -46,7 +46,7 @@ impl Proxy {
             let host = request::host(session)?;
             request::acme_challenge(&snap, session, ctx)?;
             request::https_redirect(&sh.certs, &snap, session, ctx, &host)?;
-            let m = request::tenant(&sh.metrics, &snap, session, ctx, &host)?;
+            let m = request::tenant((&sh.metrics, &sh.live), &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;
             filestore::internal(session)?;
             edge::maintenance(&snap, session, ctx)?;

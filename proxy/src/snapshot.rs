@@ -34,6 +34,8 @@ pub struct TenantRt {
     /// Metric handles for exact-host tenants, resolved on the tenant's first request
     /// (template tenants resolve theirs per captured name).
     pub stats: OnceLock<Arc<TenantStats>>,
+    /// The tenant's live figures, resolved on its first request (exact-host tenants).
+    pub live: OnceLock<Arc<portier_runtime::live::Live>>,
     /// The tenant's limiters, resolved on its first limited request.
     pub limiter: OnceLock<Arc<portier_runtime::limits::TenantLimiter>>,
     /// The database headers of a tenant whose database name is fixed, built once.
@@ -145,6 +147,7 @@ impl Snapshot {
             .map(|t| TenantRt {
                 name: Arc::from(t.name.as_str()),
                 stats: OnceLock::new(),
+                live: OnceLock::new(),
                 limiter: OnceLock::new(),
                 database: t
                     .database

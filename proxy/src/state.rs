@@ -30,6 +30,8 @@ pub struct Shared {
     /// Every pool's worker queue (survive reloads).
     pub queues: Queues,
     pub metrics: Metrics,
+    /// Each tenant's figures over the last minute (`/status/tenants`; survive reloads).
+    pub live: portier_runtime::live::LiveTenants,
     /// Per-tenant rate and concurrency limiters (survive reloads).
     pub limits: portier_runtime::limits::Limits,
     /// Per-address login limiters (survive reloads).
@@ -76,6 +78,7 @@ impl Shared {
             registry,
             queues,
             metrics,
+            live: Default::default(),
             limits: Default::default(),
             login: Default::default(),
             cluster: arc_swap::ArcSwapOption::empty(),

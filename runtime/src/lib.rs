@@ -9,7 +9,8 @@
 //! - [`admission`]: worker slots and the fair priority queue of each pool.
 //! - [`limits`]: tenant rate and concurrency limits, login limits; [`cluster`]: the
 //!   same rates shared across replicas through Redis.
-//! - [`telemetry`]: the Prometheus metrics; [`access_log`]: the JSON access log.
+//! - [`telemetry`]: the Prometheus metrics; [`access_log`]: the JSON access log;
+//!   [`live`]: each tenant's figures over the last minute (`/status/tenants`).
 //!
 //! The layers above (docs/architecture.md): the configuration model below this crate,
 //! the proxy's request phases and operations above it. Nothing here may depend on them.
@@ -23,4 +24,5 @@ pub mod cluster;
 pub mod hash;
 pub mod health;
 pub mod limits;
+pub mod live;
 pub mod telemetry;

@@ -152,6 +152,8 @@ pub async fn run(
                 if ticks.is_multiple_of(10) {
                     // Addresses whose login budget has refilled are forgotten.
                     shared.login.evict_idle();
+                    // Tenants with nothing in the last minute give their figures back.
+                    shared.live.evict_idle(portier_runtime::live::now_s());
                 }
                 if ticks.is_multiple_of(60) {
                     crate::ops::tls::update_expiry(&shared);
@@ -278,6 +280,10 @@ async fn admin(
             }
         }
         (&Method::GET, "/status") => reply(StatusCode::OK, JSON, status_json(&shared).to_string()),
+        (&Method::GET, "/status/tenants") => {
+            let body = crate::ops::tenants::json(&shared, req.uri().query().unwrap_or(""));
+            reply(StatusCode::OK, JSON, body.to_string())
+        }
         (&Method::GET, "/metrics") => {
             update_connections(&shared);
             reply(
@@ -311,7 +317,7 @@ async fn admin(
                 }
             }
         }
-        (_, "/healthz" | "/readyz" | "/status" | "/metrics" | "/reload") => {
+        (_, "/healthz" | "/readyz" | "/status" | "/status/tenants" | "/metrics" | "/reload") => {
             reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n")
         }
         _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),

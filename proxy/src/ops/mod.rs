@@ -13,5 +13,6 @@ pub mod memory;
 pub mod reload;
 pub mod server;
 pub mod supervise;
+pub mod tenants;
 pub mod tls;
 pub mod watch;

@@ -22,6 +22,7 @@ use crate::snapshot::{PoolRt, Snapshot};
 use portier_runtime::admission::Slot;
 use portier_runtime::backend::{InflightGuard, Role};
 use portier_runtime::limits::Permit;
+use portier_runtime::live::Live;
 use portier_runtime::telemetry::{Refusal, TenantStats};
 
 /// Per-request state.
@@ -54,6 +55,8 @@ pub struct Route {
     /// The effective tenant name (a template's captured label).
     pub tenant_name: Option<Arc<str>>,
     pub stats: Option<Arc<TenantStats>>,
+    /// The tenant's figures over the last minute (`/status/tenants`).
+    pub live: Option<Arc<Live>>,
     pub class: Option<Class>,
     /// The request's pool (in the snapshot's pools): the tenant's, or for an HTTP
     /// request its longest matching route's.

@@ -24,6 +24,7 @@ use portier_runtime::balance;
 use portier_runtime::cluster::Cluster;
 use portier_runtime::hash;
 use portier_runtime::limits::Limits;
+use portier_runtime::live::LiveTenants;
 use portier_runtime::telemetry::Metrics;
 use portier_runtime::telemetry::Refusal;
 
@@ -154,7 +155,7 @@ pub fn https_redirect(
 /// The tenant by host: sets the tenant, its effective name, its metric handles and
 /// the rendezvous keys. Unknown hosts get 404.
 pub fn tenant<'h>(
-    metrics: &Metrics,
+    (metrics, live): (&Metrics, &LiveTenants),
     snap: &Snapshot,
     session: &Session,
     ctx: &mut Ctx,
@@ -168,17 +169,23 @@ pub fn tenant<'h>(
             false,
         ));
     };
-    let (name, stats) = match m.captured {
-        Some(label) => (Arc::from(label), metrics.tenant_stats(label)),
+    let t = &snap.tenants[m.tenant];
+    let (name, stats, figures) = match m.captured {
+        Some(label) => {
+            let name: Arc<str> = Arc::from(label);
+            let figures = live.get(&name, &t.name);
+            (name, metrics.tenant_stats(label), figures)
+        }
         None => {
-            let t = &snap.tenants[m.tenant];
             let stats = t
                 .stats
                 .get_or_init(|| metrics.tenant_stats(&t.name))
                 .clone();
-            (t.name.clone(), stats)
+            let figures = t.live.get_or_init(|| live.get(&t.name, &t.name)).clone();
+            (t.name.clone(), stats, figures)
         }
     };
+    ctx.route.live = Some(figures);
     ctx.route.tenant_hash = hash::hash_bytes(name.as_bytes());
     ctx.route.session_hash = balance::session_id(
         session

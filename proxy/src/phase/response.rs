@@ -19,6 +19,7 @@ use crate::phase::answer::Answer;
 use crate::phase::ctx::Ctx;
 use crate::snapshot::Snapshot;
 use portier_runtime::access_log::{AccessLog, AccessRecord};
+use portier_runtime::live::Outcome;
 use portier_runtime::telemetry::Metrics;
 
 /// The response as it goes to the client: the request id echoed, HSTS on TLS.
@@ -225,6 +226,17 @@ pub fn log(
     let elapsed = ctx.start.elapsed();
     if let (Some(stats), Some(class)) = (&ctx.route.stats, ctx.route.class) {
         stats.observe(class, status, elapsed.as_secs_f64());
+    }
+    if let Some(live) = &ctx.route.live {
+        let outcome = Outcome {
+            status,
+            refused: ctx.refused.is_some(),
+            // The requests that reached a worker (portier's own answers have no latency
+            // of the tenant's workers).
+            worker_ms: (ctx.attempt.count > 0 && ctx.refused.is_none())
+                .then_some(elapsed.as_secs_f64() * 1000.0),
+        };
+        live.record(portier_runtime::live::now_s(), outcome);
     }
     if !access.enabled() {
         return;
