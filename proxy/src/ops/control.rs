@@ -279,6 +279,12 @@ async fn admin(
                 reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n")
             }
         }
+        (&Method::GET, "/" | "/ui/app.js" | "/ui/app.css") => {
+            match crate::ops::dashboard::file(req.uri().path()) {
+                Some(r) => r,
+                None => reply(StatusCode::NOT_FOUND, TEXT, "not found\n"),
+            }
+        }
         (&Method::GET, "/status") => reply(StatusCode::OK, JSON, status_json(&shared).to_string()),
         (&Method::GET, "/status/tenants") => {
             let body = crate::ops::tenants::json(&shared, req.uri().query().unwrap_or(""));
@@ -388,6 +394,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "maintenance": snap.config.tenants.iter().filter(|t| t.maintenance).map(|t| t.name.as_str()).collect::<Vec<_>>(),
         "limiters": shared.limits.len(),
         "certificates": shared.certs.len(),
+        "certificate_list": certificate_list(&shared.certs),
         "pools": pools,
     });
     if snap.config.acme().is_some() {
@@ -405,4 +412,23 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         });
     }
     status
+}
+
+/// Each certificate pair with its expiry and days left (an extension of `/status`, for
+/// the dashboard).
+fn certificate_list(certs: &portier_certs::CertStore) -> serde_json::Value {
+    let now = std::time::SystemTime::now();
+    let index = certs.index();
+    let mut list: Vec<serde_json::Value> = index
+        .pairs()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "not_after": humantime::format_rfc3339_seconds(p.not_after).to_string(),
+                "days_left": (p.seconds_left(now) / 86_400.0).floor(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    serde_json::Value::Array(list)
 }

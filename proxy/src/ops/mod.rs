@@ -7,6 +7,7 @@
 pub mod check;
 pub mod conns;
 pub mod control;
+pub mod dashboard;
 pub mod demo;
 pub mod discover;
 pub mod memory;

@@ -1,0 +1,150 @@
+//! The dashboard (`GET /` on the admin listener) in a real browser (Debian's Chromium,
+//! headless, over the DevTools protocol): it loads with nothing from anywhere but the
+//! admin listener, shows the pools' backends and the tenants with their figures, follows
+//! a backend going down without a reload (within 3 s), its search narrows the tenant
+//! list, every control sends only GETs; a screenshot goes to `target/dashboard.png`.
+
+use std::time::Duration;
+
+use portier_tests::browser::Browser;
+use portier_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_browser() {
+    let mut extra = String::from(
+        "[pools.main.health]\npath = \"/web/health\"\nevery = \"300ms\"\nfall = 1\nrise = 1\n",
+    );
+    for i in 0..120 {
+        extra.push_str(&format!(
+            "[tenants.shop{i:03}]\nhosts = [\"shop{i:03}.test\"]\npool = \"main\"\n"
+        ));
+    }
+    let s = routing_setup(&extra).await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(s.p.http, "acme.test", "/web/x").await.unwrap().status,
+            200
+        );
+    }
+    // The page and its files carry a policy limiting them to this listener.
+    let page = get(s.p.admin, "admin", "/").await.unwrap();
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    let csp = page.header("content-security-policy").unwrap().to_string();
+    assert!(
+        csp.starts_with("default-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+
+    let admin = format!("http://127.0.0.1:{}/", s.p.admin.port());
+    let mut b = Browser::start().await;
+    b.navigate(&admin).await;
+    let shown = b
+        .wait_for(
+            "document.querySelectorAll('#pools td.backend').length === 4",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(shown.is_some(), "the backends never showed");
+    let backends = b
+        .eval(
+            "[...document.querySelectorAll('#pools td.backend')].map(e => e.textContent).join(' ')",
+        )
+        .await;
+    for w in s.http.iter().chain(s.gevent.iter()) {
+        assert!(
+            backends.as_str().unwrap().contains(&w.addr().to_string()),
+            "{backends}"
+        );
+    }
+    let acme = b
+        .eval("[...document.querySelectorAll('#tenants tbody tr')].find(r => r.querySelector('td.tenant').textContent === 'acme')?.textContent")
+        .await;
+    assert!(acme.as_str().unwrap().contains("acme.test"), "{acme}");
+    assert_eq!(
+        b.eval("document.querySelectorAll('#tenants tbody tr').length")
+            .await,
+        100,
+        "paged: 100 a page"
+    );
+    assert_eq!(
+        b.eval("document.getElementById('last-error').textContent")
+            .await,
+        "none"
+    );
+
+    // A backend going down shows without a reload, within 3 s.
+    s.http[0].set_mode(Mode::Status(503));
+    let down = format!(
+        "[...document.querySelectorAll('#pools tr')].some(r => r.textContent.includes('{}') && r.querySelector('td.down'))",
+        s.http[0].addr()
+    );
+    let took = b.wait_for(&down, Duration::from_secs(6)).await;
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_secs(3)),
+        "the backend showed down after {took:?}"
+    );
+    assert_eq!(
+        b.eval("performance.getEntriesByType('navigation').length")
+            .await,
+        1,
+        "the page was reloaded"
+    );
+
+    // The search narrows the list (by name or host).
+    b.eval("(() => { const q = document.getElementById('q'); q.value = 'shop11'; q.dispatchEvent(new Event('input')); return true; })()").await;
+    let narrowed = b
+        .wait_for(
+            "document.querySelectorAll('#tenants tbody tr').length === 10",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        narrowed.is_some(),
+        "search did not narrow to shop110-shop119"
+    );
+    b.eval("(() => { const q = document.getElementById('q'); q.value = 'erp.acme'; q.dispatchEvent(new Event('input')); return true; })()").await;
+    assert!(b
+        .wait_for(
+            "document.querySelectorAll('#tenants tbody tr').length === 1",
+            Duration::from_secs(5)
+        )
+        .await
+        .is_some());
+
+    // Every control, clicked: only GETs, only to the admin listener.
+    b.eval("(() => { const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input')); return true; })()").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.eval("(() => { for (const c of document.querySelectorAll('button, input, a')) c.click(); return true; })()").await;
+    b.eval("(() => { document.getElementById('next').click(); return true; })()")
+        .await;
+    assert!(b
+        .wait_for(
+            "document.getElementById('page').textContent.startsWith('101-')",
+            Duration::from_secs(5)
+        )
+        .await
+        .is_some());
+    b.eval("(() => { document.getElementById('prev').click(); return true; })()")
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = b.eval("1").await;
+    assert!(b.requests.len() >= 6, "{:?}", b.requests);
+    for r in &b.requests {
+        assert_eq!(r.method, "GET", "{r:?}");
+        assert!(
+            r.url.starts_with(&admin),
+            "a request left the admin listener: {r:?}"
+        );
+    }
+
+    let shot = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard.png");
+    b.screenshot(&shot).await;
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "an empty screenshot"
+    );
+}
