@@ -284,6 +284,10 @@ async fn demo_routes_two_tenants_and_a_websocket() {
         out.contains("bytes sent by portier from the filestore"),
         "{out}"
     );
+    assert!(
+        out.contains(&format!("dashboard: http://127.0.0.1:{}/", ports.admin)),
+        "{out}"
+    );
     // What it prints is text for a person: no escape left unexpanded.
     assert!(!out.contains("\\n"), "a literal \\n in:\n{out}");
     assert!(out

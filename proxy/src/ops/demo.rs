@@ -410,6 +410,7 @@ async fn self_test(port: u16, admin_port: u16, workers: Workers) {
     println!(
         r#"
 portier demo: proxy on http://127.0.0.1:{port}, admin on http://127.0.0.1:{admin_port}
+dashboard: http://127.0.0.1:{admin_port}/
 simulated Odoo workers: w1, w2 (http {http}), w1-gevent, w2-gevent (gevent {gevent})
 tenants: acme.localhost (database acme) and {{tenant}}.saas.localhost (database = the tenant);
 databases on the simulated Odoo 17 servers: acme, acme2, beta, gamma, zeta
