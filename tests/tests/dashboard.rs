@@ -14,6 +14,11 @@ async fn the_dashboard_in_a_browser() {
     let mut extra = String::from(
         "[pools.main.health]\npath = \"/web/health\"\nevery = \"300ms\"\nfall = 1\nrise = 1\n",
     );
+    let batch = sim("batch").await;
+    extra.push_str(&format!(
+        "[pools.batch]\nhttp = [\"{}\"]\nworkers = 2\n",
+        batch.addr()
+    ));
     for i in 0..120 {
         extra.push_str(&format!(
             "[tenants.shop{i:03}]\nhosts = [\"shop{i:03}.test\"]\npool = \"main\"\n"
@@ -44,7 +49,7 @@ async fn the_dashboard_in_a_browser() {
     b.navigate(&admin).await;
     let shown = b
         .wait_for(
-            "document.querySelectorAll('#pools td.backend').length === 4",
+            "document.querySelectorAll('#pools td.backend').length === 5",
             Duration::from_secs(10),
         )
         .await;
@@ -74,6 +79,29 @@ async fn the_dashboard_in_a_browser() {
         b.eval("document.getElementById('last-error').textContent")
             .await,
         "none"
+    );
+    // The configuration's version (a prefix of its SHA-256) and when it was loaded.
+    let version = b
+        .eval("document.getElementById('version').textContent")
+        .await;
+    let hex12 = |v: &str| v.len() == 12 && v.bytes().all(|c| c.is_ascii_hexdigit());
+    assert!(version.as_str().is_some_and(hex12), "{version}");
+    let loaded = b
+        .eval("document.getElementById('loaded').textContent")
+        .await;
+    assert!(
+        loaded
+            .as_str()
+            .is_some_and(|v| v.starts_with("20") && v.ends_with('Z')),
+        "{loaded}"
+    );
+    // A pool with worker slots shows them busy of N, and every pool its queue per class.
+    let pools = b.eval("document.getElementById('pools').textContent").await;
+    let pools = pools.as_str().unwrap_or("");
+    assert!(pools.contains("0 of 2"), "{pools}");
+    assert!(
+        pools.contains("queue: 0 interactive, 0 static, 0 integration"),
+        "{pools}"
     );
 
     // A backend going down shows without a reload, within 3 s.
@@ -119,17 +147,26 @@ async fn the_dashboard_in_a_browser() {
     b.eval("(() => { const q = document.getElementById('q'); q.value = ''; q.dispatchEvent(new Event('input')); return true; })()").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.eval("(() => { for (const c of document.querySelectorAll('button, input, a')) c.click(); return true; })()").await;
-    b.eval("(() => { document.getElementById('next').click(); return true; })()")
+    // Then the pages, one click at a time, each waited for.
+    let page_is =
+        |start: &str| format!("document.getElementById('page').textContent.startsWith('{start}')");
+    for (button, start) in [
+        ("prev", "1-"),
+        ("prev", "1-"),
+        ("next", "101-"),
+        ("prev", "1-"),
+    ] {
+        // A click before the page settled may be ahead of it: go back to the first page.
+        b.eval(&format!(
+            "(() => {{ document.getElementById('{button}').click(); return true; }})()"
+        ))
         .await;
-    assert!(b
-        .wait_for(
-            "document.getElementById('page').textContent.startsWith('101-')",
-            Duration::from_secs(5)
-        )
-        .await
-        .is_some());
-    b.eval("(() => { document.getElementById('prev').click(); return true; })()")
-        .await;
+        let settled = b.wait_for(&page_is(start), Duration::from_secs(5)).await;
+        if settled.is_none() {
+            let now = b.eval("document.getElementById('page').textContent + ' | q=' + document.getElementById('q').value + ' | rows=' + document.querySelectorAll('#tenants tbody tr').length + ' | prev ' + document.getElementById('prev').disabled + ' next ' + document.getElementById('next').disabled").await;
+            panic!("{button}: not on the page starting at {start}: {now}");
+        }
+    }
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let _ = b.eval("1").await;
     assert!(b.requests.len() >= 6, "{:?}", b.requests);

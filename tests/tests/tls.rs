@@ -126,6 +126,12 @@ async fn sni_picks_exact_then_wildcard_then_default() {
     );
     let st = status(s.p.admin).await;
     assert_eq!(st["certificates"], 3);
+    // The dashboard's certificate list: each pair with its expiry and days left.
+    let list = st["certificate_list"].as_array().unwrap();
+    let names: Vec<&str> = list.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["acme", "fallback", "wild"]);
+    assert_eq!(list[0]["days_left"], 89.0, "{}", list[0]);
+    assert!(list[0]["not_after"].as_str().unwrap().ends_with('Z'));
     let metrics = get(s.p.admin, "admin", "/metrics").await.unwrap().text();
     let line = metrics
         .lines()

@@ -102,22 +102,35 @@ function renderTenants(t) {
       el("td", x.maintenance ? "yes" : "no", x.maintenance ? "yes" : ""),
     ]));
   }
-  const last = Math.min(state.offset + PAGE, t.total);
-  document.getElementById("page").textContent = t.total === 0 ? "none" : (state.offset + 1) + "-" + last + " of " + t.total;
-  document.getElementById("prev").disabled = state.offset === 0;
-  document.getElementById("next").disabled = last >= t.total;
+  pager();
 }
+
+// The page label and the buttons, from the state: updated at once on a click, not only
+// when the refresh it starts comes back (a quick second click must see the new page).
+function pager() {
+  const last = Math.min(state.offset + PAGE, state.total);
+  document.getElementById("page").textContent = state.total === 0 ? "none" : (state.offset + 1) + "-" + last + " of " + state.total;
+  document.getElementById("prev").disabled = state.offset === 0;
+  document.getElementById("next").disabled = last >= state.total;
+}
+
+// Refreshes may overlap (a click during the timer's): only the latest one's answers
+// are shown, so an older page never replaces a newer one.
+let latest = 0;
 
 async function refresh() {
   const conn = document.getElementById("conn");
+  const mine = ++latest;
   try {
     const query = "?limit=" + PAGE + "&offset=" + state.offset + (state.q ? "&q=" + encodeURIComponent(state.q) : "");
     const [s, t] = await Promise.all([getJson("/status"), getJson("/status/tenants" + query)]);
+    if (mine !== latest) return;
     renderStatus(s);
     renderTenants(t);
     conn.textContent = "live";
     conn.className = "badge up";
   } catch (e) {
+    if (mine !== latest) return;
     conn.textContent = "admin listener unreachable";
     conn.className = "badge down";
   }
@@ -131,8 +144,8 @@ document.addEventListener("DOMContentLoaded", () => {
     clearTimeout(timer);
     timer = setTimeout(() => { state.q = q.value.trim(); state.offset = 0; refresh(); }, 200);
   });
-  document.getElementById("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); refresh(); });
-  document.getElementById("next").addEventListener("click", () => { state.offset += PAGE; refresh(); });
+  document.getElementById("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE); pager(); refresh(); });
+  document.getElementById("next").addEventListener("click", () => { state.offset += PAGE; pager(); refresh(); });
   refresh();
   setInterval(refresh, 2000);
 });
