@@ -9,6 +9,11 @@ use std::time::Duration;
 use portier_tests::browser::Browser;
 use portier_tests::*;
 
+// Shared with cluster.rs, which uses all of it.
+#[allow(dead_code)]
+#[path = "support/redis.rs"]
+mod redis;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_in_a_browser() {
     let mut extra = String::from(
@@ -184,4 +189,62 @@ async fn the_dashboard_in_a_browser() {
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "an empty screenshot"
     );
+}
+
+/// Certificates with their days left, and cluster mode's Redis, on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_certificates_and_the_cluster() {
+    let redis = redis::Redis::start().await;
+    let pki = TestPki::new();
+    let certs = tempfile::tempdir().unwrap();
+    pki.write_pair(certs.path(), "acme", &["acme.test"], 30);
+    pki.write_pair(certs.path(), "soon", &["soon.test"], 5);
+    let w = sim("w").await;
+    let ports = Ports::new();
+    let cfg = format!(
+        "{}https = \"127.0.0.1:{}\"\n[tls]\ncerts = \"{}\"\n[cluster]\nredis = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\n[tenants.acme]\nhosts = [\"acme.test\"]\npool = \"p\"\n",
+        ports.listen(),
+        ports.https,
+        certs.path().display(),
+        redis.url(),
+        w.addr(),
+    );
+    let p = Portier::start(&ports, &cfg).await;
+    let mut b = Browser::start().await;
+    b.navigate(&format!("http://127.0.0.1:{}/", p.admin.port()))
+        .await;
+    let rows =
+        "[...document.querySelectorAll('#certs tbody tr')].map(r => r.textContent).join(' | ')";
+    let shown = b
+        .wait_for(
+            &format!("{rows}.includes('acme') && {rows}.includes('soon')"),
+            Duration::from_secs(10),
+        )
+        .await;
+    let text = b.eval(rows).await;
+    assert!(shown.is_some(), "certificates not shown: {text}");
+    let text = text.as_str().unwrap_or("");
+    assert!(
+        text.contains("acme") && text.contains("29"),
+        "acme's days left: {text}"
+    );
+    assert!(
+        text.contains("soon") && text.contains("4"),
+        "soon's days left: {text}"
+    );
+    // A certificate with less than 14 days left is marked.
+    assert_eq!(
+        b.eval("[...document.querySelectorAll('#certs tbody tr')].filter(r => r.querySelector('td.failed')).length").await,
+        1
+    );
+    let cluster = b
+        .wait_for(
+            "!document.getElementById('cluster-section').hidden && document.getElementById('cluster').textContent.startsWith('Redis up')",
+            Duration::from_secs(10),
+        )
+        .await;
+    let text = b
+        .eval("document.getElementById('cluster').textContent")
+        .await;
+    assert!(cluster.is_some(), "cluster not shown: {text}");
 }
