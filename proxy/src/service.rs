@@ -48,7 +48,6 @@ impl Proxy {
             request::https_redirect(&sh.certs, &snap, session, ctx, &host)?;
             let m = request::tenant((&sh.metrics, &sh.live), &snap, session, ctx, &host)?;
             let class = request::classify(&snap, session, ctx)?;
-            filestore::internal(session)?;
             edge::maintenance(&snap, session, ctx)?;
             let req = session.req_header();
             let probe = LoginProbe::of(&req.method, req.uri.path());

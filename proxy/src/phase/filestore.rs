@@ -24,7 +24,6 @@ use http::header;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorType, Result};
-use portier_config::class::normalize_path;
 use portier_runtime::telemetry::{Metrics, Refusal};
 
 use crate::io::filestore::{self as store, Handover, Plan, Refused};
@@ -35,13 +34,16 @@ use crate::phase::response;
 /// The error type ending an attempt whose answer is a handover.
 pub const HANDOVER: ErrorType = ErrorType::Custom("filestore handover");
 
+/// The worker's header naming the file it hands over.
+static X_ACCEL_REDIRECT: http::HeaderName = http::HeaderName::from_static("x-accel-redirect");
+
 /// How much of the file is read at a time.
 const CHUNK: usize = 64 << 10;
 
-/// A client's own request for the filestore's internal location: `404`, as nginx's
-/// `internal` location answers, and no worker sees it.
-pub fn internal(session: &Session) -> std::result::Result<(), Answer> {
-    if normalize_path(session.req_header().uri.path()).starts_with(store::PREFIX) {
+/// The answer to a client's own request for the filestore's internal location (its
+/// normalised `path`): `404`, as nginx's `internal` location answers; no worker sees it.
+pub fn internal(path: &str) -> std::result::Result<(), Answer> {
+    if path.starts_with(store::PREFIX) {
         return Err(Answer::refuse(
             404,
             Refusal::FilestoreDenied,
@@ -55,7 +57,7 @@ pub fn internal(session: &Session) -> std::result::Result<(), Answer> {
 /// `upstream_response_filter`: when the worker's answer hands a file over, decides what
 /// the client gets (kept in the request's context for `send`) and ends the attempt.
 pub async fn take_over(ctx: &mut Ctx, req: &RequestHeader, resp: &ResponseHeader) -> Result<()> {
-    let Some(target) = resp.headers.get("x-accel-redirect") else {
+    let Some(target) = resp.headers.get(&X_ACCEL_REDIRECT) else {
         return Ok(());
     };
     if !matches!(resp.status.as_u16(), 200 | 206) {

@@ -207,6 +207,7 @@ pub fn tenant<'h>(
 /// the database-manager block (decided on the path as the worker will see it).
 pub fn classify(snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<Class, Answer> {
     let path = normalize_path(session.req_header().uri.path());
+    crate::phase::filestore::internal(&path)?;
     let class = Class::of(&path);
     ctx.route.class = Some(class);
     ctx.route.websocket = class == Class::Longpolling && is_websocket(session.req_header());
