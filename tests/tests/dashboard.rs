@@ -104,6 +104,16 @@ async fn the_dashboard_in_a_browser() {
     let pools = b.eval("document.getElementById('pools').textContent").await;
     let pools = pools.as_str().unwrap_or("");
     assert!(pools.contains("0 of 2"), "{pools}");
+    // Each backend's row: address, role, state, breaker, in flight.
+    let first = format!(
+        "[...document.querySelectorAll('#pools tr')].find(r => r.textContent.includes('{}')).textContent",
+        s.gevent[0].addr()
+    );
+    let first = b.eval(&first).await;
+    let first = first.as_str().unwrap_or("");
+    for part in ["longpolling", "up", "closed", "0"] {
+        assert!(first.contains(part), "{part} not in {first}");
+    }
     assert!(
         pools.contains("queue: 0 interactive, 0 static, 0 integration"),
         "{pools}"
