@@ -26,6 +26,7 @@ pub fn json(shared: &Shared, query: &str) -> Value {
     let (q, limit, offset) = params(query);
     let snap = shared.snapshot.load();
     let now = live::now_s();
+    let members = shared.live.members();
     let mut rows = Vec::new();
     for t in &snap.config.tenants {
         let pool = snap
@@ -42,16 +43,16 @@ pub fn json(shared: &Shared, query: &str) -> Value {
             maintenance: t.maintenance,
             figures: shared.live.figures(&t.name, now),
         });
-        for member in shared.live.members(&t.name) {
+        for member in members.get(t.name.as_str()).into_iter().flatten() {
             rows.push(Row {
                 name: member.to_string(),
                 hosts: hosts
                     .iter()
-                    .map(|h| h.replace("{tenant}", &member))
+                    .map(|h| h.replace("{tenant}", member))
                     .collect(),
                 pool: pool.clone(),
                 maintenance: t.maintenance,
-                figures: shared.live.figures(&member, now),
+                figures: shared.live.figures(member, now),
             });
         }
     }
