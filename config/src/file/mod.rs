@@ -123,30 +123,11 @@ pub(super) const SETTINGS_KEYS: &[&str] = &[
     "cache_assets",
     "secure_cookies",
 ];
-pub(super) const TENANT_KEYS: &[&str] = &[
-    "hosts",
-    "pool",
-    "database",
-    "maintenance",
-    "routes",
-    "connect_timeout",
-    "request_timeout",
-    "longpolling_timeout",
-    "websocket_idle",
-    "max_body",
-    "buffer_body",
-    "buffer_response",
-    "max_response_spool",
-    "block_database_manager",
-    "admin_cidrs",
-    "trusted_proxies",
-    "integration",
-    "interactive",
-    "login",
-    "compress",
-    "cache_assets",
-    "secure_cookies",
-];
+/// A tenant's own keys; every `[defaults]` key may be set per tenant too.
+const TENANT_OWN_KEYS: &[&str] = &["hosts", "pool", "database", "maintenance", "routes"];
+/// What a `[tenants.NAME]` table may hold: its own keys, then the settings.
+pub(super) static TENANT_KEYS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| [TENANT_OWN_KEYS, SETTINGS_KEYS].concat());
 pub(super) const POOL_KEYS: &[&str] = &[
     "http",
     "longpolling",

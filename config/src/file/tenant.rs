@@ -172,7 +172,7 @@ pub(super) fn read_tenant(
     id: usize,
     names: &[String],
 ) -> Option<Tenant> {
-    let mut tbl = Tbl::new(t, format!("[tenants.{name}]"), TENANT_KEYS);
+    let mut tbl = Tbl::new(t, format!("[tenants.{name}]"), &TENANT_KEYS);
     let errors_before = cx.diags.iter().filter(|d| d.is_error()).count();
     if !valid_name(name) {
         cx.error(
