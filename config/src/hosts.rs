@@ -114,6 +114,18 @@ pub struct HostIndex {
 }
 
 impl HostIndex {
+    /// The tenant that claims exactly this pattern, if any.
+    pub fn claimed_by(&self, pattern: &HostPattern) -> Option<TenantId> {
+        match pattern {
+            HostPattern::Exact(h) => self.exact.get(h).copied(),
+            HostPattern::Template { prefix, suffix } => self
+                .templates
+                .iter()
+                .find(|t| &t.prefix == prefix && &t.suffix == suffix)
+                .map(|t| t.tenant),
+        }
+    }
+
     /// Adds a pattern; returns the tenant that already claims it, if any.
     pub fn insert(&mut self, pattern: &HostPattern, tenant: TenantId) -> Result<(), TenantId> {
         match pattern {

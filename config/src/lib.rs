@@ -19,7 +19,9 @@ pub mod model;
 pub mod units;
 
 pub use class::Class;
-pub use file::{load_file, load_str, sha256_hex};
+pub use file::{
+    load_file, load_str, pool_from_values, sha256_hex, tenant_from_values, KeyError, TenantValues,
+};
 pub use hosts::{normalize_host, HostIndex, HostMatch, HostPattern, TenantId};
 pub use model::*;
 pub use units::{parse_duration, parse_rate, parse_size, Rate};

@@ -30,6 +30,9 @@ pub struct Config {
     /// `[defaults]`: the settings a tenant inherits (and the process-wide ones, such
     /// as the asset cache's total size).
     pub defaults: Arc<Settings>,
+    /// `[kubernetes]` (r3): objects of the API server as a second source of pools,
+    /// tenants and certificates.
+    pub kubernetes: Option<Kubernetes>,
 }
 
 impl Config {
@@ -40,6 +43,74 @@ impl Config {
 
     pub fn pool_by_name(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.name == name)
+    }
+
+    /// This configuration with another front end's pools and tenants added (their pool
+    /// indices count from 0 in `pools`). A tenant claiming a host that an earlier one
+    /// (the file's first) holds is left out, and reported as its index in `tenants`
+    /// with the host.
+    pub fn merged(
+        mut self,
+        pools: Vec<Pool>,
+        tenants: Vec<Tenant>,
+        version: &str,
+    ) -> (Config, Vec<(usize, String)>) {
+        let offset = self.pools.len();
+        self.pools.extend(pools);
+        let mut conflicts = Vec::new();
+        for (i, mut t) in tenants.into_iter().enumerate() {
+            let id = self.tenants.len();
+            let clash = t
+                .hosts
+                .iter()
+                .enumerate()
+                .find(|(k, h)| self.hosts.claimed_by(h).is_some() || t.hosts[..*k].contains(h));
+            if let Some((_, h)) = clash {
+                conflicts.push((i, h.to_string()));
+                continue;
+            }
+            for h in &t.hosts {
+                let _ = self.hosts.insert(h, id);
+            }
+            t.pool += offset;
+            for r in &mut t.routes {
+                r.pool += offset;
+            }
+            self.tenants.push(t);
+        }
+        self.version = format!("{}+{version}", self.version);
+        (self, conflicts)
+    }
+}
+
+/// `[kubernetes]` (r3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kubernetes {
+    /// A kubeconfig file; `None`: the pod's service account, then `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces watched; empty: all.
+    pub namespaces: Vec<String>,
+    pub gateway_class: String,
+    pub ingress_class: String,
+    /// Write status back (only the replica holding the lease does).
+    pub status: bool,
+    /// The Lease's namespace and name.
+    pub lease: (String, String),
+    /// What Ingress status and Gateway addresses report; empty: nothing.
+    pub status_address: String,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Kubernetes {
+            kubeconfig: None,
+            namespaces: Vec::new(),
+            gateway_class: "portier".into(),
+            ingress_class: "portier".into(),
+            status: true,
+            lease: ("portier".into(), "portier-status".into()),
+            status_address: String::new(),
+        }
     }
 }
 
@@ -245,6 +316,10 @@ pub struct Pool {
     /// Where this pool's Odoo `data_dir/filestore` is mounted (r3): answers handing a
     /// file over (`X-Accel-Redirect`) are sent from it. `None`: no offload.
     pub filestore: Option<PathBuf>,
+    /// Members supplied at run time by a provider (Kubernetes EndpointSlices), not by
+    /// `http`/`longpolling`: the snapshot takes them from the runtime's member map, as
+    /// for `discover`.
+    pub provided: bool,
 }
 
 /// The pool's queue of requests waiting for a worker slot (r2).

@@ -89,7 +89,8 @@ impl Snapshot {
             .map(|p| {
                 metrics.declare_pool(&p.name);
                 let name: Arc<str> = Arc::from(p.name.as_str());
-                if p.discover.is_some() {
+                // Members found at run time (DNS `discover`, Kubernetes endpoints).
+                if p.discover.is_some() || p.provided {
                     let members = discovered
                         .get(&p.name)
                         .map(|m| m.clone())

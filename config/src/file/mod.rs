@@ -8,9 +8,11 @@
 
 mod acme;
 mod cx;
+mod kubernetes;
 mod listen;
 mod pool;
 mod tenant;
+mod values;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -31,8 +33,10 @@ use crate::{Diagnostic, Pos};
 use cx::*;
 use listen::{read_cluster, read_listen, read_log, read_tls};
 
+use kubernetes::read_kubernetes;
 use pool::read_pool;
 use tenant::{read_settings, read_tenant};
+pub use values::{pool_from_values, tenant_from_values, KeyError, TenantValues};
 
 /// Reads and validates a configuration file.
 pub fn load_file(path: &Path) -> Result<(Config, Vec<Diagnostic>), Vec<Diagnostic>> {
@@ -78,7 +82,23 @@ pub fn load_str(text: &str, path: &Path) -> Result<(Config, Vec<Diagnostic>), Ve
 }
 
 pub(super) const ROOT_KEYS: &[&str] = &[
-    "listen", "log", "tls", "cluster", "defaults", "pools", "tenants",
+    "listen",
+    "log",
+    "tls",
+    "cluster",
+    "kubernetes",
+    "defaults",
+    "pools",
+    "tenants",
+];
+pub(super) const KUBERNETES_KEYS: &[&str] = &[
+    "kubeconfig",
+    "namespaces",
+    "gateway_class",
+    "ingress_class",
+    "status",
+    "lease",
+    "status_address",
 ];
 pub(super) const LISTEN_KEYS: &[&str] = &[
     "http",
@@ -124,7 +144,7 @@ pub(super) const SETTINGS_KEYS: &[&str] = &[
     "secure_cookies",
 ];
 /// A tenant's own keys; every `[defaults]` key may be set per tenant too.
-const TENANT_OWN_KEYS: &[&str] = &["hosts", "pool", "database", "maintenance", "routes"];
+pub(super) const TENANT_OWN_KEYS: &[&str] = &["hosts", "pool", "database", "maintenance", "routes"];
 /// What a `[tenants.NAME]` table may hold: its own keys, then the settings.
 pub(super) static TENANT_KEYS: std::sync::LazyLock<Vec<&'static str>> =
     std::sync::LazyLock::new(|| [TENANT_OWN_KEYS, SETTINGS_KEYS].concat());
@@ -176,6 +196,9 @@ fn read_document(
     let cluster = root.get_keyed("cluster").and_then(|(header, v)| {
         want_table(cx, "cluster", v).and_then(|t| read_cluster(cx, t, &header))
     });
+    let kubernetes = root.get("kubernetes").and_then(|v| {
+        want_table(cx, "kubernetes", v).and_then(|t| read_kubernetes(cx, t, base_dir))
+    });
     let tls_entry = root.get_keyed("tls");
     let tls_val = tls_entry.as_ref().map(|(_, v)| *v);
     let tls = tls_entry.as_ref().and_then(|(header, v)| {
@@ -203,7 +226,7 @@ fn read_document(
                 let name_str = name.get_ref().to_string();
                 pool_names.push(name_str.clone());
                 if let Some(pt) = want_table(cx, &format!("pools.{name_str}"), pv) {
-                    if let Some(p) = read_pool(cx, &name_str, &name.span(), pt, base_dir) {
+                    if let Some(p) = read_pool(cx, &name_str, &name.span(), pt, base_dir, false) {
                         pools.push(p);
                     } else {
                         // Keep indices aligned with names even when a pool is invalid.
@@ -289,6 +312,7 @@ fn read_document(
         tenants,
         hosts,
         defaults,
+        kubernetes,
     })
 }
 
@@ -305,6 +329,7 @@ fn placeholder_pool(name: &str) -> Pool {
         workers: 0,
         queue: QueueCfg::default(),
         filestore: None,
+        provided: false,
     }
 }
 

@@ -9,11 +9,13 @@ pub(super) fn read_pool(
     name_span: &Range<usize>,
     t: &DeTable<'_>,
     base_dir: &Path,
+    provided: bool,
 ) -> Option<Pool> {
     let mut tbl = Tbl::new(t, format!("[pools.{name}]"), POOL_KEYS);
     let errors_before = cx.diags.iter().filter(|d| d.is_error()).count();
     let mut pool = placeholder_pool(name);
-    if !valid_name(name) {
+    // A provided pool's name is its source's (`NAMESPACE/SERVICE:PORT`).
+    if !provided && !valid_name(name) {
         cx.error(
             name_span,
             format!("pool name \"{name}\" may only use letters, digits, '-', '_' and '.'"),
@@ -100,7 +102,7 @@ pub(super) fn read_pool(
                 );
             }
         }
-        (None, false) if discover_v.is_none() => {
+        (None, false) if discover_v.is_none() && !provided => {
             cx.error(
                 name_span,
                 format!("pool \"{name}\" has no backends: give `http` (and `longpolling`) addresses or `discover`"),

@@ -76,7 +76,11 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     shared.reloaded.send_modify(|n| *n += 1);
     // Discovery may have updated the old snapshot while this one was built.
     let snap = shared.snapshot.load();
-    for p in snap.pools.iter().filter(|p| p.cfg.discover.is_some()) {
+    for p in snap
+        .pools
+        .iter()
+        .filter(|p| p.cfg.discover.is_some() || p.cfg.provided)
+    {
         if let Some(m) = shared.discovered.get(&*p.name) {
             p.members.store(m.clone());
         }
