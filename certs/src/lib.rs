@@ -84,7 +84,19 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 pub fn load_pair(name: &str, crt: &Path, key: &Path) -> Result<Pair, CertError> {
     let crt_pem = read(crt)?;
     let key_pem = read(key)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+    pair_from_pem(name, &crt_pem, crt, &key_pem, key)
+}
+
+/// Checks one pair given as PEM (`crt` and `key` name them in errors, e.g. a
+/// Kubernetes Secret).
+pub fn pair_from_pem(
+    name: &str,
+    crt_pem: &[u8],
+    crt: &Path,
+    key_pem: &[u8],
+    key: &Path,
+) -> Result<Pair, CertError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(crt_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| CertError::Pem {
             path: crt.to_path_buf(),
@@ -95,7 +107,7 @@ pub fn load_pair(name: &str, crt: &Path, key: &Path) -> Result<Pair, CertError> 
             path: crt.to_path_buf(),
         });
     };
-    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+    let der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
         rustls_pki_types::pem::Error::NoItemsFound => CertError::NoKey {
             path: key.to_path_buf(),
         },
@@ -299,12 +311,22 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 #[derive(Default)]
 pub struct CertStore {
     index: ArcSwap<Index>,
+    /// The directory's pairs, the provided ones (Kubernetes Secrets) and the default's
+    /// NAME: the index is built from both lists.
+    parts: std::sync::Mutex<Parts>,
     /// Where TLS-ALPN-01 challenge certificates are written (`HOST.crt` + `HOST.key`),
     /// by this replica or another sharing the directory; `None` without ACME.
     alpn_challenges: arc_swap::ArcSwapOption<PathBuf>,
     /// Called with a handshake's SNI name that no pair covers (ACME's on-demand
     /// certificates); must be cheap: it runs inside the handshake.
     on_miss: std::sync::OnceLock<MissHook>,
+}
+
+#[derive(Default)]
+struct Parts {
+    dir: Vec<Arc<Pair>>,
+    provided: Vec<Arc<Pair>>,
+    default: Option<String>,
 }
 
 /// See [`CertStore::set_on_miss`].
@@ -336,8 +358,40 @@ impl CertStore {
             }
         }
         report.errors = errors;
-        self.index.store(Arc::new(Index::build(all, default)));
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        parts.dir = all;
+        parts.default = default.map(str::to_string);
+        self.rebuild(&parts);
         Ok(report)
+    }
+
+    /// Replaces the provided pairs (Kubernetes Secrets), given as PEM. A pair that
+    /// fails keeps its previous certificate (by NAME); its error is returned.
+    pub fn set_provided(&self, pairs: &[(String, Vec<u8>, Vec<u8>)]) -> PairErrors {
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut errors = Vec::new();
+        let mut next = Vec::new();
+        for (name, crt, key) in pairs {
+            let label = PathBuf::from(format!("Secret {name}"));
+            match pair_from_pem(name, crt, &label, key, &label) {
+                Ok(p) => next.push(Arc::new(p)),
+                Err(e) => {
+                    if let Some(prev) = parts.provided.iter().find(|p| p.name == *name) {
+                        next.push(prev.clone());
+                    }
+                    errors.push((name.clone(), e));
+                }
+            }
+        }
+        parts.provided = next;
+        self.rebuild(&parts);
+        errors
+    }
+
+    fn rebuild(&self, parts: &Parts) {
+        let all = parts.dir.iter().chain(parts.provided.iter()).cloned();
+        self.index
+            .store(Arc::new(Index::build(all, parts.default.as_deref())));
     }
 
     pub fn len(&self) -> usize {

@@ -46,32 +46,35 @@ impl Config {
     }
 
     /// This configuration with another front end's pools and tenants added (their pool
-    /// indices count from 0 in `pools`). A tenant claiming a host that an earlier one
-    /// (the file's first) holds is left out, and reported as its index in `tenants`
-    /// with the host.
+    /// indices count from 0 in `pools`). A host that an earlier tenant (the file's
+    /// first) claims stays that tenant's: it is taken out of the later one, which is
+    /// left out when none remains; each such tenant is reported as its index in
+    /// `tenants` with the hosts it lost.
     pub fn merged(
         mut self,
         pools: Vec<Pool>,
         tenants: Vec<Tenant>,
         version: &str,
-    ) -> (Config, Vec<(usize, String)>) {
+    ) -> (Config, Vec<(usize, Vec<String>)>) {
         let offset = self.pools.len();
         self.pools.extend(pools);
         let mut conflicts = Vec::new();
         for (i, mut t) in tenants.into_iter().enumerate() {
             let id = self.tenants.len();
-            let clash = t
+            let (free, taken): (Vec<_>, Vec<_>) = t
                 .hosts
-                .iter()
-                .enumerate()
-                .find(|(k, h)| self.hosts.claimed_by(h).is_some() || t.hosts[..*k].contains(h));
-            if let Some((_, h)) = clash {
-                conflicts.push((i, h.to_string()));
+                .into_iter()
+                .partition(|h| self.hosts.claimed_by(h).is_none());
+            if !taken.is_empty() {
+                conflicts.push((i, taken.iter().map(|h| h.to_string()).collect()));
+            }
+            if free.is_empty() {
                 continue;
             }
-            for h in &t.hosts {
+            for h in &free {
                 let _ = self.hosts.insert(h, id);
             }
+            t.hosts = free;
             t.pool += offset;
             for r in &mut t.routes {
                 r.pool += offset;
@@ -320,6 +323,26 @@ pub struct Pool {
     /// `http`/`longpolling`: the snapshot takes them from the runtime's member map, as
     /// for `discover`.
     pub provided: bool,
+}
+
+impl Pool {
+    /// A pool named `name` with no members and every key at its default.
+    pub fn empty(name: &str) -> Pool {
+        Pool {
+            name: name.to_string(),
+            http: Vec::new(),
+            longpolling: Vec::new(),
+            discover: None,
+            spread: 0,
+            health: None,
+            breaker: Breaker::default(),
+            retries: 1,
+            workers: 0,
+            queue: QueueCfg::default(),
+            filestore: None,
+            provided: false,
+        }
+    }
 }
 
 /// The pool's queue of requests waiting for a worker slot (r2).

@@ -47,6 +47,10 @@ enum Command {
         /// Configuration file [default: $PORTIER_CONFIG, then /etc/portier/portier.toml]
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
+        /// Also translate Kubernetes objects (YAML files, or directories of them) as the
+        /// `[kubernetes]` provider would, without an API server.
+        #[arg(long = "objects", num_args = 1..)]
+        objects: Vec<PathBuf>,
     },
     /// Run on 127.0.0.1 with an embedded config and two simulated Odoo workers.
     Demo {
@@ -81,7 +85,7 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => ops::check::run(&config_path(config)),
+        Command::Check { config, objects } => ops::check::run(&config_path(config), &objects),
         Command::Run { config } => {
             init_logging();
             let path = config_path(config);

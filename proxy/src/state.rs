@@ -60,6 +60,8 @@ pub struct Shared {
     pub reload_status: Mutex<ReloadStatus>,
     /// Current members of pools with `discover`, by pool name (survives reloads).
     pub discovered: DashMap<String, Arc<Members>>,
+    /// `[kubernetes]`: the objects seen, the connection, the status to write.
+    pub kubernetes: Arc<portier_k8s::provider::State>,
     /// The file reloads read; `None` for the demo's embedded config.
     pub config_path: Option<std::path::PathBuf>,
 }
@@ -93,6 +95,7 @@ impl Shared {
             inflight: Arc::default(),
             reload_status: Mutex::new(ReloadStatus::default()),
             discovered,
+            kubernetes: Arc::default(),
             config_path,
         })
     }

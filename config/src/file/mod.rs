@@ -317,20 +317,7 @@ fn read_document(
 }
 
 fn placeholder_pool(name: &str) -> Pool {
-    Pool {
-        name: name.to_string(),
-        http: Vec::new(),
-        longpolling: Vec::new(),
-        discover: None,
-        spread: 0,
-        health: None,
-        breaker: Breaker::default(),
-        retries: 1,
-        workers: 0,
-        queue: QueueCfg::default(),
-        filestore: None,
-        provided: false,
-    }
+    Pool::empty(name)
 }
 
 /// Hex SHA-256 of bytes: the version of a configuration file.

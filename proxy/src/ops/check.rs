@@ -1,11 +1,17 @@
-//! `portier check`: validate a configuration file and what it names.
+//! `portier check`: validate a configuration file and what it names; with
+//! `--objects`, also translate Kubernetes objects from YAML files exactly as the
+//! `[kubernetes]` provider would, each problem at `FILE:LINE:COL` in the YAML.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use portier_config::load_file;
+use portier_config::{load_file, Config, Diagnostic};
+use portier_k8s::objects::{Key, Kind};
+use portier_k8s::yaml::{self, Document};
+use portier_k8s::Objects;
 
-pub fn run(path: &Path) -> ExitCode {
+pub fn run(path: &Path, objects: &[PathBuf]) -> ExitCode {
     let (config, mut diags) = match load_file(path) {
         Ok((c, warnings)) => (Some(c), warnings),
         Err(diags) => (None, diags),
@@ -21,19 +27,101 @@ pub fn run(path: &Path) -> ExitCode {
     for d in &diags {
         eprintln!("{d}");
     }
-    match config {
-        Some(c) if errors == 0 => {
-            println!(
-                "ok: {} pools, {} tenants, {} certificates",
-                c.pools.len(),
-                c.tenants.len(),
-                certificates
-            );
-            ExitCode::SUCCESS
+    let Some(config) = config.filter(|_| errors == 0) else {
+        eprintln!("{errors} error(s) in {}", path.display());
+        return ExitCode::from(1);
+    };
+    if objects.is_empty() {
+        println!(
+            "ok: {} pools, {} tenants, {} certificates",
+            config.pools.len(),
+            config.tenants.len(),
+            certificates
+        );
+        return ExitCode::SUCCESS;
+    }
+    check_objects(config, certificates, objects)
+}
+
+/// The objects of `paths` translated over `config`; prints the summary or every problem.
+fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCode {
+    let (file_pools, file_tenants) = (config.pools.len(), config.tenants.len());
+    let mut diags = Vec::new();
+    let mut store = Objects::default();
+    let mut origin: HashMap<(Kind, Key), Document> = HashMap::new();
+    let mut read = 0;
+    match yaml::files(paths) {
+        Ok(files) => {
+            for f in files {
+                match yaml::read_file(&f) {
+                    Ok(docs) => {
+                        for doc in docs.into_iter().filter(|d| !d.value.is_null()) {
+                            read += 1;
+                            match store.put_json(doc.value.clone()) {
+                                Ok(id) => {
+                                    origin.insert(id, doc);
+                                }
+                                Err(m) => diags.push(Diagnostic::error(&doc.file, doc.start, m)),
+                            }
+                        }
+                    }
+                    Err(d) => diags.push(d),
+                }
+            }
         }
-        _ => {
-            eprintln!("{errors} error(s) in {}", path.display());
-            ExitCode::from(1)
+        Err(d) => diags.push(d),
+    }
+    let k = config.kubernetes.clone().unwrap_or_default();
+    let redirect = config.tls.as_ref().is_some_and(|t| t.redirect_http);
+    let t = portier_k8s::translate(&store, &k, &config.defaults, redirect);
+    let certs = t.certs.clone();
+    let (merged, t) = portier_k8s::merge(config, t);
+    for p in &t.problems {
+        let key = (p.object.namespace.clone(), p.object.name.clone());
+        let (file, pos) = match origin.get(&(p.object.kind, key)) {
+            Some(doc) => (doc.file.clone(), doc.pos(&p.field)),
+            None => (String::from("-"), Default::default()),
+        };
+        diags.push(Diagnostic::error(
+            &file,
+            pos,
+            format!("{}: {}", p.object, p.message),
+        ));
+    }
+    let mut valid_certs = 0;
+    for c in &certs {
+        let label = PathBuf::from(format!("Secret {}", c.name));
+        match portier_certs::pair_from_pem(&c.name, &c.crt, &label, &c.key, &label) {
+            Ok(_) => valid_certs += 1,
+            Err(e) => {
+                let (ns, name) = c.name.split_once('/').unwrap_or(("", &c.name));
+                let doc = origin.get(&(Kind::Secret, (ns.to_string(), name.to_string())));
+                let (file, pos) = doc.map_or((String::from("-"), Default::default()), |d| {
+                    (d.file.clone(), d.pos("/data"))
+                });
+                diags.push(Diagnostic::error(
+                    &file,
+                    pos,
+                    format!("Secret {}: {e}", c.name),
+                ));
+            }
         }
     }
+    diags.sort_by(|a, b| (&a.file, a.pos.line, a.pos.col).cmp(&(&b.file, b.pos.line, b.pos.col)));
+    for d in &diags {
+        eprintln!("{d}");
+    }
+    if !diags.is_empty() {
+        eprintln!("{} error(s) in the objects", diags.len());
+        return ExitCode::from(1);
+    }
+    println!(
+        "ok: {} pools, {} tenants, {} certificates; objects: {read} read, {} routes, {} services",
+        merged.pools.len(),
+        merged.tenants.len(),
+        file_certs + valid_certs,
+        merged.tenants.len() - file_tenants,
+        merged.pools.len() - file_pools,
+    );
+    ExitCode::SUCCESS
 }

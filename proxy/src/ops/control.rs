@@ -71,6 +71,7 @@ pub async fn run(
     tokio::spawn(wait_ready(shared.clone(), probe, on_ready));
     tokio::spawn(crate::ops::supervise::cluster(shared.clone()));
     tokio::spawn(crate::acme::run(shared.clone()));
+    tokio::spawn(crate::ops::kubernetes::run(shared.clone()));
 
     // File watching: changes arrive here and are debounced.
     let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<Change>();
@@ -397,6 +398,9 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "certificate_list": certificate_list(&shared.certs),
         "pools": pools,
     });
+    if snap.config.kubernetes.is_some() {
+        status["kubernetes"] = crate::ops::kubernetes::status_json(shared);
+    }
     if snap.config.acme().is_some() {
         status["acme"] = shared.acme.status_json();
     }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod dashboard;
 pub mod demo;
 pub mod discover;
+pub mod kubernetes;
 pub mod memory;
 pub mod reload;
 pub mod server;

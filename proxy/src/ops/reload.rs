@@ -58,6 +58,7 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     for w in &warnings {
         tracing::warn!("{w}");
     }
+    let config = crate::ops::kubernetes::compose(shared, config);
     let old = shared.snapshot.load_full();
     if old.config.listen != config.listen {
         tracing::warn!("[listen] changed: new addresses, threads and drain apply after a restart");

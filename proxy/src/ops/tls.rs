@@ -164,7 +164,11 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
         }
     }
     // With ACME the directory may start empty: its certificates arrive there.
-    if config.listen.https.is_some() && pairs.is_empty() && errors.is_empty() && tls.acme.is_none()
+    if config.listen.https.is_some()
+        && pairs.is_empty()
+        && errors.is_empty()
+        && tls.acme.is_none()
+        && config.kubernetes.is_none()
     {
         diags.push(Diagnostic::error(
             &file,

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub acme_orders: IntCounterVec,
     /// `portier_cluster_redis_up`: registered when a `[cluster]` is first configured.
     pub cluster_up: IntGauge,
+    /// `portier_kubernetes_connected` (r3): registered when `[kubernetes]` is configured.
+    pub kubernetes_connected: IntGauge,
     /// `portier_filestore_requests_total{result}`, `portier_filestore_bytes_total`.
     pub filestore: FilestoreMetrics,
     tenants: DashMap<String, Arc<TenantStats>>,
@@ -315,6 +317,11 @@ impl Metrics {
             "1 while the [cluster] Redis answers within its timeout (rate limits shared), 0 while replicas fall back to local limits",
         )
         .expect("valid metric definition");
+        let kubernetes_connected = IntGauge::new(
+            "portier_kubernetes_connected",
+            "1 while every watch of the Kubernetes API server is up, 0 while portier serves the last objects it saw",
+        )
+        .expect("valid metric definition");
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
         }
@@ -347,6 +354,7 @@ impl Metrics {
             access_log_dropped,
             acme_orders,
             cluster_up,
+            kubernetes_connected,
             filestore,
             tenants: DashMap::new(),
             other: OnceLock::new(),
@@ -356,6 +364,13 @@ impl Metrics {
     /// Exposes `portier_cluster_redis_up` (from the first `[cluster]` on; once).
     pub fn register_cluster_up(&self) {
         let _ = self.registry.register(Box::new(self.cluster_up.clone()));
+    }
+
+    /// Exposes `portier_kubernetes_connected` (with `[kubernetes]`; once).
+    pub fn register_kubernetes(&self) {
+        let _ = self
+            .registry
+            .register(Box::new(self.kubernetes_connected.clone()));
     }
 
     /// Counts one login attempt refused for a tenant (its bounded label).

@@ -1,0 +1,232 @@
+//! The objects portier has seen, by kind and key: what the watchers keep up to date
+//! and what `check --objects` reads from files. Translation reads only this.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use serde::de::DeserializeOwned;
+
+use crate::gateway::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
+
+/// NAMESPACE (empty for cluster-scoped objects) and NAME.
+pub type Key = (String, String);
+
+/// The kinds portier reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    GatewayClass,
+    Gateway,
+    HttpRoute,
+    ReferenceGrant,
+    Ingress,
+    IngressClass,
+    Service,
+    EndpointSlice,
+    Secret,
+    Namespace,
+}
+
+impl Kind {
+    /// The kind as objects spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::GatewayClass => "GatewayClass",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::Ingress => "Ingress",
+            Kind::IngressClass => "IngressClass",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Secret => "Secret",
+            Kind::Namespace => "Namespace",
+        }
+    }
+
+    /// The kind of an object with this `apiVersion` and `kind`, if portier reads it.
+    pub fn of(api_version: &str, kind: &str) -> Option<Kind> {
+        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+        Some(match (group, kind) {
+            ("gateway.networking.k8s.io", "GatewayClass") => Kind::GatewayClass,
+            ("gateway.networking.k8s.io", "Gateway") => Kind::Gateway,
+            ("gateway.networking.k8s.io", "HTTPRoute") => Kind::HttpRoute,
+            ("gateway.networking.k8s.io", "ReferenceGrant") => Kind::ReferenceGrant,
+            ("networking.k8s.io", "Ingress") => Kind::Ingress,
+            ("networking.k8s.io", "IngressClass") => Kind::IngressClass,
+            ("", "Service") => Kind::Service,
+            ("discovery.k8s.io", "EndpointSlice") => Kind::EndpointSlice,
+            ("", "Secret") => Kind::Secret,
+            ("", "Namespace") => Kind::Namespace,
+            _ => return None,
+        })
+    }
+}
+
+/// One object named in a problem or a status: its kind, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjRef {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{} {}", self.kind.name(), self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind.name(), self.namespace, self.name)
+        }
+    }
+}
+
+/// Every object portier reads, by kind, then by key.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub gateway_classes: BTreeMap<Key, GatewayClass>,
+    pub gateways: BTreeMap<Key, Gateway>,
+    pub http_routes: BTreeMap<Key, HttpRoute>,
+    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
+    pub ingresses: BTreeMap<Key, Ingress>,
+    pub ingress_classes: BTreeMap<Key, IngressClass>,
+    pub services: BTreeMap<Key, Service>,
+    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    /// `kubernetes.io/tls` Secrets only: the others are never kept.
+    pub secrets: BTreeMap<Key, Secret>,
+    pub namespaces: BTreeMap<Key, Namespace>,
+}
+
+/// A kind the store keeps: where its objects live in [`Objects`].
+pub trait Stored:
+    kube::Resource + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync + 'static
+{
+    const KIND: Kind;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self>;
+    /// Whether the store keeps this object (Secrets: only `kubernetes.io/tls`).
+    fn keep(&self) -> bool {
+        true
+    }
+}
+
+macro_rules! stored {
+    ($ty:ty, $kind:ident, $field:ident) => {
+        impl Stored for $ty {
+            const KIND: Kind = Kind::$kind;
+            fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self> {
+                &mut objects.$field
+            }
+        }
+    };
+}
+stored!(GatewayClass, GatewayClass, gateway_classes);
+stored!(Gateway, Gateway, gateways);
+stored!(HttpRoute, HttpRoute, http_routes);
+stored!(ReferenceGrant, ReferenceGrant, reference_grants);
+stored!(Ingress, Ingress, ingresses);
+stored!(IngressClass, IngressClass, ingress_classes);
+stored!(Service, Service, services);
+stored!(EndpointSlice, EndpointSlice, endpoint_slices);
+stored!(Namespace, Namespace, namespaces);
+
+impl Stored for Secret {
+    const KIND: Kind = Kind::Secret;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self> {
+        &mut objects.secrets
+    }
+    fn keep(&self) -> bool {
+        self.type_.as_deref() == Some("kubernetes.io/tls")
+    }
+}
+
+/// The key of an object.
+pub fn key_of<K: kube::Resource>(o: &K) -> Key {
+    let m = o.meta();
+    (
+        m.namespace.clone().unwrap_or_default(),
+        m.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Objects {
+    /// Puts `o` in (or, when the store does not keep it, takes any older version out).
+    pub fn put<K: Stored>(&mut self, o: K) {
+        let key = key_of(&o);
+        if o.keep() {
+            K::map(self).insert(key, o);
+        } else {
+            K::map(self).remove(&key);
+        }
+    }
+
+    pub fn remove<K: Stored>(&mut self, key: &Key) {
+        K::map(self).remove(key);
+    }
+
+    /// Replaces every object of one kind (a watcher's fresh list), in namespace `ns`
+    /// only when given.
+    pub fn replace_all<K: Stored>(&mut self, ns: Option<&str>, all: impl IntoIterator<Item = K>) {
+        let map = K::map(self);
+        match ns {
+            Some(ns) => map.retain(|k, _| k.0 != ns),
+            None => map.clear(),
+        }
+        for o in all {
+            if o.keep() {
+                map.insert(key_of(&o), o);
+            }
+        }
+    }
+
+    /// Reads one object given as JSON (a YAML document): its kind and key, or why not.
+    pub fn put_json(&mut self, v: serde_json::Value) -> Result<(Kind, Key), String> {
+        let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let Some(k) = Kind::of(api_version, kind) else {
+            return Err(format!(
+                "portier does not read {kind} objects of {api_version} (apiVersion and kind)"
+            ));
+        };
+        fn put<K: Stored>(o: &mut Objects, v: serde_json::Value) -> Result<Key, String> {
+            let obj: K = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            let key = key_of(&obj);
+            if key.1.is_empty() {
+                return Err("metadata.name is missing".into());
+            }
+            o.put(obj);
+            Ok(key)
+        }
+        let key = match k {
+            Kind::GatewayClass => put::<GatewayClass>(self, v),
+            Kind::Gateway => put::<Gateway>(self, v),
+            Kind::HttpRoute => put::<HttpRoute>(self, v),
+            Kind::ReferenceGrant => put::<ReferenceGrant>(self, v),
+            Kind::Ingress => put::<Ingress>(self, v),
+            Kind::IngressClass => put::<IngressClass>(self, v),
+            Kind::Service => put::<Service>(self, v),
+            Kind::EndpointSlice => put::<EndpointSlice>(self, v),
+            Kind::Secret => put::<Secret>(self, v),
+            Kind::Namespace => put::<Namespace>(self, v),
+        }?;
+        Ok((k, key))
+    }
+
+    /// How many objects are kept.
+    pub fn len(&self) -> usize {
+        self.gateway_classes.len()
+            + self.gateways.len()
+            + self.http_routes.len()
+            + self.reference_grants.len()
+            + self.ingresses.len()
+            + self.ingress_classes.len()
+            + self.services.len()
+            + self.endpoint_slices.len()
+            + self.secrets.len()
+            + self.namespaces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,246 @@
+//! The provider: one kube-rs watcher per kind (list, then watch from the last resource
+//! version; a watch the server ends with 410 Gone is listed again; reconnects with
+//! backoff), all feeding one [`Objects`] store, and a loop that tells the [`Sink`]
+//! when the store changed (changes within 100 ms are applied together).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use portier_config::Kubernetes;
+use tokio::sync::Notify;
+
+use crate::gateway::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
+use crate::objects::{key_of, Kind, Objects, Stored};
+
+/// What the provider tells the proxy.
+pub trait Sink: Send + Sync + 'static {
+    /// The objects changed; `endpoints_only`: only EndpointSlices did.
+    fn objects_changed(&self, objects: Arc<Objects>, endpoints_only: bool);
+}
+
+/// The provider's state, for `/status` and the metric.
+#[derive(Default)]
+pub struct State {
+    pub objects: Mutex<Arc<Objects>>,
+    /// Every watcher's last list or watch succeeded.
+    pub connected: AtomicBool,
+    /// Watchers that have listed at least once.
+    pub synced: AtomicUsize,
+    pub last_sync: Mutex<Option<SystemTime>>,
+    pub last_error: Mutex<Option<String>>,
+    /// The file's configuration, which the objects are merged into.
+    pub base: Mutex<Option<Arc<portier_config::Config>>>,
+    /// The version of the last translation applied, and its problems' messages.
+    pub applied: Mutex<(String, Vec<String>)>,
+    /// The status each object should have (the status writer's input).
+    pub status: Mutex<Arc<crate::translate::Status>>,
+}
+
+impl State {
+    pub fn objects(&self) -> Arc<Objects> {
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The client for `[kubernetes]`: its kubeconfig, else the pod's service account,
+/// then `$KUBECONFIG` / `~/.kube/config`.
+pub async fn client(k: &Kubernetes) -> Result<Client, String> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+    };
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// Watches every kind until the task is aborted.
+pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn Sink>) {
+    let store = Arc::new(Mutex::new(Objects::default()));
+    let changed = Arc::new(Notify::new());
+    let dirty = Arc::new(Mutex::new((false, true))); // (anything but slices, slices only)
+    let health = Arc::new(Health::default());
+    let mut watchers = 0;
+    macro_rules! watch {
+        ($ty:ty, cluster) => {{
+            watchers += 1;
+            let api: Api<$ty> = Api::all(client.clone());
+            tokio::spawn(watch_kind(
+                api,
+                None,
+                store.clone(),
+                changed.clone(),
+                dirty.clone(),
+                health.clone(),
+                state.clone(),
+            ));
+        }};
+        ($ty:ty) => {{
+            if k.namespaces.is_empty() {
+                watchers += 1;
+                let api: Api<$ty> = Api::all(client.clone());
+                tokio::spawn(watch_kind(
+                    api,
+                    None,
+                    store.clone(),
+                    changed.clone(),
+                    dirty.clone(),
+                    health.clone(),
+                    state.clone(),
+                ));
+            } else {
+                for ns in &k.namespaces {
+                    watchers += 1;
+                    let api: Api<$ty> = Api::namespaced(client.clone(), ns);
+                    tokio::spawn(watch_kind(
+                        api,
+                        Some(ns.clone()),
+                        store.clone(),
+                        changed.clone(),
+                        dirty.clone(),
+                        health.clone(),
+                        state.clone(),
+                    ));
+                }
+            }
+        }};
+    }
+    watch!(GatewayClass, cluster);
+    watch!(IngressClass, cluster);
+    watch!(Namespace, cluster);
+    watch!(Gateway);
+    watch!(HttpRoute);
+    watch!(ReferenceGrant);
+    watch!(Ingress);
+    watch!(Service);
+    watch!(EndpointSlice);
+    watch!(Secret);
+    health.total.store(watchers, Ordering::Relaxed);
+    loop {
+        changed.notified().await;
+        // Let a burst of events land together.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if state.synced.load(Ordering::Relaxed) < watchers {
+            continue; // serve nothing half-listed
+        }
+        let (any, slices_only) = {
+            let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *d, (false, true))
+        };
+        if !any {
+            continue;
+        }
+        let snapshot = Arc::new(store.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        *state.objects.lock().unwrap_or_else(|e| e.into_inner()) = snapshot.clone();
+        sink.objects_changed(snapshot, slices_only);
+    }
+}
+
+/// Which watchers are failing.
+#[derive(Default)]
+struct Health {
+    total: AtomicUsize,
+    failing: AtomicUsize,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn watch_kind<K: Stored>(
+    api: Api<K>,
+    ns: Option<String>,
+    store: Arc<Mutex<Objects>>,
+    changed: Arc<Notify>,
+    dirty: Arc<Mutex<(bool, bool)>>,
+    health: Arc<Health>,
+    state: Arc<State>,
+) {
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut buffer: Vec<K> = Vec::new();
+    let mut failing = false;
+    let mut synced = false;
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                let msg = format!("{}: {e}", K::KIND.name());
+                if !failing {
+                    failing = true;
+                    health.failing.fetch_add(1, Ordering::Relaxed);
+                    if state.connected.swap(false, Ordering::Relaxed) {
+                        tracing::error!(error = %msg, "lost the Kubernetes API server; serving the last objects seen");
+                    }
+                }
+                *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                continue;
+            }
+        };
+        if failing {
+            failing = false;
+            if health.failing.fetch_sub(1, Ordering::Relaxed) == 1 {
+                state.connected.store(true, Ordering::Relaxed);
+                *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::info!("the Kubernetes API server is back");
+            }
+        }
+        let touched = {
+            let mut objects = store.lock().unwrap_or_else(|e| e.into_inner());
+            match ev {
+                Event::Init => {
+                    buffer.clear();
+                    false
+                }
+                Event::InitApply(o) => {
+                    buffer.push(o);
+                    false
+                }
+                Event::InitDone => {
+                    objects.replace_all(ns.as_deref(), std::mem::take(&mut buffer));
+                    if !synced {
+                        synced = true;
+                        if state.synced.fetch_add(1, Ordering::Relaxed) + 1
+                            == health.total.load(Ordering::Relaxed)
+                        {
+                            state.connected.store(
+                                health.failing.load(Ordering::Relaxed) == 0,
+                                Ordering::Relaxed,
+                            );
+                        }
+                    }
+                    true
+                }
+                Event::Apply(o) => {
+                    objects.put(o);
+                    true
+                }
+                Event::Delete(o) => {
+                    objects.remove::<K>(&key_of(&o));
+                    true
+                }
+            }
+        };
+        if touched {
+            *state.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
+            let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
+            d.0 = true;
+            d.1 &= K::KIND == Kind::EndpointSlice;
+            drop(d);
+            changed.notify_one();
+        }
+    }
+}

@@ -1,0 +1,602 @@
+//! Gateway API: portier's GatewayClass, its Gateways and their listeners
+//! (certificates, `allowedRoutes`), and the HTTPRoutes attached to them, each one a
+//! tenant draft with the status of each of its parents.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use portier_config::Kubernetes;
+use serde_json::{json, Value};
+
+use super::backend::{granted, BackendError, Backends, PortRef};
+use super::status::{address, Cond, ParentStatus, GATEWAY_CONTROLLER};
+use super::{backend_problem, Draft, Problem, SecretPair, Translation};
+use crate::gateway::{Gateway, HttpRoute, Listener, ObjectRef, GROUP};
+use crate::objects::{Key, Kind, ObjRef, Objects};
+
+/// A listener of one of portier's Gateways.
+struct Lis<'a> {
+    l: &'a Listener,
+    /// Usable: a supported protocol, its certificates resolved.
+    ok: bool,
+    conditions: Vec<Cond>,
+    attached: u32,
+}
+
+pub(super) fn translate(
+    objects: &Objects,
+    k: &Kubernetes,
+    watched: &dyn Fn(&str) -> bool,
+    redirect_http: bool,
+    backends: &mut Backends<'_>,
+    drafts: &mut Vec<Draft>,
+    t: &mut Translation,
+) {
+    let class_key = (String::new(), k.gateway_class.clone());
+    let Some(class) = objects.gateway_classes.get(&class_key) else {
+        return;
+    };
+    if class.spec.controller_name != GATEWAY_CONTROLLER {
+        return;
+    }
+    let gen = class.metadata.generation;
+    t.status.gateway_classes.insert(
+        k.gateway_class.clone(),
+        json!({ "conditions": [Cond::new("Accepted", true, "Accepted", "portier serves the Gateways of this class").at(gen)] }),
+    );
+    let mut gateways: BTreeMap<Key, (&Gateway, Vec<Lis<'_>>)> = BTreeMap::new();
+    for (key, gw) in &objects.gateways {
+        if gw.spec.gateway_class_name != k.gateway_class || !watched(&key.0) {
+            continue;
+        }
+        let listeners = gw
+            .spec
+            .listeners
+            .iter()
+            .map(|l| listener(objects, &key.0, l, &mut t.certs))
+            .collect();
+        gateways.insert(key.clone(), (gw, listeners));
+    }
+    for (key, route) in &objects.http_routes {
+        if watched(&key.0) {
+            if let Some(d) = route_draft(
+                objects,
+                key,
+                route,
+                &mut gateways,
+                redirect_http,
+                backends,
+                t,
+            ) {
+                drafts.push(d);
+            }
+        }
+    }
+    for (key, (gw, listeners)) in gateways {
+        t.status
+            .gateways
+            .insert(key, gateway_status(gw, &listeners, &k.status_address));
+    }
+}
+
+/// A listener's conditions; its certificates go to `certs`.
+fn listener<'a>(
+    objects: &Objects,
+    ns: &str,
+    l: &'a Listener,
+    certs: &mut Vec<SecretPair>,
+) -> Lis<'a> {
+    let mut lis = Lis {
+        l,
+        ok: true,
+        conditions: Vec::new(),
+        attached: 0,
+    };
+    let mut refs_ok = Cond::new("ResolvedRefs", true, "ResolvedRefs", "");
+    match l.protocol.as_str() {
+        "HTTP" => {}
+        "HTTPS" => {
+            let tls = l.tls.clone().unwrap_or_default();
+            if tls.mode.as_deref().is_some_and(|m| m != "Terminate") {
+                lis.ok = false;
+                lis.conditions.push(Cond::new(
+                    "Accepted",
+                    false,
+                    "UnsupportedValue",
+                    "portier terminates TLS: only mode Terminate",
+                ));
+            }
+            for r in &tls.certificate_refs {
+                let secret_ns = r.namespace.clone().unwrap_or_else(|| ns.to_string());
+                let secret = (secret_ns.clone(), r.name.clone());
+                if r.kind.as_deref().unwrap_or("Secret") != "Secret"
+                    || !r.group.as_deref().unwrap_or("").is_empty()
+                {
+                    refs_ok = Cond::new(
+                        "ResolvedRefs",
+                        false,
+                        "InvalidCertificateRef",
+                        format!("{} is not a Secret", r.name),
+                    );
+                } else if !granted(objects, GROUP, "Gateway", ns, "Secret", &secret_ns, &r.name) {
+                    refs_ok = Cond::new(
+                        "ResolvedRefs",
+                        false,
+                        "RefNotPermitted",
+                        format!(
+                            "no ReferenceGrant in {secret_ns} lets this Gateway use Secret {}",
+                            r.name
+                        ),
+                    );
+                } else if let Some(pair) = objects.secrets.get(&secret).and_then(tls_pair) {
+                    if !certs.iter().any(|c| c.name == pair.name) {
+                        certs.push(pair);
+                    }
+                } else {
+                    refs_ok = Cond::new("ResolvedRefs", false, "InvalidCertificateRef", format!("Secret {secret_ns}/{} is not a kubernetes.io/tls Secret with tls.crt and tls.key", r.name));
+                }
+            }
+        }
+        other => {
+            lis.ok = false;
+            lis.conditions.push(Cond::new(
+                "Accepted",
+                false,
+                "UnsupportedProtocol",
+                format!("protocol {other}: portier serves HTTP and HTTPS listeners"),
+            ));
+        }
+    }
+    if lis.ok {
+        lis.conditions
+            .push(Cond::new("Accepted", true, "Accepted", ""));
+    }
+    lis.conditions.push(Cond::new(
+        "Programmed",
+        lis.ok,
+        if lis.ok { "Programmed" } else { "Invalid" },
+        "",
+    ));
+    lis.conditions.push(refs_ok);
+    lis
+}
+
+/// A Secret's PEM pair, if it is a `kubernetes.io/tls` Secret with both.
+pub(super) fn tls_pair(s: &k8s_openapi::api::core::v1::Secret) -> Option<SecretPair> {
+    let data = s.data.as_ref()?;
+    Some(SecretPair {
+        name: format!(
+            "{}/{}",
+            s.metadata.namespace.as_deref()?,
+            s.metadata.name.as_deref()?
+        ),
+        crt: data.get("tls.crt")?.0.clone(),
+        key: data.get("tls.key")?.0.clone(),
+    })
+}
+
+fn gateway_status(gw: &Gateway, listeners: &[Lis<'_>], status_address: &str) -> Value {
+    let gen = gw.metadata.generation;
+    let programmed = listeners.iter().any(|l| l.ok);
+    let mut status = json!({
+        "conditions": [
+            Cond::new("Accepted", true, "Accepted", "").at(gen),
+            Cond::new("Programmed", programmed, if programmed { "Programmed" } else { "Invalid" }, "").at(gen),
+        ],
+        "listeners": listeners.iter().map(|l| json!({
+            "name": l.l.name,
+            "supportedKinds": [{ "group": GROUP, "kind": "HTTPRoute" }],
+            "attachedRoutes": l.attached,
+            "conditions": l.conditions.iter().cloned().map(|c| c.at(gen)).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    if let Some((ip, value)) = address(status_address) {
+        status["addresses"] =
+            json!([{ "type": if ip { "IPAddress" } else { "Hostname" }, "value": value }]);
+    }
+    status
+}
+
+/// Whether `allowedRoutes` lets a route of `route_ns` attach.
+fn allows(objects: &Objects, l: &Listener, gw_ns: &str, route_ns: &str) -> bool {
+    let from = l
+        .allowed_routes
+        .as_ref()
+        .and_then(|a| a.namespaces.as_ref());
+    match from.and_then(|f| f.from.as_deref()).unwrap_or("Same") {
+        "All" => true,
+        "Selector" => {
+            let labels = objects
+                .namespaces
+                .get(&(String::new(), route_ns.to_string()))
+                .and_then(|n: &Namespace| n.metadata.labels.clone())
+                .unwrap_or_default();
+            from.and_then(|f| f.selector.as_ref())
+                .is_some_and(|s| selects(s, &labels))
+        }
+        _ => gw_ns == route_ns,
+    }
+}
+
+/// A label selector against a set of labels.
+fn selects(s: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = s
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_exprs = s.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        let have = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false,
+        }
+    });
+    by_labels && by_exprs
+}
+
+/// The hostnames a route gets on a listener: each route hostname that the listener's
+/// matches (or the listener's own, more specific one); all of them when the listener
+/// has none.
+fn intersect(route: &[String], listener: Option<&str>) -> Vec<String> {
+    let wild = |pattern: &str, host: &str| {
+        pattern
+            .strip_prefix('*')
+            .is_some_and(|suffix| host.len() > suffix.len() && host.ends_with(suffix))
+    };
+    match listener {
+        None => route.to_vec(),
+        Some(l) if route.is_empty() => vec![l.to_string()],
+        Some(l) => route
+            .iter()
+            .filter_map(|h| {
+                if h == l || wild(l, h) {
+                    Some(h.clone())
+                } else if wild(h, l) {
+                    Some(l.to_string())
+                } else {
+                    None
+                }
+            })
+            .collect(),
+    }
+}
+
+fn route_draft(
+    objects: &Objects,
+    key: &Key,
+    route: &HttpRoute,
+    gateways: &mut BTreeMap<Key, (&Gateway, Vec<Lis<'_>>)>,
+    redirect_http: bool,
+    backends: &mut Backends<'_>,
+    t: &mut Translation,
+) -> Option<Draft> {
+    let source = ObjRef {
+        kind: Kind::HttpRoute,
+        namespace: key.0.clone(),
+        name: key.1.clone(),
+    };
+    let gen = route.metadata.generation;
+    // Parents: attachment to each of portier's Gateways it names.
+    let mut parents = Vec::new();
+    let mut hosts: Vec<String> = Vec::new();
+    for p in &route.spec.parent_refs {
+        if p.group.as_deref().unwrap_or(GROUP) != GROUP
+            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+        {
+            continue;
+        }
+        let gw_ns = p.namespace.clone().unwrap_or_else(|| key.0.clone());
+        let Some((_, listeners)) = gateways.get_mut(&(gw_ns.clone(), p.name.clone())) else {
+            continue;
+        };
+        let mut parent_ref = p.clone();
+        parent_ref.namespace = Some(gw_ns.clone());
+        let named: Vec<&mut Lis<'_>> = listeners
+            .iter_mut()
+            .filter(|l| p.section_name.as_ref().is_none_or(|s| *s == l.l.name))
+            .filter(|l| p.port.is_none_or(|port| port == l.l.port))
+            .collect();
+        let mut allowed: Vec<&mut Lis<'_>> = named
+            .into_iter()
+            .filter(|l| l.ok && allows(objects, l.l, &gw_ns, &key.0))
+            .collect();
+        let accepted = if allowed.is_empty() {
+            Cond::new(
+                "Accepted",
+                false,
+                "NotAllowedByListeners",
+                "no listener of the Gateway allows this route",
+            )
+        } else {
+            let mut found = Vec::new();
+            for l in allowed.iter_mut() {
+                let these = intersect(&route.spec.hostnames, l.l.hostname.as_deref());
+                if !these.is_empty() {
+                    l.attached += 1;
+                }
+                found.extend(these);
+            }
+            if found.is_empty() {
+                Cond::new(
+                    "Accepted",
+                    false,
+                    "NoMatchingListenerHostname",
+                    "no hostname of the route matches a listener's",
+                )
+            } else {
+                for h in found {
+                    if !hosts.contains(&h) {
+                        hosts.push(h);
+                    }
+                }
+                Cond::new("Accepted", true, "Accepted", "")
+            }
+        };
+        parents.push(ParentStatus {
+            parent: parent_ref,
+            conditions: vec![accepted.at(gen)],
+        });
+    }
+    if parents.is_empty() {
+        return None; // not attached to portier: none of its business
+    }
+    let attached = parents.iter().any(|p| p.conditions[0].status == "True");
+    let (draft, unsupported, unresolved) = rules(
+        objects,
+        key,
+        route,
+        redirect_http,
+        backends,
+        hosts,
+        source.clone(),
+    );
+    for p in &mut parents {
+        if attached && p.conditions[0].status == "True" {
+            if let Some((_, m)) = unsupported.first() {
+                p.conditions[0] =
+                    Cond::new("Accepted", false, "UnsupportedValue", m.clone()).at(gen);
+            }
+        }
+        p.conditions.push(match unresolved.first() {
+            Some((reason, m)) => Cond::new("ResolvedRefs", false, reason, m.clone()).at(gen),
+            None => Cond::new("ResolvedRefs", true, "ResolvedRefs", "").at(gen),
+        });
+    }
+    t.status.routes.insert(key.clone(), parents);
+    for (field, message) in &unsupported {
+        t.problems.push(Problem {
+            object: source.clone(),
+            field: field.clone(),
+            message: message.clone(),
+        });
+    }
+    for (_, message) in &unresolved {
+        t.problems.push(Problem {
+            object: source.clone(),
+            field: "/spec/rules".into(),
+            message: message.clone(),
+        });
+    }
+    if !attached || !unsupported.is_empty() {
+        return None;
+    }
+    if draft.hosts.is_empty() {
+        t.problems.push(Problem {
+            object: source,
+            field: "/spec/hostnames".into(),
+            message: "no hostnames: a route for every host is not supported; give `hostnames` (or a listener `hostname`)".into(),
+        });
+        let k = key.clone();
+        for p in t.status.routes.get_mut(&k).into_iter().flatten() {
+            p.conditions[0] = Cond::new(
+                "Accepted",
+                false,
+                "UnsupportedValue",
+                "no hostnames: a route for every host is not supported",
+            )
+            .at(gen);
+        }
+        return None;
+    }
+    Some(draft)
+}
+
+type Found = Vec<(String, String)>;
+
+/// The rules as pools and routes; what is not supported (field, message) and the
+/// references that do not resolve (reason, message).
+#[allow(clippy::too_many_arguments)]
+fn rules(
+    objects: &Objects,
+    key: &Key,
+    route: &HttpRoute,
+    redirect_http: bool,
+    backends: &mut Backends<'_>,
+    hosts: Vec<String>,
+    source: ObjRef,
+) -> (Draft, Found, Found) {
+    let mut unsupported: Found = Vec::new();
+    let mut unresolved: Found = Vec::new();
+    let mut draft = Draft {
+        source,
+        meta: route.metadata.clone(),
+        hosts,
+        pool: None,
+        routes: Vec::new(),
+    };
+    for (ri, rule) in route.spec.rules.iter().enumerate() {
+        let at = format!("/spec/rules/{ri}");
+        let mut redirect = false;
+        for (fi, f) in rule.filters.iter().enumerate() {
+            let https_only = f.request_redirect.as_ref().is_some_and(|r| {
+                r.scheme.as_deref() == Some("https")
+                    && r.hostname.is_none()
+                    && r.path.is_none()
+                    && r.port.is_none()
+            });
+            if f.kind == "RequestRedirect" && https_only {
+                redirect = true;
+                if !redirect_http {
+                    unsupported.push((format!("{at}/filters/{fi}"), "RequestRedirect to https needs `redirect_http = true` in the file's [tls] (portier then redirects every host's plain HTTP)".into()));
+                }
+            } else {
+                unsupported.push((
+                    format!("{at}/filters/{fi}"),
+                    format!(
+                        "filter {}: only RequestRedirect to scheme https is supported",
+                        f.kind
+                    ),
+                ));
+            }
+        }
+        let mut paths = Vec::new();
+        let matches = if rule.matches.is_empty() {
+            vec![Default::default()]
+        } else {
+            rule.matches.clone()
+        };
+        for (mi, m) in matches.iter().enumerate() {
+            let mat = format!("{at}/matches/{mi}");
+            for (what, set) in [
+                ("headers", m.headers.is_some()),
+                ("queryParams", m.query_params.is_some()),
+                ("method", m.method.is_some()),
+            ] {
+                if set {
+                    unsupported.push((
+                        format!("{mat}/{what}"),
+                        format!("matches on {what} are not supported"),
+                    ));
+                }
+            }
+            let (kind, value) = m.path.as_ref().map_or(("PathPrefix", "/"), |p| {
+                (
+                    p.kind.as_deref().unwrap_or("PathPrefix"),
+                    p.value.as_deref().unwrap_or("/"),
+                )
+            });
+            match kind {
+                "PathPrefix" | "Exact" if value.starts_with('/') => {
+                    paths.push((value.to_string(), kind == "Exact"))
+                }
+                "PathPrefix" | "Exact" => unsupported.push((
+                    format!("{mat}/path"),
+                    format!("path \"{value}\" does not start with /"),
+                )),
+                other => unsupported.push((
+                    format!("{mat}/path"),
+                    format!("path match type {other} is not supported"),
+                )),
+            }
+        }
+        if redirect {
+            continue;
+        }
+        let pool = match rule.backend_refs.as_slice() {
+            [b] => backend(
+                objects,
+                key,
+                b,
+                backends,
+                &mut unsupported,
+                &mut unresolved,
+                &at,
+            ),
+            [] => {
+                unsupported.push((
+                    at.clone(),
+                    "a rule needs a backendRef (or a RequestRedirect to https)".into(),
+                ));
+                None
+            }
+            _ => {
+                unsupported.push((
+                    format!("{at}/backendRefs"),
+                    "several backendRefs in one rule (weights) are not supported".into(),
+                ));
+                None
+            }
+        };
+        let Some(pool) = pool else { continue };
+        for (path, exact) in paths {
+            let trimmed = if path.len() > 1 {
+                path.trim_end_matches('/').to_string()
+            } else {
+                path
+            };
+            if trimmed == "/" && !exact {
+                draft.pool.get_or_insert(pool);
+            } else if !draft
+                .routes
+                .iter()
+                .any(|(p, e, _)| *p == trimmed && *e == exact)
+            {
+                draft.routes.push((trimmed, exact, pool));
+            }
+        }
+    }
+    (draft, unsupported, unresolved)
+}
+
+fn backend(
+    objects: &Objects,
+    key: &Key,
+    b: &ObjectRef,
+    backends: &mut Backends<'_>,
+    unsupported: &mut Found,
+    unresolved: &mut Found,
+    at: &str,
+) -> Option<usize> {
+    let field = format!("{at}/backendRefs/0");
+    if b.weight.is_some_and(|w| w != 1) || !b.filters.is_empty() {
+        unsupported.push((
+            field,
+            "backendRef weights and filters are not supported".into(),
+        ));
+        return None;
+    }
+    if b.kind.as_deref().unwrap_or("Service") != "Service"
+        || !b.group.as_deref().unwrap_or("").is_empty()
+    {
+        unresolved.push((
+            "InvalidKind".into(),
+            format!("backendRef {} is not a Service", b.name),
+        ));
+        return Some(backends.empty(&format!("{}/{}:invalid", key.0, b.name)));
+    }
+    let ns = b.namespace.clone().unwrap_or_else(|| key.0.clone());
+    let Some(port) = b.port else {
+        unsupported.push((field, format!("backendRef {} needs a port", b.name)));
+        return None;
+    };
+    let name = format!("{ns}/{}:{port}", b.name);
+    if !granted(objects, GROUP, "HTTPRoute", &key.0, "Service", &ns, &b.name) {
+        unresolved.push((
+            "RefNotPermitted".into(),
+            format!(
+                "no ReferenceGrant in {ns} lets this route use Service {}",
+                b.name
+            ),
+        ));
+        return Some(backends.empty(&name));
+    }
+    match backends.pool(&ns, &b.name, &PortRef::Number(port)) {
+        Ok(i) => Some(i),
+        Err(e @ BackendError::NotFound(_)) => {
+            let (_, reason, m) = backend_problem(&e);
+            unresolved.push((reason.into(), m));
+            Some(backends.empty(&name))
+        }
+        Err(e) => {
+            let (_, _, m) = backend_problem(&e);
+            unsupported.push((field, m));
+            None
+        }
+    }
+}

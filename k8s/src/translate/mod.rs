@@ -1,0 +1,278 @@
+//! Objects in, the configuration model out: each accepted HTTPRoute or Ingress is a
+//! tenant, each Service port it names a pool, each referenced `kubernetes.io/tls`
+//! Secret a certificate; with the status every object should have. Pure: the same
+//! objects give the same result, with or without an API server (`check --objects`).
+
+mod backend;
+mod gateway;
+mod ingress;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use portier_config::{Config, HostPattern, Kubernetes, Pool, Route, Settings, Tenant};
+
+use backend::{BackendError, Backends};
+pub use backend::{Endpoints, PortRef};
+pub use status::{Cond, ParentStatus, Status};
+
+use crate::objects::{Kind, ObjRef, Objects};
+
+/// The prefix of portier's annotations.
+pub const ANNOTATION_PREFIX: &str = "portier.dev/";
+
+/// A problem with one object: it is not served (or not all of it), and says why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub object: ObjRef,
+    /// Where in the object, as a JSON pointer (`/spec/rules/0/matches/0/headers`);
+    /// empty: the object itself.
+    pub field: String,
+    pub message: String,
+}
+
+/// Certificate and key of a `kubernetes.io/tls` Secret, as PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretPair {
+    /// `NAMESPACE/NAME`.
+    pub name: String,
+    pub crt: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// What the objects describe.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub pools: Vec<Pool>,
+    pub tenants: Vec<Tenant>,
+    /// The object each tenant comes from (parallel to `tenants`).
+    pub sources: Vec<ObjRef>,
+    /// The members of each pool, by pool name.
+    pub endpoints: BTreeMap<String, Endpoints>,
+    pub certs: Vec<SecretPair>,
+    pub problems: Vec<Problem>,
+    pub status: Status,
+    /// Objects read (those in the watched namespaces).
+    pub objects: usize,
+}
+
+/// A tenant being built from a route: hosts, the pool of `/`, the other paths.
+pub(crate) struct Draft {
+    pub source: ObjRef,
+    pub meta: ObjectMeta,
+    pub hosts: Vec<String>,
+    pub pool: Option<usize>,
+    pub routes: Vec<(String, bool, usize)>,
+}
+
+/// The `portier.dev/KEY` annotations of an object, as (KEY, VALUE), sorted.
+pub fn annotations(meta: &ObjectMeta) -> Vec<(String, String)> {
+    meta.annotations
+        .iter()
+        .flatten()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(ANNOTATION_PREFIX)
+                .map(|key| (key.to_string(), v.clone()))
+        })
+        .collect()
+}
+
+/// Translates `objects` under `[kubernetes]` `k`, with the file's `defaults` and
+/// whether the file redirects HTTP to HTTPS.
+pub fn translate(
+    objects: &Objects,
+    k: &Kubernetes,
+    defaults: &Arc<Settings>,
+    redirect_http: bool,
+) -> Translation {
+    let watched = |ns: &str| k.namespaces.is_empty() || k.namespaces.iter().any(|n| n == ns);
+    let mut t = Translation {
+        objects: objects.len(),
+        ..Default::default()
+    };
+    let mut backends = Backends::new(objects);
+    let mut drafts = Vec::new();
+    gateway::translate(
+        objects,
+        k,
+        &watched,
+        redirect_http,
+        &mut backends,
+        &mut drafts,
+        &mut t,
+    );
+    ingress::translate(objects, k, &watched, &mut backends, &mut drafts, &mut t);
+    for d in drafts {
+        if let Some(tenant) = tenant_of(&d, defaults, &mut t) {
+            t.tenants.push(tenant);
+            t.sources.push(d.source);
+        }
+    }
+    t.pools = backends.pools;
+    t.endpoints = backends.endpoints;
+    t
+}
+
+/// The tenant of a draft, or the problems that keep it from being one.
+fn tenant_of(d: &Draft, defaults: &Arc<Settings>, t: &mut Translation) -> Option<Tenant> {
+    let problem = |field: &str, message: String| Problem {
+        object: d.source.clone(),
+        field: field.to_string(),
+        message,
+    };
+    let mut values = annotations(&d.meta);
+    let take = |values: &mut Vec<(String, String)>, key: &str| {
+        values
+            .iter()
+            .position(|(k, _)| k == key)
+            .map(|i| values.remove(i).1)
+    };
+    let name = take(&mut values, "tenant")
+        .unwrap_or_else(|| format!("{}/{}", d.source.namespace, d.source.name));
+    let database = take(&mut values, "database");
+    let pairs: Vec<(&str, &str)> = values
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut bad = Vec::new();
+    if let Some(db) = &database {
+        let ok = !db.is_empty()
+            && db
+                .replace("{tenant}", "x")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !ok {
+            bad.push(problem(
+                "/metadata/annotations/portier.dev~1database",
+                format!("annotation portier.dev/database: \"{db}\" may only use letters, digits, '-', '_', '.' and {{tenant}}"),
+            ));
+        }
+    }
+    let values = match portier_config::tenant_from_values(defaults, &pairs) {
+        Ok(v) => Some(v),
+        Err(errors) => {
+            for e in errors {
+                bad.push(problem(
+                    &format!("/metadata/annotations/portier.dev~1{}", e.key),
+                    format!("annotation portier.dev/{}: {}", e.key, e.message),
+                ));
+            }
+            None
+        }
+    };
+    let mut hosts = Vec::new();
+    for h in &d.hosts {
+        let pattern = match h.strip_prefix("*.") {
+            Some(rest) => format!("{{tenant}}.{rest}"),
+            None => h.clone(),
+        };
+        match HostPattern::parse(&pattern) {
+            Ok(p) if !hosts.contains(&p) => hosts.push(p),
+            Ok(_) => {}
+            Err(e) => bad.push(problem("/spec", format!("hostname \"{h}\": {e}"))),
+        }
+    }
+    let Some(pool) = d.pool else {
+        bad.push(problem(
+            "/spec",
+            "no rule matches `/`: a route needs one (its tenant's pool); give a rule without path matches or with PathPrefix `/`".into(),
+        ));
+        return reject(t, &d.source, bad);
+    };
+    if !bad.is_empty() || hosts.is_empty() {
+        return reject(t, &d.source, bad);
+    }
+    let values = values?;
+    let mut routes: Vec<Route> = d
+        .routes
+        .iter()
+        .map(|(path, exact, pool)| Route {
+            path: path.clone(),
+            exact: *exact,
+            pool: *pool,
+        })
+        .collect();
+    routes.sort_by(Route::precedence);
+    Some(Tenant {
+        name,
+        hosts,
+        pool,
+        database,
+        settings: values.settings,
+        maintenance: values.maintenance,
+        routes,
+    })
+}
+
+/// Records the problems of a rejected tenant and marks its route not accepted.
+fn reject(t: &mut Translation, source: &ObjRef, bad: Vec<Problem>) -> Option<Tenant> {
+    if source.kind == Kind::HttpRoute {
+        let message = bad
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let key = (source.namespace.clone(), source.name.clone());
+        for p in t.status.routes.get_mut(&key).into_iter().flatten() {
+            p.conditions.retain(|c| c.kind != "Accepted");
+            p.conditions.insert(
+                0,
+                Cond::new("Accepted", false, "UnsupportedValue", message.clone()),
+            );
+        }
+    }
+    t.problems.extend(bad);
+    None
+}
+
+/// A backend error as a problem and a `ResolvedRefs` / `Accepted` condition.
+pub(crate) fn backend_problem(e: &BackendError) -> (&'static str, &'static str, String) {
+    match e {
+        BackendError::NotFound(m) => ("ResolvedRefs", "BackendNotFound", m.clone()),
+        BackendError::Invalid(m) => ("Accepted", "UnsupportedValue", m.clone()),
+    }
+}
+
+/// The file's configuration with the translation's pools and tenants added; a host
+/// the file (or an earlier object) already claims stays the file's, and the object
+/// gets a `Conflicted` condition and a problem.
+pub fn merge(file: Config, mut t: Translation) -> (Config, Translation) {
+    let version = t.version();
+    let tenants = std::mem::take(&mut t.tenants);
+    let pools = t.pools.clone();
+    let (config, conflicts) = file.merged(pools, tenants, &version);
+    for (i, hosts) in conflicts {
+        let Some(source) = t.sources.get(i).cloned() else {
+            continue;
+        };
+        let message = format!(
+            "host(s) {} already claimed by the configuration file or another object; served as that one says",
+            hosts.join(", ")
+        );
+        let key = (source.namespace.clone(), source.name.clone());
+        for p in t.status.routes.get_mut(&key).into_iter().flatten() {
+            p.conditions.push(Cond::new(
+                "Conflicted",
+                true,
+                "HostnameConflict",
+                message.clone(),
+            ));
+        }
+        t.problems.push(Problem {
+            object: source,
+            field: "/spec".into(),
+            message,
+        });
+    }
+    (config, t)
+}
+
+impl Translation {
+    /// A digest of what was translated (the version's second half).
+    pub fn version(&self) -> String {
+        let text = format!("{:?}{:?}{:?}", self.pools, self.tenants, self.certs);
+        portier_config::sha256_hex(text.as_bytes())[..16].to_string()
+    }
+}

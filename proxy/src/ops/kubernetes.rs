@@ -1,0 +1,238 @@
+//! `[kubernetes]` on the control side: starts the provider, turns each change of the
+//! objects into the running configuration (the file's, merged with the objects'), and
+//! keeps the endpoints, certificates and `/status` up to date.
+//!
+//! A change of pools or tenants builds a new snapshot (as a reload does, without one);
+//! a change of endpoints only replaces the members of the pools whose endpoints changed
+//! (as `discover` does): the snapshot stays, and rendezvous hashing moves only the
+//! tenants and sessions that were on the endpoints that went.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use portier_config::Config;
+use portier_k8s::provider::{self, Sink};
+use portier_k8s::translate::Endpoints;
+use portier_k8s::Objects;
+use portier_runtime::backend::{BackendKey, Members, Role};
+
+use crate::snapshot::Snapshot;
+use crate::state::Shared;
+
+/// Starts the provider when the configuration has `[kubernetes]`.
+pub async fn run(shared: Arc<Shared>) {
+    let Some(k) = shared.snapshot.load().config.kubernetes.clone() else {
+        return;
+    };
+    shared.metrics.register_kubernetes();
+    let state = shared.kubernetes.clone();
+    // At start the snapshot's configuration is the file's alone.
+    *state.base.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(shared.snapshot.load().config.clone());
+    let client = loop {
+        match provider::client(&k).await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the Kubernetes client; trying again in 5 s");
+                *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let metrics = shared.metrics.kubernetes_connected.clone();
+    let watch_state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            metrics.set(i64::from(watch_state.connected.load(Ordering::Relaxed)));
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    });
+    tokio::spawn(portier_k8s::writer::run(
+        client.clone(),
+        k.clone(),
+        state.clone(),
+    ));
+    let sink: Arc<dyn Sink> = Arc::new(Apply(shared.clone()));
+    provider::run(client, k, state, sink).await;
+}
+
+struct Apply(Arc<Shared>);
+
+impl Sink for Apply {
+    fn objects_changed(&self, objects: Arc<Objects>, _endpoints_only: bool) {
+        apply(&self.0, &objects);
+    }
+}
+
+/// The configuration to run: the file's `file`, merged with the last objects seen
+/// (a reload calls this; the file is remembered for the next change of objects).
+pub fn compose(shared: &Arc<Shared>, file: Config) -> Config {
+    if file.kubernetes.is_none() {
+        return file;
+    }
+    let state = &shared.kubernetes;
+    *state.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file.clone()));
+    let objects = state.objects();
+    let t = translate(&file, &objects);
+    let version = t.version();
+    install(shared, &t);
+    let (config, t) = portier_k8s::merge(file, t);
+    record(shared, version, &t);
+    config
+}
+
+fn translate(file: &Config, objects: &Objects) -> portier_k8s::Translation {
+    let k = file.kubernetes.clone().unwrap_or_default();
+    let redirect = file.tls.as_ref().is_some_and(|t| t.redirect_http);
+    portier_k8s::translate(objects, &k, &file.defaults, redirect)
+}
+
+/// Applies a change of the objects.
+fn apply(shared: &Arc<Shared>, objects: &Objects) {
+    let Some(file) = shared
+        .kubernetes
+        .base
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    else {
+        return;
+    };
+    let t = translate(&file, objects);
+    let version = t.version();
+    install(shared, &t);
+    let same = shared
+        .kubernetes
+        .applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .0
+        == version;
+    let (config, t) = portier_k8s::merge((*file).clone(), t);
+    record(shared, version, &t);
+    if same {
+        return; // endpoints (or nothing that is served) changed: installed in place
+    }
+    let tenants = config.tenants.len();
+    let snapshot = Snapshot::build(
+        config,
+        &shared.registry,
+        &shared.queues,
+        &shared.metrics,
+        &shared.discovered,
+    );
+    shared.snapshot.store(Arc::new(snapshot));
+    shared.reloaded.send_modify(|n| *n += 1);
+    shared.forget_unused_backends();
+    tracing::info!(
+        tenants,
+        objects = objects.len(),
+        "Kubernetes objects applied"
+    );
+}
+
+/// The translation's endpoints and certificates, installed in place.
+fn install(shared: &Arc<Shared>, t: &portier_k8s::Translation) {
+    install_endpoints(shared, &t.endpoints);
+    let pairs: Vec<(String, Vec<u8>, Vec<u8>)> = t
+        .certs
+        .iter()
+        .map(|c| (c.name.clone(), c.crt.clone(), c.key.clone()))
+        .collect();
+    for (name, e) in shared.certs.set_provided(&pairs) {
+        tracing::error!(secret = %name, error = %e, "certificate of a Secret rejected; the previous one (if any) stays in use");
+    }
+    crate::ops::tls::update_expiry(shared);
+}
+
+/// Each provided pool's members, by identity (a backend that stays keeps its health,
+/// breaker and in-flight count); only pools whose endpoints changed are touched.
+fn install_endpoints(shared: &Arc<Shared>, endpoints: &BTreeMap<String, Endpoints>) {
+    let snap = shared.snapshot.load();
+    let mut changed = false;
+    for (pool, eps) in endpoints {
+        let name: Arc<str> = Arc::from(pool.as_str());
+        let same = shared.discovered.get(pool).is_some_and(|m| {
+            m.http
+                .iter()
+                .map(|b| b.key.addr)
+                .eq(eps.http.iter().copied())
+                && m.longpolling
+                    .iter()
+                    .map(|b| b.key.addr)
+                    .eq(eps.longpolling.iter().copied())
+        });
+        if same {
+            continue;
+        }
+        let make = |role: Role, addrs: &[std::net::SocketAddr]| {
+            addrs
+                .iter()
+                .map(|a| {
+                    shared.registry.get_or_create(
+                        BackendKey {
+                            pool: name.clone(),
+                            role,
+                            addr: *a,
+                        },
+                        &shared.metrics,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let members = Arc::new(Members {
+            http: make(Role::Http, &eps.http),
+            longpolling: make(Role::Longpolling, &eps.longpolling),
+        });
+        shared.discovered.insert(pool.clone(), members.clone());
+        if let Some(p) = snap.pools.iter().find(|p| *p.name == *pool) {
+            p.members.store(members);
+        }
+        tracing::info!(pool = %pool, http = ?eps.http, longpolling = ?eps.longpolling, "endpoints changed");
+        changed = true;
+    }
+    if changed {
+        shared.forget_unused_backends();
+    }
+}
+
+/// Remembers what was applied; logs problems that are new.
+fn record(shared: &Shared, version: String, t: &portier_k8s::Translation) {
+    let messages: Vec<String> = t
+        .problems
+        .iter()
+        .map(|p| format!("{}: {}", p.object, p.message))
+        .collect();
+    let mut applied = shared
+        .kubernetes
+        .applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for m in messages.iter().filter(|m| !applied.1.contains(m)) {
+        tracing::warn!(problem = %m, "Kubernetes object not (fully) served");
+    }
+    *applied = (version, messages);
+    *shared
+        .kubernetes
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Arc::new(t.status.clone());
+}
+
+/// `/status` `kubernetes`.
+pub fn status_json(shared: &Shared) -> serde_json::Value {
+    let s = &shared.kubernetes;
+    let last_sync = s
+        .last_sync
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+    serde_json::json!({
+        "connected": s.connected.load(Ordering::Relaxed),
+        "objects": s.objects().len(),
+        "last_sync": last_sync,
+        "last_error": s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        "problems": s.applied.lock().unwrap_or_else(|e| e.into_inner()).1.clone(),
+    })
+}
