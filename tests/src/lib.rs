@@ -18,9 +18,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tokio::net::TcpStream;
 
+pub mod apiserver;
 pub mod browser;
 mod clients;
 mod dns;
+pub mod k8s;
 mod tls;
 pub use clients::*;
 pub use dns::*;
