@@ -163,8 +163,10 @@ pub struct Cluster {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tls {
-    /// Directory of `NAME.crt` + `NAME.key` pairs (resolved against the config's directory).
-    pub certs: PathBuf,
+    /// Directory of `NAME.crt` + `NAME.key` pairs (resolved against the config's
+    /// directory); `None` only with `[kubernetes]`
+    /// (r3), whose Secrets supply the certificates.
+    pub certs: Option<PathBuf>,
     /// Where `certs` is written in the file, for certificate diagnostics.
     pub certs_pos: Pos,
     pub default: Option<String>,

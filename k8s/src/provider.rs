@@ -42,9 +42,19 @@ pub struct State {
     pub applied: Mutex<(String, Vec<String>)>,
     /// The status each object should have (the status writer's input).
     pub status: Mutex<Arc<crate::translate::Status>>,
+    /// Called when the connection state changes.
+    pub on_connected: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl State {
+    /// Sets whether every watch is up, and tells the hook (the metric).
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if let Some(hook) = self.on_connected.get() {
+            hook(up);
+        }
+    }
+
     pub fn objects(&self) -> Arc<Objects> {
         self.objects
             .lock()
@@ -75,6 +85,9 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
     let changed = Arc::new(Notify::new());
     let dirty = Arc::new(Mutex::new((false, true))); // (anything but slices, slices only)
     let health = Arc::new(Health::default());
+    // Three cluster-scoped kinds, seven namespaced ones (one watch per namespace).
+    let total = 3 + 7 * k.namespaces.len().max(1);
+    health.total.store(total, Ordering::Relaxed);
     let mut watchers = 0;
     macro_rules! watch {
         ($ty:ty, cluster) => {{
@@ -130,7 +143,8 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
     watch!(Service);
     watch!(EndpointSlice);
     watch!(Secret);
-    health.total.store(watchers, Ordering::Relaxed);
+    debug_assert_eq!(watchers, total);
+    tokio::spawn(probe(client.clone(), state.clone(), health.clone()));
     loop {
         changed.notified().await;
         // Let a burst of events land together.
@@ -155,7 +169,35 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
 #[derive(Default)]
 struct Health {
     total: AtomicUsize,
-    failing: AtomicUsize,
+    /// When a watcher last failed.
+    last_error_at: Mutex<Option<std::time::Instant>>,
+}
+
+/// While disconnected, asks the API server its version every second: a resumed watch
+/// says nothing until something changes, so this is how portier learns it is back.
+/// Connected again once it answers and no watcher has failed for a second. At rest
+/// (connected) it sends nothing.
+async fn probe(client: Client, state: Arc<State>, health: Arc<Health>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let total = health.total.load(Ordering::Relaxed);
+        if state.connected.load(Ordering::Relaxed) || state.synced.load(Ordering::Relaxed) < total {
+            continue;
+        }
+        if client.apiserver_version().await.is_err() {
+            continue;
+        }
+        let quiet = health
+            .last_error_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if quiet {
+            state.set_connected(true);
+            *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::info!("the Kubernetes API server is back");
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,32 +214,24 @@ async fn watch_kind<K: Stored>(
         .default_backoff()
         .boxed();
     let mut buffer: Vec<K> = Vec::new();
-    let mut failing = false;
     let mut synced = false;
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
                 let msg = format!("{}: {e}", K::KIND.name());
-                if !failing {
-                    failing = true;
-                    health.failing.fetch_add(1, Ordering::Relaxed);
-                    if state.connected.swap(false, Ordering::Relaxed) {
-                        tracing::error!(error = %msg, "lost the Kubernetes API server; serving the last objects seen");
-                    }
+                *health
+                    .last_error_at
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+                if state.connected.load(Ordering::Relaxed) {
+                    state.set_connected(false);
+                    tracing::error!(error = %msg, "lost the Kubernetes API server; serving the last objects seen");
                 }
                 *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
                 continue;
             }
         };
-        if failing {
-            failing = false;
-            if health.failing.fetch_sub(1, Ordering::Relaxed) == 1 {
-                state.connected.store(true, Ordering::Relaxed);
-                *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                tracing::info!("the Kubernetes API server is back");
-            }
-        }
         let touched = {
             let mut objects = store.lock().unwrap_or_else(|e| e.into_inner());
             match ev {
@@ -216,10 +250,7 @@ async fn watch_kind<K: Stored>(
                         if state.synced.fetch_add(1, Ordering::Relaxed) + 1
                             == health.total.load(Ordering::Relaxed)
                         {
-                            state.connected.store(
-                                health.failing.load(Ordering::Relaxed) == 0,
-                                Ordering::Relaxed,
-                            );
+                            state.set_connected(true);
                         }
                     }
                     true

@@ -14,26 +14,41 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Cluster {
     api: ApiServer,
     p: Portier,
-    ports: Ports,
 }
 
-fn config(ports: &Ports, kubeconfig: &std::path::Path, extra: &str) -> String {
+fn config(ports: &Ports, kubeconfig: &std::path::Path, listen_extra: &str, extra: &str) -> String {
     format!(
-        "{}\n[kubernetes]\nkubeconfig = \"{}\"\nstatus_address = \"203.0.113.7\"\n{extra}",
+        "{}{listen_extra}\n[kubernetes]\nkubeconfig = \"{}\"\nstatus_address = \"203.0.113.7\"\n{extra}",
         ports.listen(),
         kubeconfig.display()
     )
 }
 
 async fn start(extra_file: &str) -> Cluster {
+    start_with("", extra_file, &[]).await
+}
+
+/// portier against a fresh stand-in; `listen_extra` goes into `[listen]`.
+async fn start_with(listen_extra: &str, extra_file: &str, env: &[(&str, &str)]) -> Cluster {
     let api = ApiServer::start().await;
     let ports = Ports::new();
-    let dir = tempfile::tempdir().unwrap();
-    let kc = api.kubeconfig(dir.path());
-    let kc_path = std::env::temp_dir().join(format!("portier-kc-{}", api.addr.port()));
-    std::fs::copy(&kc, &kc_path).unwrap();
-    let p = Portier::start(&ports, &config(&ports, &kc_path, extra_file)).await;
-    Cluster { api, p, ports }
+    let p = replica(&api, &ports, listen_extra, extra_file, env).await;
+    Cluster { api, p }
+}
+
+/// One more portier on the same stand-in.
+async fn replica(
+    api: &ApiServer,
+    ports: &Ports,
+    listen_extra: &str,
+    extra_file: &str,
+    env: &[(&str, &str)],
+) -> Portier {
+    let kc_dir =
+        std::env::temp_dir().join(format!("portier-kc-{}-{}", api.addr.port(), ports.admin));
+    std::fs::create_dir_all(&kc_dir).unwrap();
+    let kc = api.kubeconfig(&kc_dir);
+    Portier::start_with(ports, &config(ports, &kc, listen_extra, extra_file), env).await
 }
 
 impl Cluster {
@@ -186,5 +201,802 @@ async fn an_httproute_is_served_from_its_services_ready_endpoints() {
     let st = status(c.p.admin).await;
     assert_eq!(st["kubernetes"]["connected"], true, "{st}");
     assert!(st["kubernetes"]["objects"].as_u64().unwrap() >= 4, "{st}");
-    drop(c.ports);
+}
+
+/// "Rules are routes and pools", annotations: the rule without path matches is the
+/// tenant's pool, a `PathPrefix` rule a route to its Service's pool; the
+/// `portier.dev/database` annotation and a tenant key (`maintenance`) apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_are_routes_and_annotations_are_tenant_keys() {
+    // Maintenance answers every client outside `admin_cidrs` (loopback is inside by default).
+    let c = start("[defaults]\nadmin_cidrs = [\"10.9.0.0/16\"]\n").await;
+    let (a, b) = (sim("a").await, sim("b").await);
+    c.base(&a);
+    c.api.apply(service(
+        "shop",
+        "batch",
+        json!({"portier.dev/workers": "2"}),
+    ));
+    c.api.apply(slice(
+        "shop",
+        "batch-1",
+        "batch",
+        "http",
+        b.addr(),
+        Ep::Ready,
+    ));
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test", "*.acme-erp.test"],
+        json!([rule(&[], "odoo"), rule(&["/jsonrpc", "/xmlrpc/"], "batch")]),
+        json!({"portier.dev/database": "acme", "portier.dev/tenant": "acme"}),
+    ));
+    assert!(
+        c.served_by("acme.test", "/web/login", "a").await,
+        "{}",
+        c.p.stderr().join("\n")
+    );
+    assert_eq!(
+        get(c.p.http, "acme.test", "/jsonrpc")
+            .await
+            .unwrap()
+            .worker(),
+        Some("b")
+    );
+    assert_eq!(
+        get(c.p.http, "acme.test", "/xmlrpc/2/object")
+            .await
+            .unwrap()
+            .worker(),
+        Some("b")
+    );
+    assert_eq!(
+        get(c.p.http, "acme.test", "/jsonrpc2")
+            .await
+            .unwrap()
+            .worker(),
+        Some("a")
+    );
+    // The wildcard hostname is a template; the database header is the annotation's.
+    let r = get(c.p.http, "x.acme-erp.test", "/web/login")
+        .await
+        .unwrap();
+    assert_eq!(r.worker(), Some("a"));
+    let rec = a.requests().into_iter().last().unwrap();
+    assert_eq!(rec.header("x-odoo-dbfilter"), Some("^acme$"));
+    let log = c.p.wait_access_log(|v| v["path"] == "/jsonrpc").await;
+    assert_eq!(log["tenant"], "acme");
+    // The Service's annotation is the pool's `workers`.
+    let st = status(c.p.admin).await;
+    assert_eq!(
+        st["pools"]["shop/batch:8069"]["backends"][0]["slots"], 2,
+        "{st}"
+    );
+
+    // A tenant key as an annotation, written as in TOML.
+    let mut r = c.api.get("HTTPRoute", "shop", "acme").unwrap();
+    r["metadata"]["annotations"]["portier.dev/maintenance"] = json!("true");
+    c.api.apply(r);
+    assert!(eventually_async(WAIT, || async { c.status_of("acme.test").await == 503 }).await);
+}
+
+/// "an invalid annotation likewise", "Matches on headers … are not supported", "One bad
+/// object never takes down the others": `Accepted=False`, `UnsupportedValue`, the
+/// message naming what; the route is not served, the others are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_routes_and_invalid_annotations_are_not_accepted() {
+    let c = start("").await;
+    let a = sim("a").await;
+    c.base(&a);
+    c.api.apply(route(
+        "shop",
+        "good",
+        "infra",
+        &["good.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    c.api.apply(route(
+        "shop",
+        "bad-annotation",
+        "infra",
+        &["bad1.test"],
+        json!([rule(&[], "odoo")]),
+        json!({"portier.dev/integration": "{ rate = \"fast\" }"}),
+    ));
+    let mut headers = rule(&[], "odoo");
+    headers["matches"] = json!([{"path": {"type": "PathPrefix", "value": "/"}, "headers": [{"name": "x", "value": "y"}]}]);
+    c.api.apply(route(
+        "shop",
+        "bad-match",
+        "infra",
+        &["bad2.test"],
+        json!([headers]),
+        json!({}),
+    ));
+    let mut weights = rule(&[], "odoo");
+    weights["backendRefs"] = json!([{"name": "odoo", "port": 8069, "weight": 50}, {"name": "odoo", "port": 8069, "weight": 50}]);
+    c.api.apply(route(
+        "shop",
+        "bad-weights",
+        "infra",
+        &["bad3.test"],
+        json!([weights]),
+        json!({}),
+    ));
+    assert!(c.served_by("good.test", "/web/login", "a").await);
+    for (name, host, words) in [
+        ("bad-annotation", "bad1.test", "portier.dev/integration"),
+        ("bad-match", "bad2.test", "headers"),
+        ("bad-weights", "bad3.test", "several backendRefs"),
+    ] {
+        assert!(
+            eventually_async(WAIT, || async {
+                let r = c.api.get("HTTPRoute", "shop", name).unwrap();
+                route_condition(&r, "Accepted").is_some_and(|x| {
+                    x["status"] == "False"
+                        && x["reason"] == "UnsupportedValue"
+                        && x["message"].as_str().unwrap_or("").contains(words)
+                })
+            })
+            .await,
+            "{name}: {}",
+            c.api.get("HTTPRoute", "shop", name).unwrap()
+        );
+        assert_eq!(c.status_of(host).await, 404, "{name} is not served");
+    }
+    let st = status(c.p.admin).await;
+    assert!(
+        st["kubernetes"]["problems"].as_array().unwrap().len() >= 3,
+        "{st}"
+    );
+}
+
+/// "ReferenceGrants (v1beta1) are required for a backendRef … into another namespace":
+/// without one, `ResolvedRefs=False` `RefNotPermitted` and nothing reaches the Service;
+/// with one, served. A missing Service is `BackendNotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_in_another_namespace_needs_a_reference_grant() {
+    let c = start("").await;
+    let a = sim("a").await;
+    c.base(&a);
+    let mut r = rule(&[], "odoo");
+    r["backendRefs"][0]["namespace"] = json!("shop");
+    c.api.apply(route(
+        "tenants",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([r]),
+        json!({}),
+    ));
+    c.api.apply(route(
+        "tenants",
+        "lost",
+        "infra",
+        &["lost.test"],
+        json!([rule(&[], "nothing")]),
+        json!({}),
+    ));
+    let resolved = |name: &'static str, want: &'static str| {
+        let api = &c.api;
+        async move {
+            let r = api.get("HTTPRoute", "tenants", name).unwrap();
+            route_condition(&r, "ResolvedRefs").is_some_and(|x| x["reason"] == want)
+        }
+    };
+    assert!(eventually_async(WAIT, || resolved("acme", "RefNotPermitted")).await);
+    assert!(eventually_async(WAIT, || resolved("lost", "BackendNotFound")).await);
+    let before = a.hits();
+    assert!(c.status_of("acme.test").await >= 500);
+    assert_eq!(a.hits(), before, "nothing reaches a Service not granted");
+    c.api.apply(json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "from-tenants", "namespace": "shop"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "tenants"}],
+                 "to": [{"group": "", "kind": "Service"}]}}));
+    assert!(c.served_by("acme.test", "/web/login", "a").await);
+    assert!(eventually_async(WAIT, || resolved("acme", "ResolvedRefs")).await);
+}
+
+/// "a host claimed both in the file and in an object is served as the file says; the
+/// object gets a `Conflicted` condition" (its other hosts are served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_of_the_file_stays_the_files() {
+    let f = sim("file").await;
+    let extra = format!(
+        "[pools.local]\nhttp = [\"{}\"]\n[tenants.mine]\nhosts = [\"acme.test\"]\npool = \"local\"\n",
+        f.addr()
+    );
+    let c = start(&extra).await;
+    let a = sim("a").await;
+    c.base(&a);
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test", "other.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(c.served_by("other.test", "/web/login", "a").await);
+    assert_eq!(
+        get(c.p.http, "acme.test", "/web/login")
+            .await
+            .unwrap()
+            .worker(),
+        Some("file")
+    );
+    assert!(
+        eventually_async(WAIT, || async {
+            let r = c.api.get("HTTPRoute", "shop", "acme").unwrap();
+            route_condition(&r, "Conflicted").is_some_and(|x| {
+                x["status"] == "True" && x["message"].as_str().unwrap_or("").contains("acme.test")
+            })
+        })
+        .await
+    );
+}
+
+/// "Ingress (networking.k8s.io/v1) of class `ingress_class`": rule hosts, `Prefix`
+/// and `Exact` paths, a port by number or by name; the status's `loadBalancer` from
+/// `status_address`; an Ingress of another class is not portier's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_of_portiers_class_is_a_tenant() {
+    let c = start("").await;
+    let (a, b) = (sim("a").await, sim("b").await);
+    c.base(&a);
+    c.api.apply(service("shop", "batch", json!({})));
+    c.api.apply(slice(
+        "shop",
+        "batch-1",
+        "batch",
+        "http",
+        b.addr(),
+        Ep::Ready,
+    ));
+    let ingress = |name: &str, class: &str, host: &str| {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": "shop", "annotations": {"portier.dev/database": "shop"}},
+            "spec": {"ingressClassName": class, "rules": [{"host": host, "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "odoo", "port": {"number": 8069}}}},
+                {"path": "/jsonrpc", "pathType": "Exact", "backend": {"service": {"name": "batch", "port": {"name": "http"}}}}]}}]}})
+    };
+    c.api.apply(ingress("shop", "portier", "shop.test"));
+    c.api.apply(ingress("theirs", "nginx", "theirs.test"));
+    assert!(
+        c.served_by("shop.test", "/web/login", "a").await,
+        "{}",
+        c.p.stderr().join("\n")
+    );
+    assert_eq!(
+        get(c.p.http, "shop.test", "/jsonrpc")
+            .await
+            .unwrap()
+            .worker(),
+        Some("b")
+    );
+    assert_eq!(
+        get(c.p.http, "shop.test", "/jsonrpc/x")
+            .await
+            .unwrap()
+            .worker(),
+        Some("a"),
+        "Exact"
+    );
+    assert_eq!(c.status_of("theirs.test").await, 404);
+    assert!(
+        eventually_async(WAIT, || async {
+            c.api.get("Ingress", "shop", "shop").unwrap()["status"]["loadBalancer"]["ingress"][0]
+                ["ip"]
+                == "203.0.113.7"
+        })
+        .await
+    );
+    assert!(c.api.get("Ingress", "shop", "theirs").unwrap()["status"].is_null());
+}
+
+/// "When the API server is away, portier keeps serving the last objects it saw, and
+/// says so", "Objects applied meanwhile are served once it is back", and a watch
+/// resumed from a compacted version (410 Gone) is listed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_away_and_back() {
+    let mut c = start("").await;
+    let a = sim("a").await;
+    c.base(&a);
+    c.api.apply(route(
+        "shop",
+        "one",
+        "infra",
+        &["one.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(c.served_by("one.test", "/web/login", "a").await);
+    let metrics = |p: std::net::SocketAddr| async move {
+        metric(
+            &get(p, "admin", "/metrics").await.unwrap().text(),
+            "portier_kubernetes_connected",
+        )
+    };
+    let m = get(c.p.admin, "admin", "/metrics").await.unwrap().text();
+    assert_eq!(
+        metrics(c.p.admin).await,
+        1.0,
+        "{} {}",
+        status(c.p.admin).await["kubernetes"],
+        m.lines()
+            .filter(|l| l.contains("kubernetes"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    c.api.stop();
+    assert!(
+        eventually_async(Duration::from_secs(20), || async {
+            status(c.p.admin).await["kubernetes"]["connected"] == false
+        })
+        .await
+    );
+    let st = status(c.p.admin).await;
+    assert!(st["kubernetes"]["last_error"].is_string(), "{st}");
+    assert!(st["kubernetes"]["last_sync"].is_string(), "{st}");
+    assert_eq!(metrics(c.p.admin).await, 0.0);
+    assert_eq!(
+        get(c.p.http, "one.test", "/web/login")
+            .await
+            .unwrap()
+            .worker(),
+        Some("a"),
+        "still served"
+    );
+    assert!(c
+        .p
+        .stderr()
+        .iter()
+        .any(|l| l.contains("lost the Kubernetes API server")));
+
+    // Applied while it is away: served once it is back.
+    c.api.apply(route(
+        "shop",
+        "two",
+        "infra",
+        &["two.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    c.api.resume().await;
+    assert!(
+        c.served_by("two.test", "/web/login", "a").await,
+        "{}",
+        c.p.stderr().join("\n")
+    );
+    assert!(
+        eventually_async(WAIT, || async {
+            status(c.p.admin).await["kubernetes"]["connected"] == true
+        })
+        .await
+    );
+    assert!(c
+        .p
+        .stderr()
+        .iter()
+        .any(|l| l.contains("the Kubernetes API server is back")));
+
+    // A change portier missed, then the history compacted: resuming from the last
+    // version it saw gets 410 Gone; it lists again and serves the change.
+    let lists = c.api.requests().get("list").copied().unwrap_or(0);
+    c.api.stop();
+    c.api.apply(route(
+        "shop",
+        "three",
+        "infra",
+        &["three.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    c.api.compact().await;
+    assert!(
+        c.served_by("three.test", "/web/login", "a").await,
+        "{}",
+        c.p.stderr().join("\n")
+    );
+    assert!(
+        c.api.requests().get("list").copied().unwrap_or(0) > lists,
+        "listed again"
+    );
+}
+
+/// "zero API requests per second at rest beyond the open watches and the lease
+/// renewals": once synced, no list and no status write while nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_rest_only_watches_and_lease_renewals() {
+    let c = start("").await;
+    let a = sim("a").await;
+    c.base(&a);
+    c.api.apply(route(
+        "shop",
+        "one",
+        "infra",
+        &["one.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(c.served_by("one.test", "/web/login", "a").await);
+    assert!(
+        eventually_async(WAIT, || async {
+            route_condition(&c.api.get("HTTPRoute", "shop", "one").unwrap(), "Accepted").is_some()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = c.api.requests();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let after = c.api.requests();
+    let delta =
+        |verb: &str| after.get(verb).copied().unwrap_or(0) - before.get(verb).copied().unwrap_or(0);
+    assert_eq!(delta("list"), 0, "{before:?} -> {after:?}");
+    assert_eq!(delta("watch"), 0, "{before:?} -> {after:?}");
+    assert_eq!(delta("patch"), 0, "no status write when nothing changed");
+    // The lease: one read and one renewal every 5 s.
+    assert!(
+        delta("get") <= 2 && delta("update") <= 2 && delta("update") >= 1,
+        "{before:?} -> {after:?}"
+    );
+}
+
+/// "Certificates from Secrets are served like pairs in `certs` (live, a bad pair keeps
+/// the previous one) and appear in `/status` `certificates`"; `[tls]` needs no `certs`
+/// with `[kubernetes]`. HTTPS listeners of the Gateway take the `kubernetes.io/tls`
+/// Secrets of their `certificateRefs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_secrets_are_served_over_sni() {
+    let ports_https = free_port();
+    let c = start_with(
+        &format!("https = \"127.0.0.1:{ports_https}\"\n"),
+        "[tls]\nredirect_http = false\n",
+        &[],
+    )
+    .await;
+    let a = sim("a").await;
+    let pki = TestPki::new();
+    let (crt, key) = pki.issue(&["shop.test"], 30);
+    c.api.apply(gateway_class());
+    c.api.apply(gateway("infra", &["shop-tls"]));
+    c.api.apply(tls_secret("infra", "shop-tls", &crt, &key));
+    c.api.apply(service("shop", "odoo", json!({})));
+    c.api
+        .apply(slice("shop", "odoo-a", "odoo", "http", a.addr(), Ep::Ready));
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["shop.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    let https = local(ports_https);
+    let client = pki.client(&[b"http/1.1"], &[&rustls::version::TLS13]);
+    let handshake = || async { tls_connect(https, "shop.test", client.clone()).await.ok() };
+    assert!(
+        eventually_async(WAIT, || async { handshake().await.is_some() }).await,
+        "{}",
+        c.p.stderr().join("\n")
+    );
+    let s = handshake().await.unwrap();
+    assert_eq!(presented_names(&s), vec!["shop.test".to_string()]);
+    let first = presented_der(&s);
+    let r = h1_over(s, "shop.test", "/web/login").await.unwrap();
+    assert_eq!(r.worker(), Some("a"));
+    let st = status(c.p.admin).await;
+    assert_eq!(st["certificates"], 1, "{st}");
+    assert!(
+        st["certificate_list"]
+            .to_string()
+            .contains("infra/shop-tls"),
+        "{st}"
+    );
+    let m = get(c.p.admin, "admin", "/metrics").await.unwrap().text();
+    assert!(
+        m.contains("portier_cert_expiry_seconds{name=\"infra/shop-tls\"}"),
+        "{m}"
+    );
+
+    // A bad pair keeps the previous certificate; a good one replaces it (live).
+    c.api.apply(tls_secret(
+        "infra",
+        "shop-tls",
+        &crt,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ));
+    assert!(
+        eventually_async(WAIT, || async {
+            c.p.stderr()
+                .iter()
+                .any(|l| l.contains("certificate of a Secret rejected"))
+        })
+        .await
+    );
+    let s = handshake().await.unwrap();
+    assert_eq!(presented_der(&s), first, "the previous certificate stays");
+    let (crt2, key2) = pki.issue(&["shop.test"], 60);
+    c.api.apply(tls_secret("infra", "shop-tls", &crt2, &key2));
+    assert!(
+        eventually_async(WAIT, || async {
+            handshake()
+                .await
+                .is_some_and(|s| presented_der(&s) != first)
+        })
+        .await
+    );
+}
+
+/// "One that is `terminating` gets no new requests, and its open WebSockets and
+/// longpolls carry on until they end": the bus WebSocket on an endpoint that starts
+/// terminating stays open and keeps working; new ones go to the ready endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_on_a_terminating_endpoint_stays_open() {
+    let c = start("").await;
+    let (a, b) = (sim("a").await, sim("b").await);
+    let (ga, gb) = (sim("ga").await, sim("gb").await);
+    c.base(&a);
+    c.api.apply(slice(
+        "shop",
+        "odoo-lp-a",
+        "odoo",
+        "longpolling",
+        ga.addr(),
+        Ep::Ready,
+    ));
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(c.served_by("acme.test", "/web/login", "a").await);
+    let (mut ws, resp) = websocket(c.p.http, "acme.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert!(ws_roundtrip(&mut ws, "before").await.is_ok());
+    assert_eq!(ga.hits(), 1);
+    // ga terminates, gb is ready: the open WebSocket carries on.
+    c.api.apply(slice(
+        "shop",
+        "odoo-lp-a",
+        "odoo",
+        "longpolling",
+        ga.addr(),
+        Ep::Terminating,
+    ));
+    c.api.apply(slice(
+        "shop",
+        "odoo-lp-b",
+        "odoo",
+        "longpolling",
+        gb.addr(),
+        Ep::Ready,
+    ));
+    c.api
+        .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
+    assert!(
+        eventually_async(WAIT, || async {
+            let st = status(c.p.admin).await;
+            st["pools"]["shop/odoo:8069"]["backends"]
+                .as_array()
+                .is_some_and(|l| {
+                    l.iter().any(|x| x["address"] == gb.addr().to_string())
+                        && !l.iter().any(|x| x["address"] == ga.addr().to_string())
+                })
+        })
+        .await
+    );
+    for i in 0..3 {
+        assert_eq!(
+            ws_roundtrip(&mut ws, &format!("after {i}")).await.unwrap(),
+            format!("after {i}"),
+            "the open WebSocket carries on"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut ws2, _) = websocket(c.p.http, "acme.test", "/websocket", &[])
+        .await
+        .unwrap();
+    assert!(ws_roundtrip(&mut ws2, "new").await.is_ok());
+    assert_eq!(gb.hits(), 1, "a new WebSocket goes to the ready endpoint");
+    assert_eq!(ga.hits(), 1);
+}
+
+/// "the replica holding the Lease … writes", "another replica takes over within 20 s of
+/// a holder's death", "It writes only what changed": two replicas, one writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_status_writer_and_a_takeover() {
+    let mut c = start_with("", "", &[("POD_NAME", "replica-1")]).await;
+    let a = sim("a").await;
+    c.base(&a);
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(c.served_by("acme.test", "/web/login", "a").await);
+    let holder = |api: &ApiServer| {
+        api.get("Lease", "portier", "portier-status")
+            .map(|l| l["spec"]["holderIdentity"].clone())
+    };
+    assert_eq!(holder(&c.api), Some(json!("replica-1")));
+    let lease = c.api.get("Lease", "portier", "portier-status").unwrap();
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+    let ports2 = Ports::new();
+    let p2 = replica(&c.api, &ports2, "", "", &[("POD_NAME", "replica-2")]).await;
+    assert!(
+        eventually_async(WAIT, || async {
+            get(p2.http, "acme.test", "/web/login")
+                .await
+                .is_ok_and(|r| r.worker() == Some("a"))
+        })
+        .await
+    );
+    let accepted = |api: &ApiServer| {
+        route_condition(&api.get("HTTPRoute", "shop", "acme").unwrap(), "Accepted").is_some()
+    };
+    assert!(eventually_async(WAIT, || async { accepted(&c.api) }).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The status wiped: written again, once (one writer).
+    let patches = |api: &ApiServer| api.requests().get("patch").copied().unwrap_or(0);
+    let before = patches(&c.api);
+    let mut r = c.api.get("HTTPRoute", "shop", "acme").unwrap();
+    r["status"] = json!(null);
+    c.api.apply(r);
+    assert!(eventually_async(WAIT, || async { accepted(&c.api) }).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        patches(&c.api) - before,
+        1,
+        "only the lease holder writes, once"
+    );
+    assert_eq!(holder(&c.api), Some(json!("replica-1")));
+
+    // The holder dies: the other replica takes the lease and writes.
+    let died = std::time::Instant::now();
+    drop(std::mem::replace(&mut c.p, p2));
+    assert!(
+        eventually_async(Duration::from_secs(25), || async {
+            holder(&c.api) == Some(json!("replica-2"))
+        })
+        .await
+    );
+    let took = died.elapsed();
+    assert!(took <= Duration::from_secs(21), "taken over after {took:?}");
+    let mut r = c.api.get("HTTPRoute", "shop", "acme").unwrap();
+    r["status"] = json!(null);
+    c.api.apply(r);
+    assert!(
+        eventually_async(WAIT, || async { accepted(&c.api) }).await,
+        "the new holder writes"
+    );
+}
+
+/// The stand-in is the real protocol: Debian's `kubectl` gets and watches through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_gets_and_watches_through_the_stand_in() {
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        panic!("kubectl is not installed: scripts/setup.sh installs Debian's kubernetes-client");
+    }
+    let api = ApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = api.kubeconfig(dir.path());
+    api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    let kubectl = |args: &[&str]| {
+        let kc = kc.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new("kubectl")
+                    .arg("--kubeconfig")
+                    .arg(&kc)
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = kubectl(&[
+        "get",
+        "httproutes.gateway.networking.k8s.io",
+        "-n",
+        "shop",
+        "-o",
+        "json",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["items"][0]["metadata"]["name"], "acme");
+    let out = kubectl(&[
+        "get",
+        "httproute",
+        "acme",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.hostnames[0]}",
+    ])
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "acme.test",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Watch: a route created after the watch starts is printed.
+    let mut child = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args([
+            "get",
+            "httproutes",
+            "-n",
+            "shop",
+            "--watch",
+            "-o",
+            "name",
+            "--request-timeout=20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.ends_with("/acme"), "{first}");
+    api.apply(route(
+        "shop",
+        "later",
+        "infra",
+        &["later.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    let next = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(next.ends_with("/later"), "{next}");
+    child.kill().await.unwrap();
+    assert!(api.requests().get("watch").copied().unwrap_or(0) >= 1);
 }

@@ -207,14 +207,18 @@ pub(super) fn read_tls(
     t: &DeTable<'_>,
     header: &Range<usize>,
     base_dir: &Path,
+    kubernetes: bool,
 ) -> Option<Tls> {
     let mut tbl = Tbl::new(t, "[tls]", TLS_KEYS);
+    let has_acme = t.get("acme").is_some();
     let certs = match tbl.get("certs") {
         Some(v) => want_str(cx, "certs", v).map(|s| {
             let p = PathBuf::from(s);
             let p = if p.is_absolute() { p } else { base_dir.join(p) };
-            (p, cx.pos(v.span().start))
+            (Some(p), cx.pos(v.span().start))
         }),
+        // (r3) Kubernetes Secrets may supply every certificate; ACME writes into `certs`.
+        None if kubernetes && !has_acme => Some((None, cx.pos(header.start))),
         None => {
             cx.error(
                 header,

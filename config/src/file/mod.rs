@@ -202,7 +202,8 @@ fn read_document(
     let tls_entry = root.get_keyed("tls");
     let tls_val = tls_entry.as_ref().map(|(_, v)| *v);
     let tls = tls_entry.as_ref().and_then(|(header, v)| {
-        want_table(cx, "tls", v).and_then(|t| read_tls(cx, t, header, base_dir))
+        want_table(cx, "tls", v)
+            .and_then(|t| read_tls(cx, t, header, base_dir, kubernetes.is_some()))
     });
     let defaults = match root.get("defaults") {
         Some(v) => want_table(cx, "defaults", v)

@@ -114,7 +114,7 @@ impl AcmeState {
 pub fn http01_answer(config: &Config, path: &str) -> Option<Vec<u8>> {
     let tls = config.tls.as_ref().filter(|t| t.acme.is_some())?;
     let token = path.strip_prefix(CHALLENGE_PATH)?;
-    Store::new(&tls.certs).http01(token)
+    Store::new(tls.certs.as_ref()?).http01(token)
 }
 
 /// What the ACME scheduler needs of the process it runs in: the narrow handles, not the
@@ -249,7 +249,11 @@ pub async fn run<E: Host>(env: Arc<E>) {
             env.acme().with_hosts(|h| h.clear());
             continue;
         };
-        let store = Store::new(&tls.certs);
+        // ACME is refused without `certs` (its certificates are written there).
+        let Some(dir) = tls.certs.as_ref() else {
+            continue;
+        };
+        let store = Store::new(dir);
         env.certs().set_alpn_challenge_dir(Some(store.alpn_dir()));
         let wanted = wanted_hosts(&config, env.acme(), &store);
         env.acme()

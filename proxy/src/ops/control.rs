@@ -82,7 +82,7 @@ pub async fn run(
             .config
             .tls
             .as_ref()
-            .map(|t| t.certs.clone())
+            .and_then(|t| t.certs.clone())
     };
     let mut watched_certs = certs_dir(&shared);
     let mut _watcher = shared

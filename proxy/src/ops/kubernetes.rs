@@ -40,14 +40,10 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
     };
-    let metrics = shared.metrics.kubernetes_connected.clone();
-    let watch_state = state.clone();
-    tokio::spawn(async move {
-        loop {
-            metrics.set(i64::from(watch_state.connected.load(Ordering::Relaxed)));
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        }
-    });
+    let gauge = shared.metrics.kubernetes_connected.clone();
+    let _ = state
+        .on_connected
+        .set(Box::new(move |up| gauge.set(i64::from(up))));
     tokio::spawn(portier_k8s::writer::run(
         client.clone(),
         k.clone(),

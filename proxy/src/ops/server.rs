@@ -69,9 +69,12 @@ pub fn serve(config: Config, config_path: Option<PathBuf>, on_ready: Option<Read
         .certs
         .set_on_miss(crate::acme::on_demand_hook(&shared));
     // With `[tls.acme]` the https listener may start without a certificate: ACME's
-    // arrive in the directory, and until then handshakes fail as without one.
-    let acme = shared.snapshot.load().config.acme().is_some();
-    if listen.https.is_some() && shared.certs.is_empty() && !acme {
+    // arrive in the directory, and until then handshakes fail as without one; likewise
+    // with `[kubernetes]`, whose Secrets arrive once the objects are listed.
+    let snap = shared.snapshot.load();
+    let later = snap.config.acme().is_some() || snap.config.kubernetes.is_some();
+    drop(snap);
+    if listen.https.is_some() && shared.certs.is_empty() && !later {
         eprintln!("portier: the https listener has no certificate to serve (see the errors above)");
         return 1;
     }

@@ -20,7 +20,11 @@ pub fn reload_certs(shared: &Shared) {
     let Some(tls) = snap.config.tls.as_ref() else {
         return;
     };
-    match shared.certs.reload(&tls.certs, tls.default.as_deref()) {
+    let Some(dir) = tls.certs.as_ref() else {
+        update_expiry(shared);
+        return;
+    };
+    match shared.certs.reload(dir, tls.default.as_deref()) {
         Ok(report) => {
             for (name, err) in &report.errors {
                 if report.kept.contains(name) {
@@ -37,29 +41,29 @@ pub fn reload_certs(shared: &Shared) {
             tracing::info!(certificates = shared.certs.len(), "certificates loaded");
         }
         Err(e) => {
-            tracing::error!(dir = %tls.certs.display(), error = %e, "cannot read the certificate directory; keeping the loaded certificates");
+            tracing::error!(dir = %dir.display(), error = %e, "cannot read the certificate directory; keeping the loaded certificates");
         }
     }
     *shared
         .cert_fingerprint
         .lock()
-        .unwrap_or_else(|e| e.into_inner()) = fingerprint(&tls.certs);
+        .unwrap_or_else(|e| e.into_inner()) = fingerprint(dir);
     update_expiry(shared);
 }
 
 /// Reloads when the directory's files changed since the last load.
 pub fn reload_if_changed(shared: &Shared) {
     let snap = shared.snapshot.load();
-    let Some(tls) = snap.config.tls.as_ref() else {
+    let Some(dir) = snap.config.tls.as_ref().and_then(|t| t.certs.as_ref()) else {
         return;
     };
-    let now = fingerprint(&tls.certs);
+    let now = fingerprint(dir);
     let last = *shared
         .cert_fingerprint
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     if now != last {
-        tracing::info!(dir = %tls.certs.display(), "certificate files changed; reloading them");
+        tracing::info!(dir = %dir.display(), "certificate files changed; reloading them");
         reload_certs(shared);
     }
 }
@@ -107,8 +111,11 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
     let Some(tls) = &config.tls else {
         return (diags, 0);
     };
+    let Some(certs) = tls.certs.as_ref() else {
+        return (diags, 0); // (r3) Kubernetes Secrets supply them
+    };
     let file = config.path.display().to_string();
-    let (pairs, errors) = match portier_certs::scan_dir(&tls.certs) {
+    let (pairs, errors) = match portier_certs::scan_dir(certs) {
         Ok(x) => x,
         Err(e) => {
             diags.push(Diagnostic::error(
@@ -116,7 +123,7 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
                 tls.certs_pos,
                 format!(
                     "cannot read the certificate directory {}: {e}",
-                    tls.certs.display()
+                    certs.display()
                 ),
             ));
             return (diags, 0);
@@ -158,7 +165,7 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
                 pos,
                 format!(
                     "`default` names `{d}`, but there is no valid {d}.crt + {d}.key pair in {}",
-                    tls.certs.display()
+                    certs.display()
                 ),
             ));
         }
@@ -175,7 +182,7 @@ pub fn check_certs(config: &Config) -> (Vec<Diagnostic>, usize) {
             tls.certs_pos,
             format!(
                 "no certificate pairs (NAME.crt + NAME.key) in {}",
-                tls.certs.display()
+                certs.display()
             ),
         ));
     }
