@@ -23,19 +23,76 @@ if [[ ! -x "$VENV/bin/kubernetes-validate" ]]; then
 fi
 
 K8S=packaging/kubernetes
+GW=packaging/kubernetes-gateway
+# kubectl's own kustomize renders both (kubectl 1.27+; an older one, e.g. Debian's
+# 1.20, has a kustomize that predates `labels:`: then the files are checked one by one).
+KUSTOMIZE=0
 if command -v kubectl >/dev/null 2>&1; then
+  minor="$(kubectl version --client -o json 2>/dev/null | python3 -c 'import json,sys,re; print(re.sub(r"\D","",json.load(sys.stdin)["clientVersion"]["minor"]) or 0)' || echo 0)"
+  ((minor >= 27)) && KUSTOMIZE=1
+fi
+if ((KUSTOMIZE)); then
   kubectl kustomize "$K8S" >"$WORK/rendered.yaml" || fail "kubectl kustomize failed"
   echo "test-k8s: kustomize rendered $(grep -c '^kind:' "$WORK/rendered.yaml") resources"
   FILES=("$WORK/rendered.yaml")
+  kubectl kustomize "$GW" >"$WORK/gateway.yaml" || fail "kubectl kustomize $GW failed"
+  echo "test-k8s: the gateway overlay rendered $(grep -c '^kind:' "$WORK/gateway.yaml") resources"
+  GW_FILES=("$WORK/gateway.yaml")
 else
-  echo "test-k8s: kubectl not installed; validating the resource files one by one"
+  echo "test-k8s: no kubectl 1.27+ (kustomize); validating the resource files one by one"
   FILES=()
   for f in "$K8S"/*.yaml; do [[ "$(basename "$f")" == kustomization.yaml ]] || FILES+=("$f"); done
+  GW_FILES=()
+  for f in "$GW"/*.yaml; do
+    case "$(basename "$f")" in kustomization.yaml|deployment-patch.yaml) ;; *) GW_FILES+=("$f") ;; esac
+  done
 fi
 for v in 1.30.0 1.33.0; do
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "${FILES[@]}" || fail "schema validation against $v"
 done
 echo "test-k8s: manifests valid (strict) for Kubernetes 1.30 and 1.33"
+
+# The gateway overlay and its examples: Gateway API objects against the schemas of
+# Gateway API v1.5.1 (generated from the gateway-api crate: $GW/schemas), the others
+# strictly against Kubernetes' own; the RBAC is exactly the contract's rights.
+"$VENV/bin/python" - "$WORK" "$GW/schemas" "${GW_FILES[@]}" "$GW"/examples/*.yaml <<'PY' || fail "gateway overlay"
+import json, sys, yaml, jsonschema
+work, schemas, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+gw = {k: json.load(open(f"{schemas}/{k}.json")) for k in ["GatewayClass", "Gateway", "HTTPRoute", "ReferenceGrant"]}
+core, n_gw, rbac = [], 0, {}
+for f in files:
+    for doc in yaml.safe_load_all(open(f)):
+        if not doc:
+            continue
+        group = doc["apiVersion"].rsplit("/", 1)[0] if "/" in doc["apiVersion"] else ""
+        if group == "gateway.networking.k8s.io":
+            s = gw[doc["kind"]]
+            assert doc["apiVersion"] in (f"{s['group']}/{s['version']}", f"{s['group']}/v1beta1"), doc["apiVersion"]
+            body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind")}
+            jsonschema.validate(body, s["schema"])
+            n_gw += 1
+        else:
+            core.append(doc)
+        if doc["kind"] in ("ClusterRole", "Role"):
+            rbac[doc["kind"]] = {(g, r): sorted(rule["verbs"]) for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+with open(f"{work}/gateway-core.yaml", "w") as out:
+    yaml.safe_dump_all(core, out)
+read = ["get", "list", "watch"]
+write = ["patch", "update"]
+want = {("gateway.networking.k8s.io", r): read for r in ["gatewayclasses", "gateways", "httproutes", "referencegrants"]}
+want |= {("gateway.networking.k8s.io", f"{r}/status"): write for r in ["gatewayclasses", "gateways", "httproutes"]}
+want |= {("networking.k8s.io", r): read for r in ["ingresses", "ingressclasses"]}
+want |= {("networking.k8s.io", "ingresses/status"): write}
+want |= {("", r): read for r in ["services", "secrets", "namespaces"]}
+want |= {("discovery.k8s.io", "endpointslices"): read}
+assert rbac.get("ClusterRole") == want, f"ClusterRole: {rbac.get('ClusterRole')} != {want}"
+assert rbac.get("Role") == {("coordination.k8s.io", "leases"): ["create", "get", "update"]}, rbac.get("Role")
+print(f"test-k8s: {n_gw} Gateway API objects valid against the v1.5.1 schemas; RBAC is the contract's")
+PY
+for v in 1.30.0 1.33.0; do
+  "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" "$WORK/gateway-core.yaml" || fail "gateway overlay: schema validation against $v"
+done
+"$BIN" check -c "$GW/portier.toml" --objects "${GW_FILES[@]}" "$GW/examples" || fail "portier check --objects on the gateway overlay and its examples"
 
 # The cluster config with a certificate where the Secret would project it.
 mkdir -p "$WORK/certs"

@@ -20,6 +20,7 @@ have_cmd redis-server || need+=(redis-server)  # cluster mode's tests start thei
 have_cmd pebble || need+=(pebble)              # ACME tests: Let's Encrypt's test server (+ challtestsrv)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)   # kubernetes-validate
 have_cmd chromium || need+=(chromium)          # the dashboard's browser test (headless, no download of its own)
+have_cmd kubectl || need+=(kubernetes-client)  # kubectl checks the Kubernetes API stand-in (get, watch)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}"

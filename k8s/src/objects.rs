@@ -179,17 +179,29 @@ impl Objects {
         }
     }
 
-    /// Reads one object given as JSON (a YAML document): its kind and key, or why not.
-    pub fn put_json(&mut self, v: serde_json::Value) -> Result<(Kind, Key), String> {
+    /// Reads one object given as JSON (a YAML document): its kind and key; `None` for
+    /// an object of a kind portier does not read (a Deployment beside the routes).
+    pub fn put_json(&mut self, v: serde_json::Value) -> Result<Option<(Kind, Key)>, String> {
         let api_version = v.get("apiVersion").and_then(|a| a.as_str()).unwrap_or("");
         let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        if api_version.is_empty() || kind.is_empty() {
+            return Err("not a Kubernetes object: `apiVersion` and `kind` are needed".into());
+        }
         let Some(k) = Kind::of(api_version, kind) else {
-            return Err(format!(
-                "portier does not read {kind} objects of {api_version} (apiVersion and kind)"
-            ));
+            return Ok(None);
         };
         fn put<K: Stored>(o: &mut Objects, v: serde_json::Value) -> Result<Key, String> {
-            let obj: K = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            let mut obj: K = serde_json::from_value(v).map_err(|e| e.to_string())?;
+            // Namespaced and without a namespace: `default`, where kubectl puts it.
+            let namespaced = std::any::TypeId::of::<K::Scope>()
+                == std::any::TypeId::of::<k8s_openapi::NamespaceResourceScope>();
+            if namespaced && obj.meta().namespace.is_none() {
+                obj.meta_mut().namespace = Some("default".into());
+            }
+            // Cluster-scoped: a namespace (kustomize adds one) means nothing.
+            if !namespaced {
+                obj.meta_mut().namespace = None;
+            }
             let key = key_of(&obj);
             if key.1.is_empty() {
                 return Err("metadata.name is missing".into());
@@ -209,7 +221,7 @@ impl Objects {
             Kind::Secret => put::<Secret>(self, v),
             Kind::Namespace => put::<Namespace>(self, v),
         }?;
-        Ok((k, key))
+        Ok(Some((k, key)))
     }
 
     /// How many objects are kept.

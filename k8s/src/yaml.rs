@@ -171,7 +171,15 @@ impl MarkedEventReceiver for Builder {
             Event::DocumentStart => self.start = pos(&mark),
             Event::Scalar(s, style, anchor, tag) => match self.next_pointer() {
                 None => {
-                    if let Some(Frame::Map { key, pointer, .. }) = self.stack.last_mut() {
+                    if let Some(Frame::Map {
+                        key, pointer, map, ..
+                    }) = self.stack.last_mut()
+                    {
+                        // A block mapping's start is reported at its first `:`; it
+                        // starts at its first key.
+                        if map.is_empty() {
+                            self.positions.insert(pointer.clone(), pos(&mark));
+                        }
                         let p = format!("{pointer}/{}", escape(&s));
                         self.positions.entry(p).or_insert(pos(&mark));
                         *key = Some(s);

@@ -1000,3 +1000,191 @@ async fn kubectl_gets_and_watches_through_the_stand_in() {
     child.kill().await.unwrap();
     assert!(api.requests().get("watch").copied().unwrap_or(0) >= 1);
 }
+
+/// `portier check --objects PATH…`: the same translation without an API server; each
+/// problem as `FILE:LINE:COL` pointing into the YAML (an unsupported match, an invalid
+/// annotation, a backend that does not resolve, a YAML error, a kind portier does not
+/// read), exit 1; the summary with what the objects add, exit 0.
+#[test]
+fn check_objects_points_into_the_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("portier.toml");
+    std::fs::write(&cfg, "[listen]\nhttp = \"127.0.0.1:8080\"\n[kubernetes]\n").unwrap();
+    let good = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: portier
+spec:
+  controllerName: portier.dev/gateway-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: edge
+  namespace: infra
+spec:
+  gatewayClassName: portier
+  listeners:
+  - name: http
+    protocol: HTTP
+    port: 80
+    allowedRoutes:
+      namespaces:
+        from: All
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: odoo
+  namespace: shop
+spec:
+  ports:
+  - name: http
+    port: 8069
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: acme
+  namespace: shop
+spec:
+  parentRefs:
+  - name: edge
+    namespace: infra
+  hostnames: [acme.test]
+  rules:
+  - backendRefs:
+    - name: odoo
+      port: 8069
+"#;
+    let objects = dir.path().join("objects");
+    std::fs::create_dir(&objects).unwrap();
+    std::fs::write(objects.join("good.yaml"), good).unwrap();
+    let (code, out, err) = run_cli(&[
+        "check",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--objects",
+        objects.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "ok: 1 pools, 1 tenants, 0 certificates; objects: 4 read, 1 routes, 1 services"
+        ),
+        "{out}"
+    );
+
+    let bad = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: headers
+  namespace: shop
+spec:
+  parentRefs:
+  - name: edge
+    namespace: infra
+  hostnames: [h.test]
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /}
+      headers:
+      - name: x
+        value: y
+    backendRefs:
+    - name: odoo
+      port: 8069
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: annotated
+  namespace: shop
+  annotations:
+    portier.dev/maintenance: "yes"
+spec:
+  parentRefs:
+  - name: edge
+    namespace: infra
+  hostnames: [a.test]
+  rules:
+  - backendRefs:
+    - name: odoo
+      port: 8069
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: lost
+  namespace: shop
+spec:
+  parentRefs:
+  - name: edge
+    namespace: infra
+  hostnames: [l.test]
+  rules:
+  - backendRefs:
+    - name: nothing
+      port: 8069
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: not-portiers
+---
+metadata:
+  name: no-kind
+"#;
+    let bad_path = objects.join("zbad.yaml");
+    std::fs::write(&bad_path, bad).unwrap();
+    std::fs::write(objects.join("zsyntax.yaml"), "kind: [unclosed\n").unwrap();
+    let (code, _, err) = run_cli(&[
+        "check",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--objects",
+        objects.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    // The position of `needle` in the n-th line holding it.
+    let at = |needle: &str, nth: usize| {
+        let (i, line) = bad
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(needle))
+            .nth(nth)
+            .unwrap();
+        format!(
+            "{}:{}:{}",
+            bad_path.display(),
+            i + 1,
+            line.find(needle).unwrap() + 1
+        )
+    };
+    let want = [
+        (
+            at("headers:", 0),
+            "HTTPRoute shop/headers: matches on headers are not supported",
+        ),
+        (
+            at("portier.dev/maintenance", 0),
+            "HTTPRoute shop/annotated: annotation portier.dev/maintenance",
+        ),
+        (
+            at("name: nothing", 0),
+            "HTTPRoute shop/lost: Service shop/nothing does not exist",
+        ),
+        (
+            at("metadata:", 4),
+            "not a Kubernetes object: `apiVersion` and `kind` are needed",
+        ),
+    ];
+    for (pos, msg) in want {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("{pos}: ")) && l.contains(msg)),
+            "want {pos}: {msg}\n{err}"
+        );
+    }
+    assert!(err.contains("zsyntax.yaml:"), "{err}");
+}

@@ -273,7 +273,7 @@ fn read_document(
     }
     root.finish(cx);
 
-    if tenants.is_empty() && tenants_val.is_none() {
+    if tenants.is_empty() && tenants_val.is_none() && kubernetes.is_none() {
         cx.warn(
             &(0..0),
             "no [tenants.*] configured: every request will get 404",

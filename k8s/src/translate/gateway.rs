@@ -54,7 +54,8 @@ pub(super) fn translate(
             .spec
             .listeners
             .iter()
-            .map(|l| listener(objects, &key.0, l, &mut t.certs))
+            .enumerate()
+            .map(|(i, l)| listener(objects, key, i, l, t))
             .collect();
         gateways.insert(key.clone(), (gw, listeners));
     }
@@ -83,10 +84,12 @@ pub(super) fn translate(
 /// A listener's conditions; its certificates go to `certs`.
 fn listener<'a>(
     objects: &Objects,
-    ns: &str,
+    key: &Key,
+    index: usize,
     l: &'a Listener,
-    certs: &mut Vec<SecretPair>,
+    t: &mut Translation,
 ) -> Lis<'a> {
+    let ns = key.0.as_str();
     let mut lis = Lis {
         l,
         ok: true,
@@ -130,11 +133,21 @@ fn listener<'a>(
                         ),
                     );
                 } else if let Some(pair) = objects.secrets.get(&secret).and_then(tls_pair) {
-                    if !certs.iter().any(|c| c.name == pair.name) {
-                        certs.push(pair);
+                    if !t.certs.iter().any(|c| c.name == pair.name) {
+                        t.certs.push(pair);
                     }
                 } else {
-                    refs_ok = Cond::new("ResolvedRefs", false, "InvalidCertificateRef", format!("Secret {secret_ns}/{} is not a kubernetes.io/tls Secret with tls.crt and tls.key", r.name));
+                    let m = format!("Secret {secret_ns}/{} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", r.name);
+                    t.warnings.push(Problem {
+                        object: ObjRef {
+                            kind: Kind::Gateway,
+                            namespace: key.0.clone(),
+                            name: key.1.clone(),
+                        },
+                        field: format!("/spec/listeners/{index}/tls/certificateRefs"),
+                        message: format!("listener {}: {m}", l.name),
+                    });
+                    refs_ok = Cond::new("ResolvedRefs", false, "InvalidCertificateRef", m);
                 }
             }
         }
@@ -347,6 +360,17 @@ fn route_draft(
         return None; // not attached to portier: none of its business
     }
     let attached = parents.iter().any(|p| p.conditions[0].status == "True");
+    if !attached {
+        let why = &parents[0].conditions[0];
+        t.problems.push(Problem {
+            object: source.clone(),
+            field: "/spec/parentRefs".into(),
+            message: format!(
+                "not accepted by any Gateway ({}: {})",
+                why.reason, why.message
+            ),
+        });
+    }
     let (draft, unsupported, unresolved) = rules(
         objects,
         key,
@@ -364,7 +388,7 @@ fn route_draft(
             }
         }
         p.conditions.push(match unresolved.first() {
-            Some((reason, m)) => Cond::new("ResolvedRefs", false, reason, m.clone()).at(gen),
+            Some((reason, m, _)) => Cond::new("ResolvedRefs", false, reason, m.clone()).at(gen),
             None => Cond::new("ResolvedRefs", true, "ResolvedRefs", "").at(gen),
         });
     }
@@ -376,10 +400,10 @@ fn route_draft(
             message: message.clone(),
         });
     }
-    for (_, message) in &unresolved {
+    for (_, message, field) in &unresolved {
         t.problems.push(Problem {
             object: source.clone(),
-            field: "/spec/rules".into(),
+            field: field.clone(),
             message: message.clone(),
         });
     }
@@ -408,6 +432,8 @@ fn route_draft(
 }
 
 type Found = Vec<(String, String)>;
+/// References that do not resolve: reason, message, field.
+type Unresolved = Vec<(String, String, String)>;
 
 /// The rules as pools and routes; what is not supported (field, message) and the
 /// references that do not resolve (reason, message).
@@ -420,9 +446,9 @@ fn rules(
     backends: &mut Backends<'_>,
     hosts: Vec<String>,
     source: ObjRef,
-) -> (Draft, Found, Found) {
+) -> (Draft, Found, Unresolved) {
     let mut unsupported: Found = Vec::new();
-    let mut unresolved: Found = Vec::new();
+    let mut unresolved: Unresolved = Vec::new();
     let mut draft = Draft {
         source,
         meta: route.metadata.clone(),
@@ -550,7 +576,7 @@ fn backend(
     b: &ObjectRef,
     backends: &mut Backends<'_>,
     unsupported: &mut Found,
-    unresolved: &mut Found,
+    unresolved: &mut Unresolved,
     at: &str,
 ) -> Option<usize> {
     let field = format!("{at}/backendRefs/0");
@@ -567,6 +593,7 @@ fn backend(
         unresolved.push((
             "InvalidKind".into(),
             format!("backendRef {} is not a Service", b.name),
+            field,
         ));
         return Some(backends.empty(&format!("{}/{}:invalid", key.0, b.name)));
     }
@@ -583,6 +610,7 @@ fn backend(
                 "no ReferenceGrant in {ns} lets this route use Service {}",
                 b.name
             ),
+            field,
         ));
         return Some(backends.empty(&name));
     }
@@ -590,7 +618,7 @@ fn backend(
         Ok(i) => Some(i),
         Err(e @ BackendError::NotFound(_)) => {
             let (_, reason, m) = backend_problem(&e);
-            unresolved.push((reason.into(), m));
+            unresolved.push((reason.into(), m, field));
             Some(backends.empty(&name))
         }
         Err(e) => {

@@ -164,10 +164,10 @@ fn draft(
                     t.certs.push(pair);
                 }
             }
-            None => problems_log(
-                t,
-                problem(format!("/spec/tls/{ti}/secretName"), format!("Secret {}/{name} is not a kubernetes.io/tls Secret with tls.crt and tls.key", key.0)),
-            ),
+            None => t.warnings.push(problem(
+                format!("/spec/tls/{ti}/secretName"),
+                format!("Secret {}/{name} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", key.0),
+            )),
         }
     }
     if problems.is_empty() {

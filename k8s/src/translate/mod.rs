@@ -53,6 +53,9 @@ pub struct Translation {
     pub endpoints: BTreeMap<String, Endpoints>,
     pub certs: Vec<SecretPair>,
     pub problems: Vec<Problem>,
+    /// What does not keep anything from being served yet (a certificate Secret that
+    /// cert-manager has not written): `check --objects` prints them and still passes.
+    pub warnings: Vec<Problem>,
     pub status: Status,
     /// Objects read (those in the watched namespaces).
     pub objects: usize,

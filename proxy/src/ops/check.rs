@@ -56,12 +56,13 @@ fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCo
                 match yaml::read_file(&f) {
                     Ok(docs) => {
                         for doc in docs.into_iter().filter(|d| !d.value.is_null()) {
-                            read += 1;
                             match store.put_json(doc.value.clone()) {
-                                Ok(id) => {
+                                Ok(Some(id)) => {
+                                    read += 1;
                                     origin.insert(id, doc);
                                 }
-                                Err(m) => diags.push(Diagnostic::error(&doc.file, doc.start, m)),
+                                Ok(None) => {} // not a kind portier reads
+                                Err(m) => diags.push(Diagnostic::error(&doc.file, doc.pos(""), m)),
                             }
                         }
                     }
@@ -76,13 +77,24 @@ fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCo
     let t = portier_k8s::translate(&store, &k, &config.defaults, redirect);
     let certs = t.certs.clone();
     let (merged, t) = portier_k8s::merge(config, t);
-    for p in &t.problems {
+    let place = |p: &portier_k8s::Problem| {
         let key = (p.object.namespace.clone(), p.object.name.clone());
-        let (file, pos) = match origin.get(&(p.object.kind, key)) {
+        match origin.get(&(p.object.kind, key)) {
             Some(doc) => (doc.file.clone(), doc.pos(&p.field)),
             None => (String::from("-"), Default::default()),
-        };
+        }
+    };
+    for p in &t.problems {
+        let (file, pos) = place(p);
         diags.push(Diagnostic::error(
+            &file,
+            pos,
+            format!("{}: {}", p.object, p.message),
+        ));
+    }
+    for p in &t.warnings {
+        let (file, pos) = place(p);
+        diags.push(Diagnostic::warning(
             &file,
             pos,
             format!("{}: {}", p.object, p.message),
@@ -111,8 +123,9 @@ fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCo
     for d in &diags {
         eprintln!("{d}");
     }
-    if !diags.is_empty() {
-        eprintln!("{} error(s) in the objects", diags.len());
+    let errors = diags.iter().filter(|d| d.is_error()).count();
+    if errors > 0 {
+        eprintln!("{errors} error(s) in the objects");
         return ExitCode::from(1);
     }
     println!(

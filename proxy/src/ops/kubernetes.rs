@@ -198,6 +198,7 @@ fn record(shared: &Shared, version: String, t: &portier_k8s::Translation) {
     let messages: Vec<String> = t
         .problems
         .iter()
+        .chain(t.warnings.iter())
         .map(|p| format!("{}: {}", p.object, p.message))
         .collect();
     let mut applied = shared
