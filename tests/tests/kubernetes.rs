@@ -145,6 +145,27 @@ async fn an_httproute_is_served_from_its_services_ready_endpoints() {
         .await,
         "{gw}"
     );
+    // GatewayClass Accepted; Gateway Accepted and Programmed.
+    let cond = |o: &serde_json::Value, kind: &str| {
+        o["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|x| x["type"] == kind).cloned())
+    };
+    let class = c.api.get("GatewayClass", "", "portier").unwrap();
+    assert_eq!(
+        cond(&class, "Accepted").unwrap()["status"],
+        "True",
+        "{class}"
+    );
+    let gw = c.api.get("Gateway", "infra", "edge").unwrap();
+    for kind in ["Accepted", "Programmed"] {
+        let x = cond(&gw, kind).unwrap();
+        assert_eq!(x["status"], "True", "{gw}");
+        assert!(
+            x["lastTransitionTime"].is_string() && x["observedGeneration"] == 1,
+            "{gw}"
+        );
+    }
     let reloads_before = metric(
         &get(c.p.admin, "admin", "/metrics").await.unwrap().text(),
         "portier_config_reloads_total{result=\"ok\"}",
@@ -639,6 +660,17 @@ async fn at_rest_only_watches_and_lease_renewals() {
     assert_eq!(delta("list"), 0, "{before:?} -> {after:?}");
     assert_eq!(delta("watch"), 0, "{before:?} -> {after:?}");
     assert_eq!(delta("patch"), 0, "no status write when nothing changed");
+    // An event that changes no status (an endpoint more): nothing written.
+    let b = sim("b").await;
+    c.api
+        .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
+    assert!(c.served_by("one.test", "/web/login", "b").await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        c.api.requests().get("patch").copied().unwrap_or(0),
+        before.get("patch").copied().unwrap_or(0),
+        "a watch event that changes no status writes nothing"
+    );
     // The lease: one read and one renewal every 5 s.
     assert!(
         delta("get") <= 2 && delta("update") <= 2 && delta("update") >= 1,
@@ -1187,4 +1219,88 @@ metadata:
         );
     }
     assert!(err.contains("zsyntax.yaml:"), "{err}");
+}
+
+/// "Changes apply … without a reload, moving only the tenants and sessions that hashed
+/// to the endpoints that changed": sessions on endpoints that stay keep them when one
+/// goes; only that one's sessions move. With `namespaces`, only those are watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_going_moves_only_its_sessions() {
+    let c = start("namespaces = [\"infra\", \"shop\"]\n").await;
+    let (a, b, d) = (sim("a").await, sim("b").await, sim("d").await);
+    c.base(&a);
+    c.api
+        .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
+    c.api
+        .apply(slice("shop", "odoo-d", "odoo", "http", d.addr(), Ep::Ready));
+    c.api.apply(route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    // Not a watched namespace: never served.
+    c.api.apply(service("elsewhere", "odoo", json!({})));
+    c.api.apply(route(
+        "elsewhere",
+        "x",
+        "infra",
+        &["x.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    ));
+    assert!(
+        eventually_async(WAIT, || async {
+            status(c.p.admin).await["pools"]["shop/odoo:8069"]["backends"]
+                .as_array()
+                .is_some_and(|l| l.len() == 3)
+        })
+        .await
+    );
+    let placement = || async {
+        let mut m = std::collections::BTreeMap::new();
+        for s in 0..40 {
+            let cookie = format!("session_id=s{s}0123456789abcdef");
+            let r = get_with(
+                c.p.http,
+                "acme.test",
+                "/web/dataset/call_kw",
+                &[("cookie", &cookie)],
+            )
+            .await
+            .unwrap();
+            m.insert(s, r.worker().unwrap_or("-").to_string());
+        }
+        m
+    };
+    let before = placement().await;
+    let on = |w: &str| before.values().filter(|x| *x == w).count();
+    assert!(on("a") > 0 && on("b") > 0 && on("d") > 0, "{before:?}");
+    c.api.delete("EndpointSlice", "shop", "odoo-d");
+    assert!(
+        eventually_async(WAIT, || async {
+            status(c.p.admin).await["pools"]["shop/odoo:8069"]["backends"]
+                .as_array()
+                .is_some_and(|l| l.len() == 2)
+        })
+        .await
+    );
+    let after = placement().await;
+    for (s, w) in &before {
+        if w != "d" {
+            assert_eq!(
+                &after[s], w,
+                "session {s} moved from {w} though its endpoint stayed"
+            );
+        } else {
+            assert_ne!(after[s], "d");
+        }
+    }
+    assert_eq!(c.status_of("x.test").await, 404);
+    assert!(
+        c.api.requests().get("watch").copied().unwrap_or(0) >= 17,
+        "one watch per kind and namespace"
+    );
 }

@@ -80,3 +80,76 @@ fn dns_label(s: &str) -> bool {
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::load_str;
+    use std::path::Path;
+
+    fn load(text: &str) -> Result<crate::Config, Vec<String>> {
+        load_str(text, Path::new("/etc/portier/portier.toml"))
+            .map(|(c, _)| c)
+            .map_err(|d| d.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        let c = load("[listen]\nhttp = \"127.0.0.1:80\"\n[kubernetes]\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k, crate::Kubernetes::default());
+        assert_eq!(k.gateway_class, "portier");
+        assert_eq!(k.ingress_class, "portier");
+        assert!(k.status && k.namespaces.is_empty() && k.status_address.is_empty());
+        assert_eq!(
+            k.lease,
+            ("portier".to_string(), "portier-status".to_string())
+        );
+        let c = load("[listen]\nhttp = \"127.0.0.1:80\"\n[kubernetes]\nkubeconfig = \"kc\"\nnamespaces = [\"a\", \"b-2\"]\nstatus = false\nlease = \"ops/lead\"\nstatus_address = \"10.0.0.1\"\n").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/etc/portier/kc")));
+        assert_eq!(k.namespaces, ["a", "b-2"]);
+        assert_eq!(k.lease, ("ops".to_string(), "lead".to_string()));
+        assert!(!k.status);
+    }
+
+    #[test]
+    fn bad_values_have_positions() {
+        let e = load("[listen]\nhttp = \"127.0.0.1:80\"\n[kubernetes]\nlease = \"nolease\"\nnamespaces = [\"Bad_NS\"]\nwatch = true\n").unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d
+                    .starts_with("/etc/portier/portier.toml:4:9: `lease` must be NAMESPACE/NAME")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|d| d
+                .starts_with("/etc/portier/portier.toml:5:15: \"Bad_NS\" is not a namespace name")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|d| d
+                .starts_with("/etc/portier/portier.toml:6:1: unknown key `watch` in [kubernetes]")),
+            "{e:?}"
+        );
+    }
+
+    /// (r3) An https listener whose `[tls]` has no `certs` is an error unless
+    /// `[kubernetes]` supplies certificates; ACME still needs `certs`.
+    #[test]
+    fn tls_without_certs_only_with_kubernetes() {
+        let base = "[listen]\nhttp = \"127.0.0.1:80\"\nhttps = \"127.0.0.1:443\"\n[tls]\nredirect_http = true\n";
+        let e = load(base).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("/etc/portier/portier.toml:4:2: [tls] needs `certs`")),
+            "{e:?}"
+        );
+        let c = load(&format!("{base}[kubernetes]\n")).unwrap();
+        assert!(c.tls.unwrap().certs.is_none());
+        let e = load(&format!(
+            "{base}[tls.acme]\nemail = \"a@b.c\"\n[kubernetes]\n"
+        ))
+        .unwrap_err();
+        assert!(e.iter().any(|d| d.contains("[tls] needs `certs`")), "{e:?}");
+    }
+}

@@ -279,3 +279,6 @@ impl Translation {
         portier_config::sha256_hex(text.as_bytes())[..16].to_string()
     }
 }
+
+#[cfg(test)]
+mod tests;
