@@ -7,6 +7,7 @@ mod compare;
 mod downloads;
 mod exhaustion;
 mod failure;
+mod kubernetes;
 mod load;
 mod noisy;
 mod peers;
@@ -203,6 +204,14 @@ enum Command {
         reloads: usize,
         #[arg(long, default_value_t = 2000.0)]
         rate: f64,
+    },
+    /// Kubernetes objects as configuration (against the API server stand-in): start to
+    /// serving N routes, memory against TOML, endpoint change to traffic, requests at rest.
+    Kubernetes {
+        #[arg(long, default_value_t = 10_000)]
+        routes: usize,
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
     },
     /// A worker dies and comes back under load: errors and latency.
     Failure {
@@ -563,6 +572,20 @@ fn main() -> ExitCode {
                 rt.block_on(reload::run(&opts)),
                 reload::table,
                 reload::json,
+                out,
+            )
+        }
+        Command::Kubernetes { routes, changes } => {
+            let opts = kubernetes::Opts {
+                portier,
+                routes,
+                changes,
+                proxy_cpus: cpus,
+            };
+            report(
+                rt.block_on(kubernetes::run(&opts)),
+                kubernetes::table,
+                kubernetes::json,
                 out,
             )
         }

@@ -27,6 +27,7 @@
 //! `x-sim-status: CODE` header and the `sleep_ms=N` query parameter (or
 //! `x-sim-sleep-ms` header).
 
+pub mod apiserver;
 pub mod client;
 pub mod filestore;
 pub mod odoo;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tokio::net::TcpStream;
 
-pub mod apiserver;
+
 pub mod browser;
 mod clients;
 mod dns;
@@ -29,7 +29,7 @@ pub use dns::*;
 pub use tls::*;
 pub mod h2raw;
 
-pub use portier_sim::{client, Mode, SimWorker};
+pub use portier_sim::{apiserver, client, Mode, SimWorker};
 
 /// The portier binary under test.
 pub fn portier_bin() -> PathBuf {

@@ -1,4 +1,4 @@
-//! A Kubernetes API server stand-in for the end-to-end tests: it speaks the real
+//! A Kubernetes API server stand-in for the end-to-end tests and the bench: it speaks the real
 //! protocol over HTTP/1.1 on 127.0.0.1, so the real kube-rs client inside portier (and
 //! `kubectl`) run against it unmodified. What it implements:
 //!
@@ -178,14 +178,17 @@ impl ApiServer {
             store: Mutex::new(Store::default()),
             changes,
         });
-        let addr = crate::local(crate::free_port());
-        let mut s = ApiServer {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind 127.0.0.1");
+        let addr = listener.local_addr().expect("local address");
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept(listener, inner.clone()));
+        ApiServer {
             addr,
             inner,
-            tasks: None,
-        };
-        s.resume().await;
-        s
+            tasks: Some(tasks),
+        }
     }
 
     /// Stops answering: the listener closes and every connection (watches included) is cut.
