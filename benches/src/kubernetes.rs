@@ -43,8 +43,10 @@ fn slice(i: usize, addr: SocketAddr) -> Value {
 
 fn objects(api: &ApiServer, n: usize, addr: SocketAddr) {
     let gw = "gateway.networking.k8s.io/v1";
-    api.apply(json!({"apiVersion": gw, "kind": "GatewayClass", "metadata": {"name": "portier"},
-        "spec": {"controllerName": "portier.dev/gateway-controller"}}));
+    api.apply(
+        json!({"apiVersion": gw, "kind": "GatewayClass", "metadata": {"name": "portier"},
+        "spec": {"controllerName": "portier.dev/gateway-controller"}}),
+    );
     api.apply(json!({"apiVersion": gw, "kind": "Gateway", "metadata": {"name": "edge", "namespace": "t"},
         "spec": {"gatewayClassName": "portier", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}));
     for i in 0..n {
@@ -59,9 +61,10 @@ fn objects(api: &ApiServer, n: usize, addr: SocketAddr) {
 }
 
 async fn worker_of(addr: SocketAddr, host: &str) -> Option<String> {
-    let r = portier_sim::client::request(addr, "GET", host, "/web/dataset/call_kw", &[], Bytes::new())
-        .await
-        .ok()?;
+    let r =
+        portier_sim::client::request(addr, "GET", host, "/web/dataset/call_kw", &[], Bytes::new())
+            .await
+            .ok()?;
     r.headers()
         .get("x-sim-worker")
         .and_then(|v| v.to_str().ok())
@@ -94,9 +97,13 @@ fn toml(port: u16, admin: u16, worker: SocketAddr, n: usize, pools: bool) -> Str
 async fn toml_rss(opts: &Opts, worker: SocketAddr, pools: bool) -> std::io::Result<u64> {
     let dir = proc::workdir()?;
     let n = opts.routes;
-    let started = proc::start_portier(&opts.portier, dir.path(), opts.proxy_cpus.as_deref(), Duration::from_secs(60), |p, a| {
-        toml(p, a, worker, n, pools)
-    })
+    let started = proc::start_portier(
+        &opts.portier,
+        dir.path(),
+        opts.proxy_cpus.as_deref(),
+        Duration::from_secs(60),
+        |p, a| toml(p, a, worker, n, pools),
+    )
     .await?;
     for i in (0..n).step_by((n / 100).max(1)) {
         worker_of(started.http, &format!("t{i}.test")).await;
@@ -111,7 +118,10 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     let workers = proc::workers(2, None).await?;
     let (a, b) = (workers[0].addr(), workers[1].addr());
     let api = ApiServer::start().await;
-    eprintln!("kubernetes: {} routes, Services and EndpointSlices in the stand-in", opts.routes);
+    eprintln!(
+        "kubernetes: {} routes, Services and EndpointSlices in the stand-in",
+        opts.routes
+    );
     objects(&api, opts.routes, a);
     let dir = proc::workdir()?;
     let kc = api.kubeconfig(dir.path());
@@ -140,7 +150,9 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         }
     }
     if missing > 0 {
-        return Err(std::io::Error::other(format!("{missing} routes not served")));
+        return Err(std::io::Error::other(format!(
+            "{missing} routes not served"
+        )));
     }
     let start_to_serving_s = t0.elapsed().as_secs_f64();
     eprintln!("kubernetes: all served {start_to_serving_s:.2} s after start (including the check of every host)");
@@ -175,7 +187,9 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
                 break;
             }
             if t.elapsed() > Duration::from_secs(10) {
-                return Err(std::io::Error::other(format!("change {k} not applied in 10 s")));
+                return Err(std::io::Error::other(format!(
+                    "change {k} not applied in 10 s"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

@@ -1,10 +1,15 @@
 //! Kubernetes objects for the tests, as the API server stores them (JSON), and a
-//! portier configuration with `[kubernetes]` pointing at the stand-in.
+//! portier configuration with `[kubernetes]` pointing at the stand-in, and a portier
+//! started on it.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
+
+use crate::apiserver::ApiServer;
+use crate::{get, Portier, Ports, SimWorker};
 
 pub const GW: &str = "gateway.networking.k8s.io/v1";
 
@@ -105,4 +110,102 @@ pub fn route_condition(obj: &Value, kind: &str) -> Option<Value> {
         .iter()
         .find(|c| c["type"] == kind)
         .cloned()
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct Cluster {
+    pub api: ApiServer,
+    pub p: Portier,
+}
+
+pub fn config(
+    ports: &Ports,
+    kubeconfig: &std::path::Path,
+    listen_extra: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "{}{listen_extra}\n[kubernetes]\nkubeconfig = \"{}\"\nstatus_address = \"203.0.113.7\"\n{extra}",
+        ports.listen(),
+        kubeconfig.display()
+    )
+}
+
+pub async fn start(extra_file: &str) -> Cluster {
+    start_with("", extra_file, &[]).await
+}
+
+/// portier against a fresh stand-in; `listen_extra` goes into `[listen]`.
+pub async fn start_with(listen_extra: &str, extra_file: &str, env: &[(&str, &str)]) -> Cluster {
+    let api = ApiServer::start().await;
+    let ports = Ports::new();
+    let p = replica(&api, &ports, listen_extra, extra_file, env).await;
+    Cluster { api, p }
+}
+
+/// One more portier on the same stand-in.
+pub async fn replica(
+    api: &ApiServer,
+    ports: &Ports,
+    listen_extra: &str,
+    extra_file: &str,
+    env: &[(&str, &str)],
+) -> Portier {
+    let kc_dir =
+        std::env::temp_dir().join(format!("portier-kc-{}-{}", api.addr.port(), ports.admin));
+    std::fs::create_dir_all(&kc_dir).unwrap();
+    let kc = api.kubeconfig(&kc_dir);
+    Portier::start_with(ports, &config(ports, &kc, listen_extra, extra_file), env).await
+}
+
+impl Cluster {
+    /// Waits until `host`'s `path` is answered by worker `name`.
+    pub async fn served_by(&self, host: &str, path: &str, name: &str) -> bool {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(r) = get(self.p.http, host, path).await {
+                if r.worker() == Some(name) {
+                    return true;
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn status_of(&self, host: &str) -> u16 {
+        get(self.p.http, host, "/web/login")
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0)
+    }
+
+    /// The basic set: class, Gateway, Service `odoo` in `shop` with worker `w`.
+    pub fn base(&self, w: &SimWorker) {
+        self.api.apply(gateway_class());
+        self.api.apply(gateway("infra", &[]));
+        self.api.apply(service("shop", "odoo", json!({})));
+        self.api
+            .apply(slice("shop", "odoo-a", "odoo", "http", w.addr(), Ep::Ready));
+    }
+}
+
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

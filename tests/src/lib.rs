@@ -18,7 +18,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tokio::net::TcpStream;
 
-
 pub mod browser;
 mod clients;
 mod dns;

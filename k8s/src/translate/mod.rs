@@ -6,6 +6,7 @@
 mod backend;
 mod gateway;
 mod ingress;
+mod rules;
 pub mod status;
 
 use std::collections::BTreeMap;
