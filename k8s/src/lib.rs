@@ -15,4 +15,4 @@ pub mod writer;
 pub mod yaml;
 
 pub use objects::{Kind, ObjRef, Objects};
-pub use translate::{merge, translate, Problem, Translation};
+pub use translate::{mark_conflicts, merge, translate, Conflicts, Problem, Translation};

@@ -2,6 +2,7 @@
 //! and what `check --objects` reads from files. Translation reads only this.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -82,20 +83,21 @@ impl std::fmt::Display for ObjRef {
     }
 }
 
-/// Every object portier reads, by kind, then by key.
+/// Every object portier reads, by kind, then by key. Objects are shared (`Arc`): a
+/// snapshot of the store for the translation is a copy of the maps, not of the objects.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub gateway_classes: BTreeMap<Key, GatewayClass>,
-    pub gateways: BTreeMap<Key, Gateway>,
-    pub http_routes: BTreeMap<Key, HttpRoute>,
-    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
-    pub ingresses: BTreeMap<Key, Ingress>,
-    pub ingress_classes: BTreeMap<Key, IngressClass>,
-    pub services: BTreeMap<Key, Service>,
-    pub endpoint_slices: BTreeMap<Key, EndpointSlice>,
+    pub gateway_classes: BTreeMap<Key, Arc<GatewayClass>>,
+    pub gateways: BTreeMap<Key, Arc<Gateway>>,
+    pub http_routes: BTreeMap<Key, Arc<HttpRoute>>,
+    pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
+    pub ingresses: BTreeMap<Key, Arc<Ingress>>,
+    pub ingress_classes: BTreeMap<Key, Arc<IngressClass>>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
     /// `kubernetes.io/tls` Secrets only: the others are never kept.
-    pub secrets: BTreeMap<Key, Secret>,
-    pub namespaces: BTreeMap<Key, Namespace>,
+    pub secrets: BTreeMap<Key, Arc<Secret>>,
+    pub namespaces: BTreeMap<Key, Arc<Namespace>>,
 }
 
 /// A kind the store keeps: where its objects live in [`Objects`].
@@ -103,7 +105,7 @@ pub trait Stored:
     kube::Resource + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync + 'static
 {
     const KIND: Kind;
-    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self>;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>>;
     /// Whether the store keeps this object (Secrets: only `kubernetes.io/tls`).
     fn keep(&self) -> bool {
         true
@@ -114,7 +116,7 @@ macro_rules! stored {
     ($ty:ty, $kind:ident, $field:ident) => {
         impl Stored for $ty {
             const KIND: Kind = Kind::$kind;
-            fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self> {
+            fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
                 &mut objects.$field
             }
         }
@@ -132,7 +134,7 @@ stored!(Namespace, Namespace, namespaces);
 
 impl Stored for Secret {
     const KIND: Kind = Kind::Secret;
-    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Self> {
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
         &mut objects.secrets
     }
     fn keep(&self) -> bool {
@@ -154,7 +156,7 @@ impl Objects {
     pub fn put<K: Stored>(&mut self, o: K) {
         let key = key_of(&o);
         if o.keep() {
-            K::map(self).insert(key, o);
+            K::map(self).insert(key, Arc::new(o));
         } else {
             K::map(self).remove(&key);
         }
@@ -174,7 +176,7 @@ impl Objects {
         }
         for o in all {
             if o.keep() {
-                map.insert(key_of(&o), o);
+                map.insert(key_of(&o), Arc::new(o));
             }
         }
     }

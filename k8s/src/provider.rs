@@ -38,10 +38,12 @@ pub struct State {
     pub last_error: Mutex<Option<String>>,
     /// The file's configuration, which the objects are merged into.
     pub base: Mutex<Option<Arc<portier_config::Config>>>,
-    /// The version of the last translation applied, and its problems' messages.
-    pub applied: Mutex<(String, Vec<String>)>,
+    /// What was applied last.
+    pub applied: Mutex<Applied>,
     /// The status each object should have (the status writer's input).
     pub status: Mutex<Arc<crate::translate::Status>>,
+    /// Told when `status` changed or the objects did (the writer wakes up).
+    pub status_changed: Notify,
     /// Called when the connection state changes.
     pub on_connected: std::sync::OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
 }
@@ -77,6 +79,17 @@ pub async fn client(k: &Kubernetes) -> Result<Client, String> {
         None => kube::Config::infer().await.map_err(|e| e.to_string())?,
     };
     Client::try_from(config).map_err(|e| e.to_string())
+}
+
+/// What the last translation applied served, its conflicts with the file, and its
+/// problems' messages.
+#[derive(Default)]
+pub struct Applied {
+    pub pools: Vec<portier_config::Pool>,
+    pub tenants: Vec<portier_config::Tenant>,
+    pub certs: Vec<crate::translate::SecretPair>,
+    pub conflicts: crate::translate::Conflicts,
+    pub problems: Vec<String>,
 }
 
 /// Watches every kind until the task is aborted.
@@ -162,6 +175,8 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
         let snapshot = Arc::new(store.lock().unwrap_or_else(|e| e.into_inner()).clone());
         *state.objects.lock().unwrap_or_else(|e| e.into_inner()) = snapshot.clone();
         sink.objects_changed(snapshot, slices_only);
+        // The objects' own status may have changed (someone else wrote it).
+        state.status_changed.notify_one();
     }
 }
 

@@ -37,16 +37,19 @@ pub fn identity() -> String {
         .unwrap_or_else(|| "portier".into())
 }
 
-/// Holds (or waits for) the Lease and writes status while holding it.
+/// Holds (or waits for) the Lease and writes status while holding it: when the
+/// status to write or the objects change, when the lease is taken, and again a second
+/// after a write failed. Nothing at rest but the lease renewals.
 pub async fn run(client: Client, k: Kubernetes, state: Arc<State>) {
     if !k.status {
         return;
     }
     let me = identity();
     let leases: Api<Lease> = Api::namespaced(client.clone(), &k.lease.0);
-    let mut written: HashMap<(Kind, Key), (Value, String)> = HashMap::new();
+    let mut written: Written = HashMap::new();
     let mut held_until: Option<tokio::time::Instant> = None;
     let mut next_renew = tokio::time::Instant::now();
+    let mut due = false;
     loop {
         let now = tokio::time::Instant::now();
         if now >= next_renew {
@@ -55,6 +58,7 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>) {
                 Ok(true) => {
                     if held_until.is_none() {
                         tracing::info!(lease = %format!("{}/{}", k.lease.0, k.lease.1), identity = %me, "holding the status lease: this replica writes status");
+                        due = true;
                     }
                     held_until = Some(now + Duration::from_secs(LEASE_SECONDS as u64));
                 }
@@ -67,12 +71,25 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>) {
                 Err(e) => tracing::warn!(error = %e, "cannot renew the status lease"),
             }
         }
-        if held_until.is_some_and(|t| t > now) {
-            write_all(&client, &state, &mut written).await;
+        let holding = held_until.is_some_and(|t| t > now);
+        if holding && due {
+            due = !write_all(&client, &state, &mut written).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let wake = if due {
+            now + Duration::from_secs(1)
+        } else {
+            next_renew
+        };
+        tokio::select! {
+            _ = state.status_changed.notified() => due = true,
+            _ = tokio::time::sleep_until(wake.min(next_renew)) => {}
+        }
     }
 }
+
+/// What this replica wrote, by object: a digest of the status and the object's
+/// resource version when it was written.
+type Written = HashMap<(Kind, Key), (u64, String)>;
 
 /// Takes or renews the Lease; false when another replica holds it.
 async fn take_lease(leases: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
@@ -172,12 +189,8 @@ fn with_times(desired: &Value, current: Option<&Value>, now: &str) -> Value {
     }
 }
 
-/// Writes every status that differs from the object's.
-async fn write_all(
-    client: &Client,
-    state: &State,
-    written: &mut HashMap<(Kind, Key), (Value, String)>,
-) {
+/// Writes every status that differs from the object's; false when a write failed.
+async fn write_all(client: &Client, state: &State, written: &mut Written) -> bool {
     let status: Arc<Status> = state
         .status
         .lock()
@@ -186,74 +199,102 @@ async fn write_all(
     let objects = state.objects();
     let now = Timestamp::now().to_string();
     let mut todo: Vec<(Kind, Key, Value, Option<Value>, String)> = Vec::new();
+    let mut consider =
+        |kind: Kind, key: &Key, want: Value, cur: Option<&Value>, meta: &ObjectMeta| {
+            if cur.is_some_and(|c| same(c, &want)) {
+                return;
+            }
+            // Written already and the object not changed since: the watch has not caught up.
+            if written
+                .get(&(kind, key.clone()))
+                .is_some_and(|(d, v)| *d == digest(&want) && *v == rv(meta))
+            {
+                return;
+            }
+            todo.push((kind, key.clone(), want, cur.cloned(), rv(meta)));
+        };
     for (name, want) in &status.gateway_classes {
         let key = (String::new(), name.clone());
         if let Some(o) = objects.gateway_classes.get(&key) {
-            todo.push((
+            consider(
                 Kind::GatewayClass,
-                key,
+                &key,
                 want.clone(),
-                o.status.clone(),
-                rv(&o.metadata),
-            ));
+                o.status.as_ref(),
+                &o.metadata,
+            );
         }
     }
     for (key, want) in &status.gateways {
         if let Some(o) = objects.gateways.get(key) {
-            todo.push((
+            consider(
                 Kind::Gateway,
-                key.clone(),
+                key,
                 want.clone(),
-                o.status.clone(),
-                rv(&o.metadata),
-            ));
+                o.status.as_ref(),
+                &o.metadata,
+            );
         }
     }
     for (key, parents) in &status.routes {
         if let Some(o) = objects.http_routes.get(key) {
-            todo.push((
+            consider(
                 Kind::HttpRoute,
-                key.clone(),
+                key,
                 Status::route_status(parents),
-                o.status.clone(),
-                rv(&o.metadata),
-            ));
+                o.status.as_ref(),
+                &o.metadata,
+            );
         }
     }
     for (key, want) in &status.ingresses {
         if let Some(o) = objects.ingresses.get(key) {
             let cur = o.status.as_ref().and_then(|s| serde_json::to_value(s).ok());
-            todo.push((
-                Kind::Ingress,
-                key.clone(),
-                want.clone(),
-                cur,
-                rv(&o.metadata),
-            ));
+            consider(Kind::Ingress, key, want.clone(), cur.as_ref(), &o.metadata);
         }
     }
+    let mut ok = true;
     for (kind, key, want, cur, version) in todo {
-        if cur.as_ref().map(bare) == Some(bare(&want)) {
-            continue;
-        }
-        let id = (kind, key.clone());
-        // Written already and the object not changed since: the watch has not caught up.
-        if written
-            .get(&id)
-            .is_some_and(|(w, v)| bare(w) == bare(&want) && *v == version)
-        {
-            continue;
-        }
         let body = json!({ "status": with_times(&want, cur.as_ref(), &now) });
         match patch(client, kind, &key, body).await {
             Ok(()) => {
-                written.insert(id, (want, version));
+                written.insert((kind, key), (digest(&want), version));
             }
             Err(e) => {
+                ok = false;
                 tracing::warn!(object = %format!("{} {}/{}", kind.name(), key.0, key.1), error = %e, "cannot write status")
             }
         }
     }
+    ok
+}
+
+/// Two statuses are the same but for their conditions' transition times.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys = |m: &serde_json::Map<String, Value>| {
+                m.iter()
+                    .filter(|(k, _)| k.as_str() != "lastTransitionTime")
+                    .count()
+            };
+            keys(x) == keys(y)
+                && x.iter()
+                    .filter(|(k, _)| k.as_str() != "lastTransitionTime")
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same(v, w))
+        }
+        _ => a == b,
+    }
+}
+
+fn digest(v: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bare(v).to_string().hash(&mut h);
+    h.finish()
 }
 
 fn rv(m: &ObjectMeta) -> String {

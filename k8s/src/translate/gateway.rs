@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use portier_config::Kubernetes;
 use serde_json::{json, Value};
@@ -132,7 +131,7 @@ fn listener<'a>(
                             r.name
                         ),
                     );
-                } else if let Some(pair) = objects.secrets.get(&secret).and_then(tls_pair) {
+                } else if let Some(pair) = objects.secrets.get(&secret).and_then(|s| tls_pair(s)) {
                     if !t.certs.iter().any(|c| c.name == pair.name) {
                         t.certs.push(pair);
                     }
@@ -223,7 +222,7 @@ fn allows(objects: &Objects, l: &Listener, gw_ns: &str, route_ns: &str) -> bool 
             let labels = objects
                 .namespaces
                 .get(&(String::new(), route_ns.to_string()))
-                .and_then(|n: &Namespace| n.metadata.labels.clone())
+                .and_then(|n| n.metadata.labels.clone())
                 .unwrap_or_default();
             from.and_then(|f| f.selector.as_ref())
                 .is_some_and(|s| selects(s, &labels))

@@ -81,7 +81,7 @@ fn draft(
     let mut problems = Vec::new();
     let mut d = Draft {
         source: source.clone(),
-        meta: ing.metadata.clone(),
+        values: super::annotations(&ing.metadata),
         hosts: Vec::new(),
         pool: None,
         routes: Vec::new(),
@@ -158,7 +158,7 @@ fn draft(
         let Some(name) = tls.secret_name.as_deref() else {
             continue;
         };
-        match objects.secrets.get(&(key.0.clone(), name.to_string())).and_then(tls_pair) {
+        match objects.secrets.get(&(key.0.clone(), name.to_string())).and_then(|s| tls_pair(s)) {
             Some(pair) => {
                 if !t.certs.iter().any(|c| c.name == pair.name) {
                     t.certs.push(pair);

@@ -60,12 +60,15 @@ pub struct Translation {
     pub status: Status,
     /// Objects read (those in the watched namespaces).
     pub objects: usize,
+    /// A digest of the objects' versions.
+    pub version: String,
 }
 
 /// A tenant being built from a route: hosts, the pool of `/`, the other paths.
 pub(crate) struct Draft {
     pub source: ObjRef,
-    pub meta: ObjectMeta,
+    /// The object's `portier.dev/` annotations.
+    pub values: Vec<(String, String)>,
     pub hosts: Vec<String>,
     pub pool: Option<usize>,
     pub routes: Vec<(String, bool, usize)>,
@@ -94,6 +97,7 @@ pub fn translate(
     let watched = |ns: &str| k.namespaces.is_empty() || k.namespaces.iter().any(|n| n == ns);
     let mut t = Translation {
         objects: objects.len(),
+        version: objects_version(objects),
         ..Default::default()
     };
     let mut backends = Backends::new(objects);
@@ -126,7 +130,7 @@ fn tenant_of(d: &Draft, defaults: &Arc<Settings>, t: &mut Translation) -> Option
         field: field.to_string(),
         message,
     };
-    let mut values = annotations(&d.meta);
+    let mut values = d.values.clone();
     let take = |values: &mut Vec<(String, String)>, key: &str| {
         values
             .iter()
@@ -239,18 +243,27 @@ pub(crate) fn backend_problem(e: &BackendError) -> (&'static str, &'static str, 
     }
 }
 
+/// The objects that lost hosts to the file (or an earlier object), with those hosts.
+pub type Conflicts = Vec<(ObjRef, Vec<String>)>;
+
 /// The file's configuration with the translation's pools and tenants added; a host
 /// the file (or an earlier object) already claims stays the file's, and the object
 /// gets a `Conflicted` condition and a problem.
-pub fn merge(file: Config, mut t: Translation) -> (Config, Translation) {
-    let version = t.version();
+pub fn merge(file: Config, mut t: Translation) -> (Config, Translation, Conflicts) {
     let tenants = std::mem::take(&mut t.tenants);
     let pools = t.pools.clone();
-    let (config, conflicts) = file.merged(pools, tenants, &version);
-    for (i, hosts) in conflicts {
-        let Some(source) = t.sources.get(i).cloned() else {
-            continue;
-        };
+    let (config, conflicts) = file.merged(pools, tenants, &t.version);
+    let conflicts: Conflicts = conflicts
+        .into_iter()
+        .filter_map(|(i, hosts)| t.sources.get(i).map(|s| (s.clone(), hosts)))
+        .collect();
+    mark_conflicts(&mut t, &conflicts);
+    (config, t, conflicts)
+}
+
+/// Records `conflicts` in the translation: a `Conflicted` condition and a problem each.
+pub fn mark_conflicts(t: &mut Translation, conflicts: &Conflicts) {
+    for (source, hosts) in conflicts {
         let message = format!(
             "host(s) {} already claimed by the configuration file or another object; served as that one says",
             hosts.join(", ")
@@ -265,20 +278,42 @@ pub fn merge(file: Config, mut t: Translation) -> (Config, Translation) {
             ));
         }
         t.problems.push(Problem {
-            object: source,
+            object: source.clone(),
             field: "/spec".into(),
             message,
         });
     }
-    (config, t)
 }
 
 impl Translation {
-    /// A digest of what was translated (the version's second half).
-    pub fn version(&self) -> String {
-        let text = format!("{:?}{:?}{:?}", self.pools, self.tenants, self.certs);
-        portier_config::sha256_hex(text.as_bytes())[..16].to_string()
+    /// Whether it serves exactly what `pools`, `tenants` and `certs` did (then only
+    /// endpoints, if anything, changed).
+    pub fn serves_as(&self, pools: &[Pool], tenants: &[Tenant], certs: &[SecretPair]) -> bool {
+        self.pools == pools && self.tenants == tenants && self.certs == certs
     }
+}
+
+/// A digest of the objects' versions (EndpointSlices aside: their changes are not
+/// configuration): the second half of the running configuration's version.
+fn objects_version(objects: &Objects) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    fn each<K: kube::Resource>(h: &mut impl Hasher, m: &BTreeMap<crate::objects::Key, Arc<K>>) {
+        for (k, o) in m {
+            k.hash(h);
+            o.meta().resource_version.hash(h);
+        }
+    }
+    each(&mut h, &objects.gateway_classes);
+    each(&mut h, &objects.gateways);
+    each(&mut h, &objects.http_routes);
+    each(&mut h, &objects.reference_grants);
+    each(&mut h, &objects.ingresses);
+    each(&mut h, &objects.ingress_classes);
+    each(&mut h, &objects.services);
+    each(&mut h, &objects.secrets);
+    each(&mut h, &objects.namespaces);
+    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub(super) fn rules(
     let mut unresolved: Unresolved = Vec::new();
     let mut draft = Draft {
         source,
-        meta: route.metadata.clone(),
+        values: super::annotations(&route.metadata),
         hosts,
         pool: None,
         routes: Vec::new(),

@@ -76,7 +76,7 @@ fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCo
     let redirect = config.tls.as_ref().is_some_and(|t| t.redirect_http);
     let t = portier_k8s::translate(&store, &k, &config.defaults, redirect);
     let certs = t.certs.clone();
-    let (merged, t) = portier_k8s::merge(config, t);
+    let (merged, t, _) = portier_k8s::merge(config, t);
     let place = |p: &portier_k8s::Problem| {
         let key = (p.object.namespace.clone(), p.object.name.clone());
         match origin.get(&(p.object.kind, key)) {

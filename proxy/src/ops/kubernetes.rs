@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use portier_config::Config;
+use portier_config::{Config, Pool, Tenant};
 use portier_k8s::provider::{self, Sink};
-use portier_k8s::translate::Endpoints;
+use portier_k8s::translate::{Endpoints, SecretPair};
 use portier_k8s::Objects;
 use portier_runtime::backend::{BackendKey, Members, Role};
 
@@ -69,13 +69,10 @@ pub fn compose(shared: &Arc<Shared>, file: Config) -> Config {
     }
     let state = &shared.kubernetes;
     *state.base.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file.clone()));
-    let objects = state.objects();
-    let t = translate(&file, &objects);
-    let version = t.version();
-    install(shared, &t);
-    let (config, t) = portier_k8s::merge(file, t);
-    record(shared, version, &t);
-    config
+    let t = translate(&file, &state.objects());
+    install_endpoints(shared, &t.endpoints);
+    install_certs(shared, &t.certs);
+    merge_and_record(shared, file, t)
 }
 
 fn translate(file: &Config, objects: &Objects) -> portier_k8s::Translation {
@@ -84,32 +81,33 @@ fn translate(file: &Config, objects: &Objects) -> portier_k8s::Translation {
     portier_k8s::translate(objects, &k, &file.defaults, redirect)
 }
 
-/// Applies a change of the objects.
+/// Applies a change of the objects: endpoints and certificates in place; a new
+/// snapshot only when the pools or tenants served changed.
 fn apply(shared: &Arc<Shared>, objects: &Objects) {
-    let Some(file) = shared
-        .kubernetes
-        .base
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-    else {
+    let state = &shared.kubernetes;
+    let Some(file) = state.base.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return;
     };
-    let t = translate(&file, objects);
-    let version = t.version();
-    install(shared, &t);
-    let same = shared
-        .kubernetes
-        .applied
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .0
-        == version;
-    let (config, t) = portier_k8s::merge((*file).clone(), t);
-    record(shared, version, &t);
-    if same {
-        return; // endpoints (or nothing that is served) changed: installed in place
+    let mut t = translate(&file, objects);
+    install_endpoints(shared, &t.endpoints);
+    let (same, certs_same, conflicts) = {
+        let a = state.applied.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            t.serves_as(&a.pools, &a.tenants, &a.certs),
+            a.certs == t.certs,
+            a.conflicts.clone(),
+        )
+    };
+    if !certs_same {
+        install_certs(shared, &t.certs);
     }
+    if same {
+        // Endpoints, or nothing served, changed: the snapshot stays.
+        portier_k8s::mark_conflicts(&mut t, &conflicts);
+        record(shared, &t, None);
+        return;
+    }
+    let config = merge_and_record(shared, (*file).clone(), t);
     let tenants = config.tenants.len();
     let snapshot = Snapshot::build(
         config,
@@ -128,11 +126,18 @@ fn apply(shared: &Arc<Shared>, objects: &Objects) {
     );
 }
 
-/// The translation's endpoints and certificates, installed in place.
-fn install(shared: &Arc<Shared>, t: &portier_k8s::Translation) {
-    install_endpoints(shared, &t.endpoints);
-    let pairs: Vec<(String, Vec<u8>, Vec<u8>)> = t
-        .certs
+/// Merges `t` into the file's configuration and records what it serves.
+fn merge_and_record(shared: &Shared, file: Config, t: portier_k8s::Translation) -> Config {
+    let served = (t.pools.clone(), t.tenants.clone(), t.certs.clone());
+    let (config, t, conflicts) = portier_k8s::merge(file, t);
+    record(shared, &t, Some((served, conflicts)));
+    config
+}
+
+/// The certificates of the Secrets, installed in the store (a bad pair keeps the
+/// previous one).
+fn install_certs(shared: &Shared, certs: &[SecretPair]) {
+    let pairs: Vec<(String, Vec<u8>, Vec<u8>)> = certs
         .iter()
         .map(|c| (c.name.clone(), c.crt.clone(), c.key.clone()))
         .collect();
@@ -140,6 +145,48 @@ fn install(shared: &Arc<Shared>, t: &portier_k8s::Translation) {
         tracing::error!(secret = %name, error = %e, "certificate of a Secret rejected; the previous one (if any) stays in use");
     }
     crate::ops::tls::update_expiry(shared);
+}
+
+type Served = (Vec<Pool>, Vec<Tenant>, Vec<SecretPair>);
+
+/// Remembers what was applied (`served`, when a new configuration was built) and the
+/// status to write; logs problems that are new.
+fn record(
+    shared: &Shared,
+    t: &portier_k8s::Translation,
+    served: Option<(Served, portier_k8s::Conflicts)>,
+) {
+    let messages: Vec<String> = t
+        .problems
+        .iter()
+        .chain(t.warnings.iter())
+        .map(|p| format!("{}: {}", p.object, p.message))
+        .collect();
+    let mut applied = shared
+        .kubernetes
+        .applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for m in messages.iter().filter(|m| !applied.problems.contains(m)) {
+        tracing::warn!(problem = %m, "Kubernetes object not (fully) served");
+    }
+    applied.problems = messages;
+    if let Some(((pools, tenants, certs), conflicts)) = served {
+        applied.pools = pools;
+        applied.tenants = tenants;
+        applied.certs = certs;
+        applied.conflicts = conflicts;
+    }
+    drop(applied);
+    let mut cur = shared
+        .kubernetes
+        .status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if **cur != t.status {
+        *cur = Arc::new(t.status.clone());
+        shared.kubernetes.status_changed.notify_one();
+    }
 }
 
 /// Each provided pool's members, by identity (a backend that stays keeps its health,
@@ -193,30 +240,6 @@ fn install_endpoints(shared: &Arc<Shared>, endpoints: &BTreeMap<String, Endpoint
     }
 }
 
-/// Remembers what was applied; logs problems that are new.
-fn record(shared: &Shared, version: String, t: &portier_k8s::Translation) {
-    let messages: Vec<String> = t
-        .problems
-        .iter()
-        .chain(t.warnings.iter())
-        .map(|p| format!("{}: {}", p.object, p.message))
-        .collect();
-    let mut applied = shared
-        .kubernetes
-        .applied
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    for m in messages.iter().filter(|m| !applied.1.contains(m)) {
-        tracing::warn!(problem = %m, "Kubernetes object not (fully) served");
-    }
-    *applied = (version, messages);
-    *shared
-        .kubernetes
-        .status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Arc::new(t.status.clone());
-}
-
 /// `/status` `kubernetes`.
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let s = &shared.kubernetes;
@@ -230,6 +253,6 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "objects": s.objects().len(),
         "last_sync": last_sync,
         "last_error": s.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        "problems": s.applied.lock().unwrap_or_else(|e| e.into_inner()).1.clone(),
+        "problems": s.applied.lock().unwrap_or_else(|e| e.into_inner()).problems.clone(),
     })
 }
