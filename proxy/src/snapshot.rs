@@ -57,6 +57,15 @@ impl DatabaseHeaders {
     }
 }
 
+/// A pool with worker slots shows its queue's series from the start; one without
+/// never queues.
+fn declared(queue: Arc<PoolQueue>, p: &Pool) -> Arc<PoolQueue> {
+    if p.workers > 0 {
+        queue.declare();
+    }
+    queue
+}
+
 /// Everything a request needs from the configuration, swapped as one.
 pub struct Snapshot {
     pub config: Arc<Config>,
@@ -96,7 +105,7 @@ impl Snapshot {
                         .map(|m| m.clone())
                         .unwrap_or_default();
                     return Arc::new(PoolRt {
-                        queue: queues.get(&name, metrics),
+                        queue: declared(queues.get(&name, metrics), p),
                         name,
                         cfg: p.clone(),
                         members: ArcSwap::new(members),
@@ -134,7 +143,7 @@ impl Snapshot {
                         .collect(),
                 };
                 Arc::new(PoolRt {
-                    queue: queues.get(&name, metrics),
+                    queue: declared(queues.get(&name, metrics), p),
                     name,
                     cfg: p.clone(),
                     members: ArcSwap::from_pointee(members),

@@ -173,25 +173,42 @@ pub struct PoolQueue {
     depth: [AtomicUsize; 3],
     granted: AtomicU64,
     inner: Mutex<Inner>,
-    stats: QueueStats,
+    /// The pool's queue series, made on first use (or when the pool has worker slots:
+    /// [`PoolQueue::declare`]); a pool without `workers` never queues and has none.
+    stats: std::sync::OnceLock<QueueStats>,
+    families: crate::telemetry::QueueFamilies,
+    name: std::sync::Arc<str>,
 }
 
 impl PoolQueue {
     pub fn new(pool: &str, metrics: &Metrics) -> PoolQueue {
-        let h = metrics.queue_handles(pool);
         PoolQueue {
             waiting: AtomicUsize::new(0),
             busy: AtomicU32::new(0),
             depth: Default::default(),
             granted: AtomicU64::new(0),
             inner: Mutex::new(Inner::default()),
-            stats: QueueStats {
+            stats: std::sync::OnceLock::new(),
+            families: metrics.queue_families(),
+            name: std::sync::Arc::from(pool),
+        }
+    }
+
+    /// Makes the pool's queue series visible (at 0) before its first queued request.
+    pub fn declare(&self) {
+        self.stats();
+    }
+
+    fn stats(&self) -> &QueueStats {
+        self.stats.get_or_init(|| {
+            let h = self.families.handles(&self.name);
+            QueueStats {
                 depth: h.depth,
                 wait: h.wait,
                 full: h.full,
                 timeout: h.timeout,
-            },
-        }
+            }
+        })
     }
 
     /// Counts a slot taken in the pool if fewer than `gate` are (see [`gate`]).
@@ -241,7 +258,7 @@ impl PoolQueue {
         let (max, timeout) = (cfg.max, cfg.timeout);
         let ci = class_index(class);
         if self.waiting.load(Ordering::SeqCst) >= max {
-            self.stats.full.inc();
+            self.stats().full.inc();
             return Err(NoSlot::Full);
         }
         let (tx, rx) = oneshot::channel();
@@ -263,7 +280,7 @@ impl PoolQueue {
             });
             self.waiting.fetch_add(1, Ordering::SeqCst);
             self.depth[ci].fetch_add(1, Ordering::Relaxed);
-            self.stats.depth[ci].inc();
+            self.stats().depth[ci].inc();
             id
         };
         // A slot freed between the caller's attempt and the enqueue is found here.
@@ -280,7 +297,7 @@ impl PoolQueue {
             Some(rx) => tokio::time::timeout(timeout, rx).await,
             None => return Err(NoSlot::Timeout),
         };
-        self.stats.wait[ci].observe(start.elapsed().as_secs_f64());
+        self.stats().wait[ci].observe(start.elapsed().as_secs_f64());
         match got {
             Ok(Ok(b)) => {
                 ticket.rx = None;
@@ -291,7 +308,7 @@ impl PoolQueue {
             _ => match ticket.leave() {
                 Some(b) => Ok(b),
                 None => {
-                    self.stats.timeout.inc();
+                    self.stats().timeout.inc();
                     Err(NoSlot::Timeout)
                 }
             },
@@ -335,7 +352,7 @@ impl PoolQueue {
                     }
                     self.waiting.fetch_sub(1, Ordering::SeqCst);
                     self.depth[ci].fetch_sub(1, Ordering::Relaxed);
-                    self.stats.depth[ci].dec();
+                    self.stats().depth[ci].dec();
                     if let Some(w) = w {
                         if let Err(b) = w.tx.send(b) {
                             // The request went away: the slot goes back.
@@ -371,7 +388,7 @@ impl PoolQueue {
         }
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         self.depth[ci].fetch_sub(1, Ordering::Relaxed);
-        self.stats.depth[ci].dec();
+        self.stats().depth[ci].dec();
         true
     }
 }

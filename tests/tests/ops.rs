@@ -360,8 +360,8 @@ async fn status_and_metrics_show_what_the_contract_lists() {
     let w = sim("w").await;
     let ports = Ports::new();
     let cfg = format!(
-        "[listen]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\n[tls]\ncerts = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\nworkers = 4\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\nintegration = {{ rate = \"1/h\", burst = 1 }}\n",
-        ports.http, ports.https, ports.admin, certs.path().display(), w.addr(), w.addr()
+        "[listen]\nhttp = \"127.0.0.1:{}\"\nhttps = \"127.0.0.1:{}\"\nadmin = \"127.0.0.1:{}\"\nthreads = 1\n[tls]\ncerts = \"{}\"\n[pools.p]\nhttp = [\"{}\"]\nlongpolling = [\"{}\"]\nworkers = 4\n[pools.q]\nhttp = [\"{}\"]\n[tenants.a]\nhosts = [\"a.test\"]\npool = \"p\"\nintegration = {{ rate = \"1/h\", burst = 1 }}\n",
+        ports.http, ports.https, ports.admin, certs.path().display(), w.addr(), w.addr(), w.addr()
     );
     let p = Portier::start(&ports, &cfg).await;
     let _held = connect(p.http).await;
@@ -414,6 +414,12 @@ async fn status_and_metrics_show_what_the_contract_lists() {
     ] {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
+    // A pool without worker slots never queues: no queue series (they cost memory per pool).
+    assert!(m.contains("portier_upstream_retries_total{pool=\"q\",reason=\"closed\"} 0"));
+    assert!(
+        !m.contains("portier_queue_depth{class=\"interactive\",pool=\"q\"}"),
+        "{m}"
+    );
     let open: i64 = m
         .lines()
         .find(|l| l.starts_with("portier_connections_open{listener=\"http\"}"))

@@ -130,6 +130,27 @@ pub struct BackendStats {
 }
 
 /// Metric handles of one pool's worker queue, per class: interactive, static, integration.
+/// The queue metric families (shared handles).
+#[derive(Clone)]
+pub struct QueueFamilies {
+    depth: IntGaugeVec,
+    wait: HistogramVec,
+    refused: IntCounterVec,
+}
+
+impl QueueFamilies {
+    /// One pool's queue series (created at 0 on the first call).
+    pub fn handles(&self, pool: &str) -> QueueHandles {
+        let names = ["interactive", "static", "integration"];
+        QueueHandles {
+            depth: names.map(|c| self.depth.with_label_values(&[pool, c])),
+            wait: names.map(|c| self.wait.with_label_values(&[pool, c])),
+            full: self.refused.with_label_values(&[pool, "queue_full"]),
+            timeout: self.refused.with_label_values(&[pool, "queue_timeout"]),
+        }
+    }
+}
+
 pub struct QueueHandles {
     pub depth: [IntGauge; 3],
     pub wait: [Histogram; 3],
@@ -397,15 +418,12 @@ impl Metrics {
     }
 
     /// The queue metrics of a pool (series created at 0).
-    pub fn queue_handles(&self, pool: &str) -> QueueHandles {
-        let names = ["interactive", "static", "integration"];
-        QueueHandles {
-            depth: names.map(|c| self.queue_depth.with_label_values(&[pool, c])),
-            wait: names.map(|c| self.queue_wait.with_label_values(&[pool, c])),
-            full: self.queue_refused.with_label_values(&[pool, "queue_full"]),
-            timeout: self
-                .queue_refused
-                .with_label_values(&[pool, "queue_timeout"]),
+    /// The queue metric families, from which a pool's series are made when needed.
+    pub fn queue_families(&self) -> QueueFamilies {
+        QueueFamilies {
+            depth: self.queue_depth.clone(),
+            wait: self.queue_wait.clone(),
+            refused: self.queue_refused.clone(),
         }
     }
 
