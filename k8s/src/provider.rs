@@ -1,7 +1,7 @@
 //! The provider: one kube-rs watcher per kind (list, then watch from the last resource
 //! version; a watch the server ends with 410 Gone is listed again; reconnects with
 //! backoff), all feeding one [`Objects`] store, and a loop that tells the [`Sink`]
-//! when the store changed (changes within 100 ms are applied together).
+//! when the store changed (changes within 50 ms are applied together).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,6 +90,8 @@ pub struct Applied {
     pub certs: Vec<crate::translate::SecretPair>,
     pub conflicts: crate::translate::Conflicts,
     pub problems: Vec<String>,
+    /// The Service and port of each pool (an EndpointSlice change needs only these).
+    pub services: std::collections::BTreeMap<String, (String, String, i32)>,
 }
 
 /// Watches every kind until the task is aborted.
@@ -161,7 +163,7 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
     loop {
         changed.notified().await;
         // Let a burst of events land together.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         if state.synced.load(Ordering::Relaxed) < watchers {
             continue; // serve nothing half-listed
         }

@@ -43,6 +43,8 @@ pub struct Backends<'a> {
     pub pools: Vec<Pool>,
     by_name: HashMap<String, usize>,
     pub endpoints: BTreeMap<String, Endpoints>,
+    /// The Service and port of each pool built from one.
+    pub services: BTreeMap<String, (String, String, i32)>,
 }
 
 impl<'a> Backends<'a> {
@@ -53,6 +55,7 @@ impl<'a> Backends<'a> {
             pools: Vec::new(),
             by_name: HashMap::new(),
             endpoints: BTreeMap::new(),
+            services: BTreeMap::new(),
         }
     }
 
@@ -106,14 +109,12 @@ impl<'a> Backends<'a> {
             .get(&(ns, name))
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let lp = ports
-            .iter()
-            .find(|p| matches!(p.name.as_deref(), Some("longpolling") | Some("websocket")));
-        let eps = Endpoints {
-            http: ready_addresses(slices, sp),
-            longpolling: lp.map(|p| ready_addresses(slices, p)).unwrap_or_default(),
-        };
-        self.endpoints.insert(pool_name.clone(), eps);
+        self.endpoints
+            .insert(pool_name.clone(), endpoints_at(slices, &ports, sp));
+        self.services.insert(
+            pool_name.clone(),
+            (ns.to_string(), name.to_string(), sp.port),
+        );
         self.pools.push(pool);
         self.by_name.insert(pool_name, self.pools.len() - 1);
         Ok(self.pools.len() - 1)
@@ -150,6 +151,45 @@ fn svc_name(svc: &Service) -> String {
         svc.metadata.namespace.as_deref().unwrap_or(""),
         svc.metadata.name.as_deref().unwrap_or("")
     )
+}
+
+/// A pool's members: the ready endpoints at the Service port `sp`, and at its port
+/// named `longpolling` or `websocket`.
+fn endpoints_at(slices: &[&EndpointSlice], ports: &[ServicePort], sp: &ServicePort) -> Endpoints {
+    let lp = ports
+        .iter()
+        .find(|p| matches!(p.name.as_deref(), Some("longpolling") | Some("websocket")));
+    Endpoints {
+        http: ready_addresses(slices, sp),
+        longpolling: lp.map(|p| ready_addresses(slices, p)).unwrap_or_default(),
+    }
+}
+
+/// The members of each pool of `services` (pool -> Service and port) from the objects
+/// as they are now: what an EndpointSlice change needs, without translating again.
+pub fn endpoints(
+    objects: &Objects,
+    services: &BTreeMap<String, (String, String, i32)>,
+) -> BTreeMap<String, Endpoints> {
+    let slices = slices_by_service(objects);
+    services
+        .iter()
+        .map(|(pool, (ns, name, port))| {
+            let svc = objects.services.get(&(ns.clone(), name.clone()));
+            let ports = svc
+                .and_then(|s| s.spec.as_ref())
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default();
+            let eps = match ports.iter().find(|p| p.port == *port) {
+                Some(sp) => {
+                    let these = slices.get(&(ns.as_str(), name.as_str()));
+                    endpoints_at(these.map(Vec::as_slice).unwrap_or(&[]), &ports, sp)
+                }
+                None => Endpoints::default(),
+            };
+            (pool.clone(), eps)
+        })
+        .collect()
 }
 
 /// EndpointSlices by the Service they belong to (label `kubernetes.io/service-name`).

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use portier_config::{Config, HostPattern, Kubernetes, Pool, Route, Settings, Tenant};
 
+pub use backend::{endpoints, Endpoints, PortRef};
 use backend::{BackendError, Backends};
-pub use backend::{Endpoints, PortRef};
 pub use status::{Cond, ParentStatus, Status};
 
 use crate::objects::{Kind, ObjRef, Objects};
@@ -52,6 +52,8 @@ pub struct Translation {
     pub sources: Vec<ObjRef>,
     /// The members of each pool, by pool name.
     pub endpoints: BTreeMap<String, Endpoints>,
+    /// The Service and port each pool comes from (to follow endpoints alone).
+    pub services: BTreeMap<String, (String, String, i32)>,
     pub certs: Vec<SecretPair>,
     pub problems: Vec<Problem>,
     /// What does not keep anything from being served yet (a certificate Secret that
@@ -120,6 +122,7 @@ pub fn translate(
     }
     t.pools = backends.pools;
     t.endpoints = backends.endpoints;
+    t.services = backends.services;
     t
 }
 

@@ -102,6 +102,8 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
     let mut trimmer = crate::ops::memory::Trimmer::default();
+    // Snapshots swapped outside a reload (Kubernetes objects applied) trim too.
+    let mut applied = shared.reloaded.subscribe();
 
     loop {
         let due = [config_due, certs_due].into_iter().flatten().min();
@@ -145,6 +147,10 @@ pub async fn run(
             _ = tick.tick() => {
                 // Follow membership changes (discovery) between reloads.
                 checkers.reconcile(shared.snapshot.load().health_targets());
+                if applied.has_changed().unwrap_or(false) {
+                    applied.mark_unchanged();
+                    trimmer.config_loaded();
+                }
                 trimmer.tick(shared.inflight.load(Ordering::Relaxed));
                 ticks += 1;
                 if ticks.is_multiple_of(2) {

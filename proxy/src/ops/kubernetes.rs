@@ -56,7 +56,23 @@ pub async fn run(shared: Arc<Shared>) {
 struct Apply(Arc<Shared>);
 
 impl Sink for Apply {
-    fn objects_changed(&self, objects: Arc<Objects>, _endpoints_only: bool) {
+    fn objects_changed(&self, objects: Arc<Objects>, endpoints_only: bool) {
+        if endpoints_only {
+            // Only EndpointSlices changed: the members of the pools, nothing else.
+            let services = self
+                .0
+                .kubernetes
+                .applied
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .services
+                .clone();
+            install_endpoints(
+                &self.0,
+                &portier_k8s::translate::endpoints(&objects, &services),
+            );
+            return;
+        }
         apply(&self.0, &objects);
     }
 }
@@ -129,8 +145,15 @@ fn apply(shared: &Arc<Shared>, objects: &Objects) {
 /// Merges `t` into the file's configuration and records what it serves.
 fn merge_and_record(shared: &Shared, file: Config, t: portier_k8s::Translation) -> Config {
     let served = (t.pools.clone(), t.tenants.clone(), t.certs.clone());
+    let services = t.services.clone();
     let (config, t, conflicts) = portier_k8s::merge(file, t);
     record(shared, &t, Some((served, conflicts)));
+    shared
+        .kubernetes
+        .applied
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .services = services;
     config
 }
 
