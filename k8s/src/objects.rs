@@ -142,6 +142,17 @@ impl Stored for Secret {
     }
 }
 
+/// Drops what portier never reads and a real API server sends with every object:
+/// `managedFields` and kubectl's `last-applied-configuration` (a copy of the whole
+/// object), often most of an object's size.
+fn slim<K: kube::Resource>(o: &mut K) {
+    let m = o.meta_mut();
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// The key of an object.
 pub fn key_of<K: kube::Resource>(o: &K) -> Key {
     let m = o.meta();
@@ -153,7 +164,8 @@ pub fn key_of<K: kube::Resource>(o: &K) -> Key {
 
 impl Objects {
     /// Puts `o` in (or, when the store does not keep it, takes any older version out).
-    pub fn put<K: Stored>(&mut self, o: K) {
+    pub fn put<K: Stored>(&mut self, mut o: K) {
+        slim(&mut o);
         let key = key_of(&o);
         if o.keep() {
             K::map(self).insert(key, Arc::new(o));
@@ -174,7 +186,8 @@ impl Objects {
             Some(ns) => map.retain(|k, _| k.0 != ns),
             None => map.clear(),
         }
-        for o in all {
+        for mut o in all {
+            slim(&mut o);
             if o.keep() {
                 map.insert(key_of(&o), Arc::new(o));
             }
@@ -242,5 +255,31 @@ impl Objects {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_keeps_tls_secrets_only_and_drops_managed_fields() {
+        let mut o = Objects::default();
+        let secret = |name: &str, kind: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+                "metadata": {"name": name, "namespace": "a",
+                    "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+                    "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "x": "y"}}})
+        };
+        o.put_json(secret("tls", "kubernetes.io/tls")).unwrap();
+        o.put_json(secret("opaque", "Opaque")).unwrap();
+        assert_eq!(o.len(), 1);
+        let s = &o.secrets[&("a".to_string(), "tls".to_string())];
+        assert!(s.metadata.managed_fields.is_none());
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 1, "{a:?}");
+        // A Secret that stops being a TLS one goes.
+        o.put_json(secret("tls", "Opaque")).unwrap();
+        assert!(o.is_empty());
     }
 }
