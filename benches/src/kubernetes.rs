@@ -2,7 +2,9 @@
 //! N HTTPRoutes, each with its own Service and EndpointSlice. Measures
 //! - the time from portier's start to serving all N (every route's host answered by a
 //!   worker),
-//! - memory at rest, beside the same N tenants from TOML (N pools, and one pool),
+//! - the status writes (one per object) and when the last was done,
+//! - memory at rest (after the status writes), beside the same N tenants from TOML
+//!   (N pools, and one pool),
 //! - the time from an EndpointSlice change to the first request answered by the new
 //!   endpoint (p50/p99 over `changes` changes, no reload),
 //! - the requests portier sends the API server at rest (10 s).
@@ -32,6 +34,8 @@ pub struct Report {
     pub change_ms: Vec<f64>,
     pub at_rest: serde_json::Map<String, Value>,
     pub at_rest_seconds: u64,
+    pub status_writes: u64,
+    pub status_written_s: f64,
 }
 
 fn slice(i: usize, addr: SocketAddr) -> Value {
@@ -157,6 +161,22 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     let start_to_serving_s = t0.elapsed().as_secs_f64();
     eprintln!("kubernetes: all served {start_to_serving_s:.2} s after start (including the check of every host)");
 
+    // At rest: every status written (the patches stopped for 2 s), then 3 s more.
+    let patches = || api.requests().get("patch").copied().unwrap_or(0);
+    let mut last = (patches(), Instant::now());
+    let settle = Instant::now();
+    while last.1.elapsed() < Duration::from_secs(2) && settle.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = patches();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+    }
+    let status_writes = last.0;
+    let status_written_s = t0.elapsed().as_secs_f64() - 2.0;
+    eprintln!(
+        "kubernetes: {status_writes} status writes, the last {status_written_s:.1} s after start"
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_kube_kib = proc::status_kib(started.proxy.pid(), "VmRSS");
     let before = api.requests();
@@ -207,6 +227,8 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         change_ms,
         at_rest,
         at_rest_seconds,
+        status_writes,
+        status_written_s,
     })
 }
 
@@ -248,5 +270,7 @@ pub fn json(r: &Report) -> Value {
         "change_ms": r.change_ms,
         "at_rest_requests": r.at_rest,
         "at_rest_seconds": r.at_rest_seconds,
+        "status_writes": r.status_writes,
+        "status_written_s": r.status_written_s,
     })
 }

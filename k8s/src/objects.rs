@@ -7,6 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 
 use crate::gateway::{Gateway, GatewayClass, HttpRoute, ReferenceGrant};
@@ -110,6 +111,22 @@ pub trait Stored:
     fn keep(&self) -> bool {
         true
     }
+
+    /// Whether `new` differs from `old` in its status only (a status write coming
+    /// back): nothing to translate again. Only kinds with a `metadata.generation`
+    /// that counts spec changes can tell.
+    fn same_but_status(_old: &Self, _new: &Self) -> bool {
+        false
+    }
+}
+
+/// The same generation, labels and annotations: only the status can differ.
+fn same_but_status(old: &ObjectMeta, new: &ObjectMeta) -> bool {
+    old.generation.is_some()
+        && old.generation == new.generation
+        && old.labels == new.labels
+        && old.annotations == new.annotations
+        && old.deletion_timestamp == new.deletion_timestamp
 }
 
 macro_rules! stored {
@@ -122,11 +139,24 @@ macro_rules! stored {
         }
     };
 }
-stored!(GatewayClass, GatewayClass, gateway_classes);
-stored!(Gateway, Gateway, gateways);
-stored!(HttpRoute, HttpRoute, http_routes);
+macro_rules! stored_with_status {
+    ($ty:ty, $kind:ident, $field:ident) => {
+        impl Stored for $ty {
+            const KIND: Kind = Kind::$kind;
+            fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
+                &mut objects.$field
+            }
+            fn same_but_status(old: &Self, new: &Self) -> bool {
+                same_but_status(&old.metadata, &new.metadata)
+            }
+        }
+    };
+}
+stored_with_status!(GatewayClass, GatewayClass, gateway_classes);
+stored_with_status!(Gateway, Gateway, gateways);
+stored_with_status!(HttpRoute, HttpRoute, http_routes);
 stored!(ReferenceGrant, ReferenceGrant, reference_grants);
-stored!(Ingress, Ingress, ingresses);
+stored_with_status!(Ingress, Ingress, ingresses);
 stored!(IngressClass, IngressClass, ingress_classes);
 stored!(Service, Service, services);
 stored!(EndpointSlice, EndpointSlice, endpoint_slices);
@@ -145,7 +175,7 @@ impl Stored for Secret {
 /// Drops what portier never reads and a real API server sends with every object:
 /// `managedFields` and kubectl's `last-applied-configuration` (a copy of the whole
 /// object), often most of an object's size.
-fn slim<K: kube::Resource>(o: &mut K) {
+pub(crate) fn slim<K: kube::Resource>(o: &mut K) {
     let m = o.meta_mut();
     m.managed_fields = None;
     if let Some(a) = m.annotations.as_mut() {

@@ -98,7 +98,7 @@ pub struct Applied {
 pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn Sink>) {
     let store = Arc::new(Mutex::new(Objects::default()));
     let changed = Arc::new(Notify::new());
-    let dirty = Arc::new(Mutex::new((false, true))); // (anything but slices, slices only)
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
     let health = Arc::new(Health::default());
     // Three cluster-scoped kinds, seven namespaced ones (one watch per namespace).
     let total = 3 + 7 * k.namespaces.len().max(1);
@@ -167,19 +167,29 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
         if state.synced.load(Ordering::Relaxed) < watchers {
             continue; // serve nothing half-listed
         }
-        let (any, slices_only) = {
-            let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::replace(&mut *d, (false, true))
-        };
-        if !any {
+        let d = std::mem::take(&mut *dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        if !(d.config || d.slices || d.status) {
             continue;
         }
         let snapshot = Arc::new(store.lock().unwrap_or_else(|e| e.into_inner()).clone());
         *state.objects.lock().unwrap_or_else(|e| e.into_inner()) = snapshot.clone();
-        sink.objects_changed(snapshot, slices_only);
-        // The objects' own status may have changed (someone else wrote it).
+        if d.config || d.slices {
+            sink.objects_changed(snapshot, !d.config);
+        }
+        // The objects' own status may have changed (the writer compares again).
         state.status_changed.notify_one();
     }
+}
+
+/// What changed since the objects were last handed on.
+#[derive(Default)]
+struct Dirty {
+    /// Something translated into the configuration (not only endpoints or status).
+    config: bool,
+    /// EndpointSlices.
+    slices: bool,
+    /// Only the status of objects portier writes status to (its own writes coming back).
+    status: bool,
 }
 
 /// Which watchers are failing.
@@ -223,7 +233,7 @@ async fn watch_kind<K: Stored>(
     ns: Option<String>,
     store: Arc<Mutex<Objects>>,
     changed: Arc<Notify>,
-    dirty: Arc<Mutex<(bool, bool)>>,
+    dirty: Arc<Mutex<Dirty>>,
     health: Arc<Health>,
     state: Arc<State>,
 ) {
@@ -249,6 +259,7 @@ async fn watch_kind<K: Stored>(
                 continue;
             }
         };
+        let mut status_only = false;
         let touched = {
             let mut objects = store.lock().unwrap_or_else(|e| e.into_inner());
             match ev {
@@ -272,7 +283,11 @@ async fn watch_kind<K: Stored>(
                     }
                     true
                 }
-                Event::Apply(o) => {
+                Event::Apply(mut o) => {
+                    crate::objects::slim(&mut o);
+                    status_only = K::map(&mut objects)
+                        .get(&key_of(&o))
+                        .is_some_and(|old| K::same_but_status(old, &o));
                     objects.put(o);
                     true
                 }
@@ -285,8 +300,13 @@ async fn watch_kind<K: Stored>(
         if touched {
             *state.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(SystemTime::now());
             let mut d = dirty.lock().unwrap_or_else(|e| e.into_inner());
-            d.0 = true;
-            d.1 &= K::KIND == Kind::EndpointSlice;
+            if status_only {
+                d.status = true;
+            } else if K::KIND == Kind::EndpointSlice {
+                d.slices = true;
+            } else {
+                d.config = true;
+            }
             drop(d);
             changed.notify_one();
         }
