@@ -1,7 +1,9 @@
 //! The Gateway API types portier reads (`gateway.networking.k8s.io`), written here
 //! with only the fields it uses: the `gateway-api` crate is built on an older kube and
 //! k8s-openapi than the ones portier uses, and two of each in one binary would double
-//! the client. Unknown fields are ignored on read; status is written as JSON.
+//! the client. Unknown fields are ignored on read; status is kept as the JSON text it
+//! came as (read only by the status writer, which compares it: a parsed JSON value
+//! took several KiB per route).
 
 use std::borrow::Cow;
 
@@ -45,8 +47,8 @@ pub struct GatewayClass {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: GatewayClassSpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "status_text")]
+    pub status: Option<Box<str>>,
 }
 resource!(
     GatewayClass,
@@ -70,8 +72,8 @@ pub struct Gateway {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: GatewaySpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "status_text")]
+    pub status: Option<Box<str>>,
 }
 resource!(Gateway, "Gateway", "v1", "gateways", NamespaceResourceScope);
 
@@ -156,8 +158,8 @@ pub struct HttpRoute {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: HttpRouteSpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "status_text")]
+    pub status: Option<Box<str>>,
 }
 resource!(
     HttpRoute,
@@ -275,4 +277,22 @@ pub struct GrantTo {
     pub kind: String,
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// A status kept as its JSON text: read as any JSON (a watch event is buffered by
+/// serde before it is read, which a borrowed raw value cannot come from), kept as text.
+mod status_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<str>>, D::Error> {
+        let v = Option::<serde_json::Value>::deserialize(d)?;
+        Ok(v.filter(|v| !v.is_null())
+            .map(|v| v.to_string().into_boxed_str()))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Box<str>>, s: S) -> Result<S::Ok, S::Error> {
+        let parsed: Option<serde_json::Value> =
+            v.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        parsed.serialize(s)
+    }
 }

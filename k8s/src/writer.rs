@@ -200,8 +200,8 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
     let now = Timestamp::now().to_string();
     let mut todo: Vec<(Kind, Key, Value, Option<Value>, String)> = Vec::new();
     let mut consider =
-        |kind: Kind, key: &Key, want: Value, cur: Option<&Value>, meta: &ObjectMeta| {
-            if cur.is_some_and(|c| same(c, &want)) {
+        |kind: Kind, key: &Key, want: Value, cur: Option<Value>, meta: &ObjectMeta| {
+            if cur.as_ref().is_some_and(|c| same(c, &want)) {
                 return;
             }
             // Written already and the object not changed since: the watch has not caught up.
@@ -211,7 +211,7 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
             {
                 return;
             }
-            todo.push((kind, key.clone(), want, cur.cloned(), rv(meta)));
+            todo.push((kind, key.clone(), want, cur, rv(meta)));
         };
     for (name, want) in &status.gateway_classes {
         let key = (String::new(), name.clone());
@@ -220,7 +220,7 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
                 Kind::GatewayClass,
                 &key,
                 want.clone(),
-                o.status.as_ref(),
+                parsed(o.status.as_deref()),
                 &o.metadata,
             );
         }
@@ -231,7 +231,7 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
                 Kind::Gateway,
                 key,
                 want.clone(),
-                o.status.as_ref(),
+                parsed(o.status.as_deref()),
                 &o.metadata,
             );
         }
@@ -242,7 +242,7 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
                 Kind::HttpRoute,
                 key,
                 Status::route_status(parents),
-                o.status.as_ref(),
+                parsed(o.status.as_deref()),
                 &o.metadata,
             );
         }
@@ -250,7 +250,7 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
     for (key, want) in &status.ingresses {
         if let Some(o) = objects.ingresses.get(key) {
             let cur = o.status.as_ref().and_then(|s| serde_json::to_value(s).ok());
-            consider(Kind::Ingress, key, want.clone(), cur.as_ref(), &o.metadata);
+            consider(Kind::Ingress, key, want.clone(), cur, &o.metadata);
         }
     }
     let mut ok = true;
@@ -267,6 +267,11 @@ async fn write_all(client: &Client, state: &State, written: &mut Written) -> boo
         }
     }
     ok
+}
+
+/// A status kept as JSON text, parsed.
+fn parsed(text: Option<&str>) -> Option<Value> {
+    text.and_then(|t| serde_json::from_str(t).ok())
 }
 
 /// Two statuses are the same but for their conditions' transition times.
