@@ -84,21 +84,22 @@ impl std::fmt::Display for ObjRef {
     }
 }
 
-/// Every object portier reads, by kind, then by key. Objects are shared (`Arc`): a
-/// snapshot of the store for the translation is a copy of the maps, not of the objects.
+/// Every object portier reads, by kind, then by key. Maps and objects are shared
+/// (`Arc`): a snapshot of the store costs nothing, and a change copies the map of its
+/// kind only (copy on write), never the objects.
 #[derive(Clone, Debug, Default)]
 pub struct Objects {
-    pub gateway_classes: BTreeMap<Key, Arc<GatewayClass>>,
-    pub gateways: BTreeMap<Key, Arc<Gateway>>,
-    pub http_routes: BTreeMap<Key, Arc<HttpRoute>>,
-    pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
-    pub ingresses: BTreeMap<Key, Arc<Ingress>>,
-    pub ingress_classes: BTreeMap<Key, Arc<IngressClass>>,
-    pub services: BTreeMap<Key, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    pub gateway_classes: Arc<BTreeMap<Key, Arc<GatewayClass>>>,
+    pub gateways: Arc<BTreeMap<Key, Arc<Gateway>>>,
+    pub http_routes: Arc<BTreeMap<Key, Arc<HttpRoute>>>,
+    pub reference_grants: Arc<BTreeMap<Key, Arc<ReferenceGrant>>>,
+    pub ingresses: Arc<BTreeMap<Key, Arc<Ingress>>>,
+    pub ingress_classes: Arc<BTreeMap<Key, Arc<IngressClass>>>,
+    pub services: Arc<BTreeMap<Key, Arc<Service>>>,
+    pub endpoint_slices: Arc<BTreeMap<Key, Arc<EndpointSlice>>>,
     /// `kubernetes.io/tls` Secrets only: the others are never kept.
-    pub secrets: BTreeMap<Key, Arc<Secret>>,
-    pub namespaces: BTreeMap<Key, Arc<Namespace>>,
+    pub secrets: Arc<BTreeMap<Key, Arc<Secret>>>,
+    pub namespaces: Arc<BTreeMap<Key, Arc<Namespace>>>,
 }
 
 /// A kind the store keeps: where its objects live in [`Objects`].
@@ -118,6 +119,10 @@ pub trait Stored:
     fn same_but_status(_old: &Self, _new: &Self) -> bool {
         false
     }
+
+    /// Gives back the spare capacity of its lists (a list read from JSON grows by
+    /// doubling; most hold one element): the store keeps thousands of them.
+    fn compact(&mut self) {}
 }
 
 /// The same generation, labels and annotations: only the status can differ.
@@ -134,7 +139,7 @@ macro_rules! stored {
         impl Stored for $ty {
             const KIND: Kind = Kind::$kind;
             fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
-                &mut objects.$field
+                Arc::make_mut(&mut objects.$field)
             }
         }
     };
@@ -144,7 +149,7 @@ macro_rules! stored_with_status {
         impl Stored for $ty {
             const KIND: Kind = Kind::$kind;
             fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
-                &mut objects.$field
+                Arc::make_mut(&mut objects.$field)
             }
             fn same_but_status(old: &Self, new: &Self) -> bool {
                 same_but_status(&old.metadata, &new.metadata)
@@ -154,18 +159,64 @@ macro_rules! stored_with_status {
 }
 stored_with_status!(GatewayClass, GatewayClass, gateway_classes);
 stored_with_status!(Gateway, Gateway, gateways);
-stored_with_status!(HttpRoute, HttpRoute, http_routes);
+impl Stored for HttpRoute {
+    const KIND: Kind = Kind::HttpRoute;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
+        Arc::make_mut(&mut objects.http_routes)
+    }
+    fn same_but_status(old: &Self, new: &Self) -> bool {
+        same_but_status(&old.metadata, &new.metadata)
+    }
+    fn compact(&mut self) {
+        let s = &mut self.spec;
+        s.parent_refs.shrink_to_fit();
+        s.hostnames.shrink_to_fit();
+        s.rules.shrink_to_fit();
+        for r in &mut s.rules {
+            r.matches.shrink_to_fit();
+            r.filters.shrink_to_fit();
+            r.backend_refs.shrink_to_fit();
+        }
+    }
+}
 stored!(ReferenceGrant, ReferenceGrant, reference_grants);
 stored_with_status!(Ingress, Ingress, ingresses);
 stored!(IngressClass, IngressClass, ingress_classes);
-stored!(Service, Service, services);
-stored!(EndpointSlice, EndpointSlice, endpoint_slices);
+impl Stored for Service {
+    const KIND: Kind = Kind::Service;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
+        Arc::make_mut(&mut objects.services)
+    }
+    fn compact(&mut self) {
+        if let Some(p) = self.spec.as_mut().and_then(|s| s.ports.as_mut()) {
+            p.shrink_to_fit();
+        }
+    }
+}
+
+impl Stored for EndpointSlice {
+    const KIND: Kind = Kind::EndpointSlice;
+    fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
+        Arc::make_mut(&mut objects.endpoint_slices)
+    }
+    fn compact(&mut self) {
+        for e in self.endpoints.iter_mut() {
+            e.shrink_to_fit();
+            for x in e.iter_mut() {
+                x.addresses.shrink_to_fit();
+            }
+        }
+        if let Some(p) = self.ports.as_mut() {
+            p.shrink_to_fit();
+        }
+    }
+}
 stored!(Namespace, Namespace, namespaces);
 
 impl Stored for Secret {
     const KIND: Kind = Kind::Secret;
     fn map(objects: &mut Objects) -> &mut BTreeMap<Key, Arc<Self>> {
-        &mut objects.secrets
+        Arc::make_mut(&mut objects.secrets)
     }
     fn keep(&self) -> bool {
         self.type_.as_deref() == Some("kubernetes.io/tls")
@@ -196,6 +247,7 @@ impl Objects {
     /// Puts `o` in (or, when the store does not keep it, takes any older version out).
     pub fn put<K: Stored>(&mut self, mut o: K) {
         slim(&mut o);
+        o.compact();
         let key = key_of(&o);
         if o.keep() {
             K::map(self).insert(key, Arc::new(o));
@@ -218,6 +270,7 @@ impl Objects {
         }
         for mut o in all {
             slim(&mut o);
+            o.compact();
             if o.keep() {
                 map.insert(key_of(&o), Arc::new(o));
             }

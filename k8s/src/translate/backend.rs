@@ -195,7 +195,7 @@ pub fn endpoints(
 /// EndpointSlices by the Service they belong to (label `kubernetes.io/service-name`).
 fn slices_by_service(objects: &Objects) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut map: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-    for ((ns, _), s) in &objects.endpoint_slices {
+    for ((ns, _), s) in objects.endpoint_slices.iter() {
         if let Some(svc) = s
             .metadata
             .labels

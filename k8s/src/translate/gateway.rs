@@ -45,7 +45,7 @@ pub(super) fn translate(
         json!({ "conditions": [Cond::new("Accepted", true, "Accepted", "portier serves the Gateways of this class").at(gen)] }),
     );
     let mut gateways: BTreeMap<Key, (&Gateway, Vec<Lis<'_>>)> = BTreeMap::new();
-    for (key, gw) in &objects.gateways {
+    for (key, gw) in objects.gateways.iter() {
         if gw.spec.gateway_class_name != k.gateway_class || !watched(&key.0) {
             continue;
         }
@@ -58,7 +58,7 @@ pub(super) fn translate(
             .collect();
         gateways.insert(key.clone(), (gw, listeners));
     }
-    for (key, route) in &objects.http_routes {
+    for (key, route) in objects.http_routes.iter() {
         if watched(&key.0) {
             if let Some(d) = route_draft(
                 objects,

@@ -28,7 +28,7 @@ pub(super) fn translate(
                 .and_then(|a| a.get("ingressclass.kubernetes.io/is-default-class"))
                 .is_some_and(|v| v == "true")
     });
-    for (key, ing) in &objects.ingresses {
+    for (key, ing) in objects.ingresses.iter() {
         let class = ing
             .spec
             .as_ref()
