@@ -104,46 +104,35 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>, sink: Arc<dyn
     let total = 3 + 7 * k.namespaces.len().max(1);
     health.total.store(total, Ordering::Relaxed);
     let mut watchers = 0;
+    let shared = Shared {
+        store: store.clone(),
+        changed: changed.clone(),
+        dirty: dirty.clone(),
+        health: health.clone(),
+        state: state.clone(),
+    };
     macro_rules! watch {
         ($ty:ty, cluster) => {{
             watchers += 1;
-            let api: Api<$ty> = Api::all(client.clone());
             tokio::spawn(watch_kind(
-                api,
+                Api::<$ty>::all(client.clone()),
                 None,
-                store.clone(),
-                changed.clone(),
-                dirty.clone(),
-                health.clone(),
-                state.clone(),
+                shared.clone(),
             ));
         }};
         ($ty:ty) => {{
             if k.namespaces.is_empty() {
                 watchers += 1;
-                let api: Api<$ty> = Api::all(client.clone());
                 tokio::spawn(watch_kind(
-                    api,
+                    Api::<$ty>::all(client.clone()),
                     None,
-                    store.clone(),
-                    changed.clone(),
-                    dirty.clone(),
-                    health.clone(),
-                    state.clone(),
+                    shared.clone(),
                 ));
             } else {
                 for ns in &k.namespaces {
                     watchers += 1;
-                    let api: Api<$ty> = Api::namespaced(client.clone(), ns);
-                    tokio::spawn(watch_kind(
-                        api,
-                        Some(ns.clone()),
-                        store.clone(),
-                        changed.clone(),
-                        dirty.clone(),
-                        health.clone(),
-                        state.clone(),
-                    ));
+                    let api = Api::<$ty>::namespaced(client.clone(), ns);
+                    tokio::spawn(watch_kind(api, Some(ns.clone()), shared.clone()));
                 }
             }
         }};
@@ -227,16 +216,24 @@ async fn probe(client: Client, state: Arc<State>, health: Arc<Health>) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn watch_kind<K: Stored>(
-    api: Api<K>,
-    ns: Option<String>,
+/// What every watcher shares.
+#[derive(Clone)]
+struct Shared {
     store: Arc<Mutex<Objects>>,
     changed: Arc<Notify>,
     dirty: Arc<Mutex<Dirty>>,
     health: Arc<Health>,
     state: Arc<State>,
-) {
+}
+
+async fn watch_kind<K: Stored>(api: Api<K>, ns: Option<String>, shared: Shared) {
+    let Shared {
+        store,
+        changed,
+        dirty,
+        health,
+        state,
+    } = shared;
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();

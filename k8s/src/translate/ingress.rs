@@ -138,20 +138,7 @@ fn draft(
                     continue;
                 }
             };
-            let trimmed = if path.len() > 1 {
-                path.trim_end_matches('/').to_string()
-            } else {
-                path
-            };
-            if trimmed == "/" && !exact {
-                d.pool.get_or_insert(pool);
-            } else if !d
-                .routes
-                .iter()
-                .any(|(p, e, _)| *p == trimmed && *e == exact)
-            {
-                d.routes.push((trimmed, exact, pool));
-            }
+            d.add_path(path, exact, pool);
         }
     }
     for (ti, tls) in spec.tls.iter().flatten().enumerate() {

@@ -76,6 +76,27 @@ pub(crate) struct Draft {
     pub routes: Vec<(String, bool, usize)>,
 }
 
+impl Draft {
+    /// A path of a rule sent to `pool`: `/` as a prefix is the tenant's pool, any other
+    /// a route (a trailing `/` ignored); the first rule naming a path keeps it.
+    pub fn add_path(&mut self, path: String, exact: bool, pool: usize) {
+        let path = if path.len() > 1 {
+            path.trim_end_matches('/').to_string()
+        } else {
+            path
+        };
+        if path == "/" && !exact {
+            self.pool.get_or_insert(pool);
+        } else if !self
+            .routes
+            .iter()
+            .any(|(p, e, _)| *p == path && *e == exact)
+        {
+            self.routes.push((path, exact, pool));
+        }
+    }
+}
+
 /// The `portier.dev/KEY` annotations of an object, as (KEY, VALUE), sorted.
 pub fn annotations(meta: &ObjectMeta) -> Vec<(String, String)> {
     meta.annotations

@@ -126,20 +126,7 @@ pub(super) fn rules(
         };
         let Some(pool) = pool else { continue };
         for (path, exact) in paths {
-            let trimmed = if path.len() > 1 {
-                path.trim_end_matches('/').to_string()
-            } else {
-                path
-            };
-            if trimmed == "/" && !exact {
-                draft.pool.get_or_insert(pool);
-            } else if !draft
-                .routes
-                .iter()
-                .any(|(p, e, _)| *p == trimmed && *e == exact)
-            {
-                draft.routes.push((trimmed, exact, pool));
-            }
+            draft.add_path(path, exact, pool);
         }
     }
     (draft, unsupported, unresolved)

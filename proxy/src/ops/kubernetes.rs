@@ -17,7 +17,6 @@ use portier_k8s::translate::{Endpoints, SecretPair};
 use portier_k8s::Objects;
 use portier_runtime::backend::{BackendKey, Members, Role};
 
-use crate::snapshot::Snapshot;
 use crate::state::Shared;
 
 /// Starts the provider when the configuration has `[kubernetes]`.
@@ -125,15 +124,7 @@ fn apply(shared: &Arc<Shared>, objects: &Objects) {
     }
     let config = merge_and_record(shared, (*file).clone(), t);
     let tenants = config.tenants.len();
-    let snapshot = Snapshot::build(
-        config,
-        &shared.registry,
-        &shared.queues,
-        &shared.metrics,
-        &shared.discovered,
-    );
-    shared.snapshot.store(Arc::new(snapshot));
-    shared.reloaded.send_modify(|n| *n += 1);
+    crate::ops::reload::swap_in(shared, config);
     shared.forget_unused_backends();
     tracing::info!(
         tenants,

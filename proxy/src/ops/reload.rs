@@ -65,16 +65,8 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     }
     let version = config.version.clone();
     let access = config.log.access;
-    let snapshot = Snapshot::build(
-        config,
-        &shared.registry,
-        &shared.queues,
-        &shared.metrics,
-        &shared.discovered,
-    );
-    shared.snapshot.store(Arc::new(snapshot));
+    swap_in(shared, config);
     shared.assets.reconfigure(&shared.snapshot.load().config);
-    shared.reloaded.send_modify(|n| *n += 1);
     // Discovery may have updated the old snapshot while this one was built.
     let snap = shared.snapshot.load();
     for p in snap
@@ -89,4 +81,19 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     shared.access_log.set_enabled(access);
     shared.forget_unused_backends();
     Ok(version)
+}
+
+/// Compiles `config` against the runtime state and swaps it in (one atomic store);
+/// tells what follows reloads (WebSockets of tenants entering maintenance, the heap
+/// trimmer).
+pub fn swap_in(shared: &Shared, config: portier_config::Config) {
+    let snapshot = Snapshot::build(
+        config,
+        &shared.registry,
+        &shared.queues,
+        &shared.metrics,
+        &shared.discovered,
+    );
+    shared.snapshot.store(Arc::new(snapshot));
+    shared.reloaded.send_modify(|n| *n += 1);
 }
