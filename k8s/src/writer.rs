@@ -23,6 +23,9 @@ use k8s_openapi::api::networking::v1::Ingress;
 
 pub const LEASE_SECONDS: i32 = 15;
 const RENEW: Duration = Duration::from_secs(5);
+/// How often a replica that does not hold the lease looks at it: a dead holder's lease
+/// expires at most 15 s after its death, and is taken at most 2 s later.
+const FOLLOW: Duration = Duration::from_secs(2);
 
 /// This replica's identity: `$POD_NAME`, else the host name.
 pub fn identity() -> String {
@@ -63,6 +66,7 @@ pub async fn run(client: Client, k: Kubernetes, state: Arc<State>) {
                     held_until = Some(now + Duration::from_secs(LEASE_SECONDS as u64));
                 }
                 Ok(false) => {
+                    next_renew = now + FOLLOW;
                     if held_until.take().is_some() {
                         tracing::info!("another replica holds the status lease");
                     }

@@ -232,7 +232,7 @@ async fn two_replicas_one_status_writer_and_a_takeover() {
         .await
     );
     let took = died.elapsed();
-    assert!(took <= Duration::from_secs(21), "taken over after {took:?}");
+    assert!(took <= Duration::from_secs(20), "taken over after {took:?}");
     let mut r = c.api.get("HTTPRoute", "shop", "acme").unwrap();
     r["status"] = json!(null);
     c.api.apply(r);

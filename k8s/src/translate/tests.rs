@@ -216,3 +216,100 @@ fn watched_namespaces_only() {
     let t = translate(&objects(&text), &k, &Arc::new(Settings::default()), false);
     assert_eq!(t.tenants.len(), 2);
 }
+
+fn rule_route(name: &str, rule: &str) -> String {
+    format!(
+        "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: infra}}\nspec:\n  parentRefs: [{{name: edge, namespace: infra, sectionName: same}}]\n  hostnames: [\"{name}.same.test\"]\n  rules:\n  - backendRefs: [{{name: odoo, port: 8069}}]\n  - {rule}\n"
+    )
+}
+
+#[test]
+fn exact_paths_filters_and_unsupported_matches() {
+    let text = [
+        rule_route("exact", "{matches: [{path: {type: Exact, value: /web/login}}], backendRefs: [{name: odoo, port: 8069}]}"),
+        rule_route("query", "{matches: [{queryParams: [{name: a, value: b}]}], backendRefs: [{name: odoo, port: 8069}]}"),
+        rule_route("method", "{matches: [{method: POST}], backendRefs: [{name: odoo, port: 8069}]}"),
+        rule_route("header-filter", "{filters: [{type: RequestHeaderModifier}], backendRefs: [{name: odoo, port: 8069}]}"),
+        rule_route("redirect", "{filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]}"),
+        rule_route("regex", "{matches: [{path: {type: RegularExpression, value: /a.*}}], backendRefs: [{name: odoo, port: 8069}]}"),
+    ]
+    .concat();
+    let t = run(&text);
+    let exact = t.tenants.iter().find(|x| x.name == "infra/exact").unwrap();
+    assert_eq!(exact.routes.len(), 1);
+    assert!(exact.routes[0].exact && exact.routes[0].path == "/web/login");
+    for (name, what) in [
+        ("query", "queryParams"),
+        ("method", "method"),
+        ("header-filter", "RequestHeaderModifier"),
+        ("redirect", "redirect_http"),
+        ("regex", "RegularExpression"),
+    ] {
+        let c = t
+            .status
+            .route_condition(&("infra".into(), name.into()), "Accepted");
+        assert_eq!(
+            (c[0].status, c[0].reason.as_str()),
+            ("False", "UnsupportedValue"),
+            "{name}"
+        );
+        assert!(c[0].message.contains(what), "{name}: {}", c[0].message);
+        assert!(!t.tenants.iter().any(|x| x.name == format!("infra/{name}")));
+    }
+    // A redirect to https is what `redirect_http = true` does: accepted then.
+    let t = translate(
+        &objects(&format!(
+            "{BASE}{}",
+            rule_route(
+                "redirect",
+                "{filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]}"
+            )
+        )),
+        &Kubernetes::default(),
+        &Arc::new(Settings::default()),
+        true,
+    );
+    assert_eq!(
+        accepted(&t, "infra", "redirect"),
+        ("True".into(), "Accepted".into())
+    );
+}
+
+const SECRET: &str = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: wild, namespace: certs}\ntype: kubernetes.io/tls\ndata: {tls.crt: Y3J0, tls.key: a2V5}\n";
+
+fn https_gateway() -> String {
+    "---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: tls, namespace: infra}\nspec:\n  gatewayClassName: portier\n  listeners:\n  - {name: https, protocol: HTTPS, port: 443, tls: {certificateRefs: [{name: wild, namespace: certs}]}}\n".into()
+}
+
+#[test]
+fn a_certificate_ref_into_another_namespace_needs_a_reference_grant() {
+    let t = run(&format!("{}{SECRET}", https_gateway()));
+    assert!(t.certs.is_empty());
+    let gw = &t.status.gateways[&("infra".to_string(), "tls".to_string())];
+    assert_eq!(
+        gw["listeners"][0]["conditions"][2]["reason"], "RefNotPermitted",
+        "{gw}"
+    );
+    let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: certs}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}]\n  to: [{group: \"\", kind: Secret, name: wild}]\n";
+    let t = run(&format!("{}{SECRET}{grant}", https_gateway()));
+    assert_eq!(t.certs.len(), 1);
+    assert_eq!(t.certs[0].name, "certs/wild");
+    assert_eq!(
+        (t.certs[0].crt.as_slice(), t.certs[0].key.as_slice()),
+        (&b"crt"[..], &b"key"[..])
+    );
+}
+
+#[test]
+fn ingress_tls_secrets_are_certificates_and_default_backend_is_ignored() {
+    let text = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls, namespace: infra}\ntype: kubernetes.io/tls\ndata: {tls.crt: Y3J0, tls.key: a2V5}\n---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: shop, namespace: infra}\nspec:\n  ingressClassName: portier\n  defaultBackend: {service: {name: other, port: {number: 80}}}\n  tls: [{secretName: shop-tls}]\n  rules:\n  - host: shop.test\n    http: {paths: [{path: /, pathType: Prefix, backend: {service: {name: odoo, port: {number: 8069}}}}]}\n";
+    let t = run(text);
+    assert_eq!(t.certs.len(), 1);
+    assert_eq!(t.certs[0].name, "infra/shop-tls");
+    assert_eq!(t.tenants.len(), 1);
+    assert!(
+        t.pools.iter().all(|p| !p.name.contains("other")),
+        "defaultBackend ignored"
+    );
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+}
