@@ -32,6 +32,8 @@ pub struct State {
     pub objects: Mutex<Arc<Objects>>,
     /// Every watcher's last list or watch succeeded.
     pub connected: AtomicBool,
+    /// The provider runs (`[kubernetes]` was there at start).
+    pub started: AtomicBool,
     /// Watchers that have listed at least once.
     pub synced: AtomicUsize,
     pub last_sync: Mutex<Option<SystemTime>>,

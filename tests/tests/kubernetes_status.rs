@@ -545,3 +545,36 @@ metadata:
     }
     assert!(err.contains("zsyntax.yaml:"), "{err}");
 }
+
+/// `[kubernetes]` is read at start: a reload that changes it is applied otherwise, and
+/// says the table waits for a restart (docs/configuration.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_kubernetes_table_says_it_waits_for_a_restart() {
+    let ports = Ports::new();
+    let p = Portier::start(&ports, &ports.listen()).await;
+    let with = format!(
+        "{}[kubernetes]\nkubeconfig = \"/nonexistent/kubeconfig\"\n",
+        ports.listen()
+    );
+    std::fs::write(p.config_path(), with).unwrap();
+    let r = request(
+        p.admin,
+        "POST",
+        "admin",
+        "/reload",
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        p.stderr()
+            .iter()
+            .any(|l| l.contains("[kubernetes] changed")),
+        "{}",
+        p.stderr().join("\n")
+    );
+    // The provider did not start: no `kubernetes` in /status before a restart.
+    assert!(status(p.admin).await["kubernetes"].is_null());
+}

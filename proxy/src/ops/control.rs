@@ -404,7 +404,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "certificate_list": certificate_list(&shared.certs),
         "pools": pools,
     });
-    if snap.config.kubernetes.is_some() {
+    if shared.kubernetes.started.load(Ordering::Relaxed) {
         status["kubernetes"] = crate::ops::kubernetes::status_json(shared);
     }
     if snap.config.acme().is_some() {

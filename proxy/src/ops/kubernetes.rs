@@ -26,6 +26,7 @@ pub async fn run(shared: Arc<Shared>) {
     };
     shared.metrics.register_kubernetes();
     let state = shared.kubernetes.clone();
+    state.started.store(true, Ordering::Relaxed);
     // At start the snapshot's configuration is the file's alone.
     *state.base.lock().unwrap_or_else(|e| e.into_inner()) =
         Some(shared.snapshot.load().config.clone());

@@ -63,6 +63,9 @@ fn do_reload(shared: &Arc<Shared>) -> ReloadResult {
     if old.config.listen != config.listen {
         tracing::warn!("[listen] changed: new addresses, threads and drain apply after a restart");
     }
+    if old.config.kubernetes != config.kubernetes {
+        tracing::warn!("[kubernetes] changed: the provider follows the new table after a restart");
+    }
     let version = config.version.clone();
     let access = config.log.access;
     swap_in(shared, config);
