@@ -120,7 +120,7 @@ async fn toml_rss(opts: &Opts, worker: SocketAddr, pools: bool) -> std::io::Resu
 
 pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     let workers = proc::workers(2, None).await?;
-    let (a, b) = (workers[0].addr(), workers[1].addr());
+    let a = workers[0].addr();
     let api = ApiServer::start().await;
     eprintln!(
         "kubernetes: {} routes, Services and EndpointSlices in the stand-in",
@@ -138,83 +138,20 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     })
     .await?;
     let addr = started.http;
-    // Serving all: the last route's host first (it is translated with all others), then every host.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let last = format!("t{}.test", opts.routes - 1);
-    while worker_of(addr, &last).await.is_none() {
-        if Instant::now() > deadline {
-            return Err(std::io::Error::other("not serving after 120 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let mut missing = 0;
-    for i in 0..opts.routes {
-        if worker_of(addr, &format!("t{i}.test")).await.is_none() {
-            missing += 1;
-        }
-    }
-    if missing > 0 {
-        return Err(std::io::Error::other(format!(
-            "{missing} routes not served"
-        )));
-    }
+    all_served(addr, opts.routes).await?;
     let start_to_serving_s = t0.elapsed().as_secs_f64();
     eprintln!("kubernetes: all served {start_to_serving_s:.2} s after start (including the check of every host)");
-
-    // At rest: every status written (the patches stopped for 2 s), then 3 s more.
-    let patches = || api.requests().get("patch").copied().unwrap_or(0);
-    let mut last = (patches(), Instant::now());
-    let settle = Instant::now();
-    while last.1.elapsed() < Duration::from_secs(2) && settle.elapsed() < Duration::from_secs(120) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let n = patches();
-        if n != last.0 {
-            last = (n, Instant::now());
-        }
-    }
-    let status_writes = last.0;
+    let status_writes = statuses_written(&api).await;
     let status_written_s = t0.elapsed().as_secs_f64() - 2.0;
     eprintln!(
         "kubernetes: {status_writes} status writes, the last {status_written_s:.1} s after start"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_kube_kib = proc::status_kib(started.proxy.pid(), "VmRSS");
-    let before = api.requests();
     let at_rest_seconds = 10;
-    tokio::time::sleep(Duration::from_secs(at_rest_seconds)).await;
-    let after = api.requests();
-    let at_rest: serde_json::Map<String, Value> = after
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v - before.get(k).copied().unwrap_or(0))))
-        .filter(|(_, v)| v.as_u64() != Some(0))
-        .collect();
-
+    let at_rest = requests_during(&api, Duration::from_secs(at_rest_seconds)).await;
     eprintln!("kubernetes: {} endpoint changes", opts.changes);
-    let mut change_ms = Vec::with_capacity(opts.changes);
-    let step = (opts.routes / opts.changes.max(1)).max(1);
-    for k in 0..opts.changes {
-        let i = (k * step) % opts.routes;
-        let host = format!("t{i}.test");
-        let (to, name) = if worker_of(addr, &host).await.as_deref() == Some(workers[0].name()) {
-            (b, workers[1].name())
-        } else {
-            (a, workers[0].name())
-        };
-        let t = Instant::now();
-        api.apply(slice(i, to));
-        loop {
-            if worker_of(addr, &host).await.as_deref() == Some(name) {
-                break;
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                return Err(std::io::Error::other(format!(
-                    "change {k} not applied in 10 s"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
+    let change_ms = endpoint_changes(&api, addr, &workers, opts).await?;
     started.proxy.stop();
     let rss_toml_pools_kib = toml_rss(opts, a, true).await?;
     let rss_toml_one_pool_kib = toml_rss(opts, a, false).await?;
@@ -230,6 +167,90 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         status_writes,
         status_written_s,
     })
+}
+
+/// Waits until every route's host is answered by a worker: the last one first (it is
+/// translated with all the others), then each.
+async fn all_served(addr: SocketAddr, routes: usize) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let last = format!("t{}.test", routes - 1);
+    while worker_of(addr, &last).await.is_none() {
+        if Instant::now() > deadline {
+            return Err(std::io::Error::other("not serving after 120 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut missing = 0;
+    for i in 0..routes {
+        if worker_of(addr, &format!("t{i}.test")).await.is_none() {
+            missing += 1;
+        }
+    }
+    if missing > 0 {
+        return Err(std::io::Error::other(format!(
+            "{missing} routes not served"
+        )));
+    }
+    Ok(())
+}
+
+/// Waits until the status writes stopped for 2 s (at most 120 s); how many there were.
+async fn statuses_written(api: &ApiServer) -> u64 {
+    let patches = || api.requests().get("patch").copied().unwrap_or(0);
+    let mut last = (patches(), Instant::now());
+    let settle = Instant::now();
+    while last.1.elapsed() < Duration::from_secs(2) && settle.elapsed() < Duration::from_secs(120) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = patches();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+    }
+    last.0
+}
+
+/// The requests the API server got during `d`, by verb (those with none left out).
+async fn requests_during(api: &ApiServer, d: Duration) -> serde_json::Map<String, Value> {
+    let before = api.requests();
+    tokio::time::sleep(d).await;
+    api.requests()
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v - before.get(k).copied().unwrap_or(0))))
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .collect()
+}
+
+/// `opts.changes` times: a route's EndpointSlice moved to the other worker, and the
+/// milliseconds until its host is answered there.
+async fn endpoint_changes(
+    api: &ApiServer,
+    addr: SocketAddr,
+    workers: &[portier_sim::SimWorker],
+    opts: &Opts,
+) -> std::io::Result<Vec<f64>> {
+    let mut change_ms = Vec::with_capacity(opts.changes);
+    let step = (opts.routes / opts.changes.max(1)).max(1);
+    for k in 0..opts.changes {
+        let i = (k * step) % opts.routes;
+        let host = format!("t{i}.test");
+        let to = if worker_of(addr, &host).await.as_deref() == Some(workers[0].name()) {
+            &workers[1]
+        } else {
+            &workers[0]
+        };
+        let t = Instant::now();
+        api.apply(slice(i, to.addr()));
+        while worker_of(addr, &host).await.as_deref() != Some(to.name()) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(std::io::Error::other(format!(
+                    "change {k} not applied in 10 s"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(change_ms)
 }
 
 fn quantile(v: &[f64], q: f64) -> f64 {

@@ -218,6 +218,19 @@ async fn probe(client: Client, state: Arc<State>, health: Arc<Health>) {
     }
 }
 
+/// A watcher failed: disconnected (said once), the error kept for `/status`.
+fn lost(health: &Health, state: &State, msg: String) {
+    *health
+        .last_error_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+    if state.connected.load(Ordering::Relaxed) {
+        state.set_connected(false);
+        tracing::error!(error = %msg, "lost the Kubernetes API server; serving the last objects seen");
+    }
+    *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+}
+
 /// What every watcher shares.
 #[derive(Clone)]
 struct Shared {
@@ -245,16 +258,7 @@ async fn watch_kind<K: Stored>(api: Api<K>, ns: Option<String>, shared: Shared) 
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                let msg = format!("{}: {e}", K::KIND.name());
-                *health
-                    .last_error_at
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
-                if state.connected.load(Ordering::Relaxed) {
-                    state.set_connected(false);
-                    tracing::error!(error = %msg, "lost the Kubernetes API server; serving the last objects seen");
-                }
-                *state.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+                lost(&health, &state, format!("{}: {e}", K::KIND.name()));
                 continue;
             }
         };

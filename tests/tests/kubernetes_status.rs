@@ -62,11 +62,14 @@ async fn the_api_server_away_and_back() {
         Some("a"),
         "still served"
     );
-    assert!(c
-        .p
-        .stderr()
-        .iter()
-        .any(|l| l.contains("lost the Kubernetes API server")));
+    assert!(
+        eventually(WAIT, || c
+            .p
+            .stderr()
+            .iter()
+            .any(|l| l.contains("lost the Kubernetes API server")))
+        .await
+    );
 
     // Applied while it is away: served once it is back.
     c.api.apply(route(
@@ -89,11 +92,14 @@ async fn the_api_server_away_and_back() {
         })
         .await
     );
-    assert!(c
-        .p
-        .stderr()
-        .iter()
-        .any(|l| l.contains("the Kubernetes API server is back")));
+    assert!(
+        eventually(WAIT, || c
+            .p
+            .stderr()
+            .iter()
+            .any(|l| l.contains("the Kubernetes API server is back")))
+        .await
+    );
 
     // A change portier missed, then the history compacted: resuming from the last
     // version it saw gets 410 Gone; it lists again and serves the change.
@@ -568,10 +574,13 @@ async fn a_reload_that_changes_the_kubernetes_table_says_it_waits_for_a_restart(
     .await
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+    // The log is read by another thread: wait for the line.
     assert!(
-        p.stderr()
+        eventually(WAIT, || p
+            .stderr()
             .iter()
-            .any(|l| l.contains("[kubernetes] changed")),
+            .any(|l| l.contains("[kubernetes] changed")))
+        .await,
         "{}",
         p.stderr().join("\n")
     );

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::backend::{granted, Backends};
 use super::status::{address, Cond, ParentStatus, GATEWAY_CONTROLLER};
 use super::{Draft, Problem, SecretPair, Translation};
-use crate::gateway::{Gateway, HttpRoute, Listener, GROUP};
+use crate::gateway::{Gateway, HttpRoute, Listener, ObjectRef, GROUP};
 use crate::objects::{Key, Kind, ObjRef, Objects};
 
 /// A listener of one of portier's Gateways.
@@ -88,7 +88,6 @@ fn listener<'a>(
     l: &'a Listener,
     t: &mut Translation,
 ) -> Lis<'a> {
-    let ns = key.0.as_str();
     let mut lis = Lis {
         l,
         ok: true,
@@ -109,45 +108,8 @@ fn listener<'a>(
                     "portier terminates TLS: only mode Terminate",
                 ));
             }
-            for r in &tls.certificate_refs {
-                let secret_ns = r.namespace.clone().unwrap_or_else(|| ns.to_string());
-                let secret = (secret_ns.clone(), r.name.clone());
-                if r.kind.as_deref().unwrap_or("Secret") != "Secret"
-                    || !r.group.as_deref().unwrap_or("").is_empty()
-                {
-                    refs_ok = Cond::new(
-                        "ResolvedRefs",
-                        false,
-                        "InvalidCertificateRef",
-                        format!("{} is not a Secret", r.name),
-                    );
-                } else if !granted(objects, GROUP, "Gateway", ns, "Secret", &secret_ns, &r.name) {
-                    refs_ok = Cond::new(
-                        "ResolvedRefs",
-                        false,
-                        "RefNotPermitted",
-                        format!(
-                            "no ReferenceGrant in {secret_ns} lets this Gateway use Secret {}",
-                            r.name
-                        ),
-                    );
-                } else if let Some(pair) = objects.secrets.get(&secret).and_then(|s| tls_pair(s)) {
-                    if !t.certs.iter().any(|c| c.name == pair.name) {
-                        t.certs.push(pair);
-                    }
-                } else {
-                    let m = format!("Secret {secret_ns}/{} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", r.name);
-                    t.warnings.push(Problem {
-                        object: ObjRef {
-                            kind: Kind::Gateway,
-                            namespace: key.0.clone(),
-                            name: key.1.clone(),
-                        },
-                        field: format!("/spec/listeners/{index}/tls/certificateRefs"),
-                        message: format!("listener {}: {m}", l.name),
-                    });
-                    refs_ok = Cond::new("ResolvedRefs", false, "InvalidCertificateRef", m);
-                }
+            if let Some(bad) = certificates(objects, key, index, l, &tls.certificate_refs, t) {
+                refs_ok = bad;
             }
         }
         other => {
@@ -172,6 +134,61 @@ fn listener<'a>(
     ));
     lis.conditions.push(refs_ok);
     lis
+}
+
+/// A listener's certificate Secrets into `t.certs`; the `ResolvedRefs` condition of the
+/// last one that does not resolve, if any.
+fn certificates(
+    objects: &Objects,
+    key: &Key,
+    index: usize,
+    l: &Listener,
+    refs: &[ObjectRef],
+    t: &mut Translation,
+) -> Option<Cond> {
+    let ns = key.0.as_str();
+    let mut bad = None;
+    for r in refs {
+        let secret_ns = r.namespace.clone().unwrap_or_else(|| ns.to_string());
+        let secret = (secret_ns.clone(), r.name.clone());
+        if r.kind.as_deref().unwrap_or("Secret") != "Secret"
+            || !r.group.as_deref().unwrap_or("").is_empty()
+        {
+            bad = Some(Cond::new(
+                "ResolvedRefs",
+                false,
+                "InvalidCertificateRef",
+                format!("{} is not a Secret", r.name),
+            ));
+        } else if !granted(objects, GROUP, "Gateway", ns, "Secret", &secret_ns, &r.name) {
+            bad = Some(Cond::new(
+                "ResolvedRefs",
+                false,
+                "RefNotPermitted",
+                format!(
+                    "no ReferenceGrant in {secret_ns} lets this Gateway use Secret {}",
+                    r.name
+                ),
+            ));
+        } else if let Some(pair) = objects.secrets.get(&secret).and_then(|s| tls_pair(s)) {
+            if !t.certs.iter().any(|c| c.name == pair.name) {
+                t.certs.push(pair);
+            }
+        } else {
+            let m = format!("Secret {secret_ns}/{} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", r.name);
+            t.warnings.push(Problem {
+                object: ObjRef {
+                    kind: Kind::Gateway,
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                },
+                field: format!("/spec/listeners/{index}/tls/certificateRefs"),
+                message: format!("listener {}: {m}", l.name),
+            });
+            bad = Some(Cond::new("ResolvedRefs", false, "InvalidCertificateRef", m));
+        }
+    }
+    bad
 }
 
 /// A Secret's PEM pair, if it is a `kubernetes.io/tls` Secret with both.
@@ -294,67 +311,7 @@ fn route_draft(
         name: key.1.clone(),
     };
     let gen = route.metadata.generation;
-    // Parents: attachment to each of portier's Gateways it names.
-    let mut parents = Vec::new();
-    let mut hosts: Vec<String> = Vec::new();
-    for p in &route.spec.parent_refs {
-        if p.group.as_deref().unwrap_or(GROUP) != GROUP
-            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
-        {
-            continue;
-        }
-        let gw_ns = p.namespace.clone().unwrap_or_else(|| key.0.clone());
-        let Some((_, listeners)) = gateways.get_mut(&(gw_ns.clone(), p.name.clone())) else {
-            continue;
-        };
-        let mut parent_ref = p.clone();
-        parent_ref.namespace = Some(gw_ns.clone());
-        let named: Vec<&mut Lis<'_>> = listeners
-            .iter_mut()
-            .filter(|l| p.section_name.as_ref().is_none_or(|s| *s == l.l.name))
-            .filter(|l| p.port.is_none_or(|port| port == l.l.port))
-            .collect();
-        let mut allowed: Vec<&mut Lis<'_>> = named
-            .into_iter()
-            .filter(|l| l.ok && allows(objects, l.l, &gw_ns, &key.0))
-            .collect();
-        let accepted = if allowed.is_empty() {
-            Cond::new(
-                "Accepted",
-                false,
-                "NotAllowedByListeners",
-                "no listener of the Gateway allows this route",
-            )
-        } else {
-            let mut found = Vec::new();
-            for l in allowed.iter_mut() {
-                let these = intersect(&route.spec.hostnames, l.l.hostname.as_deref());
-                if !these.is_empty() {
-                    l.attached += 1;
-                }
-                found.extend(these);
-            }
-            if found.is_empty() {
-                Cond::new(
-                    "Accepted",
-                    false,
-                    "NoMatchingListenerHostname",
-                    "no hostname of the route matches a listener's",
-                )
-            } else {
-                for h in found {
-                    if !hosts.contains(&h) {
-                        hosts.push(h);
-                    }
-                }
-                Cond::new("Accepted", true, "Accepted", "")
-            }
-        };
-        parents.push(ParentStatus {
-            parent: parent_ref,
-            conditions: vec![accepted.at(gen)],
-        });
-    }
+    let (mut parents, hosts) = attach(objects, key, route, gateways);
     if parents.is_empty() {
         return None; // not attached to portier: none of its business
     }
@@ -391,15 +348,15 @@ fn route_draft(
             None => Cond::new("ResolvedRefs", true, "ResolvedRefs", "").at(gen),
         });
     }
-    t.status.routes.insert(key.clone(), parents);
-    for (field, message) in &unsupported {
-        t.problems.push(Problem {
-            object: source.clone(),
-            field: field.clone(),
-            message: message.clone(),
-        });
-    }
-    for (_, message, field) in &unresolved {
+    let problems = unsupported
+        .iter()
+        .map(|(field, message)| (field, message))
+        .chain(
+            unresolved
+                .iter()
+                .map(|(_, message, field)| (field, message)),
+        );
+    for (field, message) in problems {
         t.problems.push(Problem {
             object: source.clone(),
             field: field.clone(),
@@ -407,6 +364,7 @@ fn route_draft(
         });
     }
     if !attached || !unsupported.is_empty() {
+        t.status.routes.insert(key.clone(), parents);
         return None;
     }
     if draft.hosts.is_empty() {
@@ -415,8 +373,7 @@ fn route_draft(
             field: "/spec/hostnames".into(),
             message: "no hostnames: a route for every host is not supported; give `hostnames` (or a listener `hostname`)".into(),
         });
-        let k = key.clone();
-        for p in t.status.routes.get_mut(&k).into_iter().flatten() {
+        for p in &mut parents {
             p.conditions[0] = Cond::new(
                 "Accepted",
                 false,
@@ -425,7 +382,76 @@ fn route_draft(
             )
             .at(gen);
         }
+        t.status.routes.insert(key.clone(), parents);
         return None;
     }
+    t.status.routes.insert(key.clone(), parents);
     Some(draft)
+}
+
+/// The route's attachment to each of portier's Gateways it names: a parent status with
+/// its `Accepted` condition each, and the hostnames it gets on the listeners that take it.
+fn attach(
+    objects: &Objects,
+    key: &Key,
+    route: &HttpRoute,
+    gateways: &mut BTreeMap<Key, (&Gateway, Vec<Lis<'_>>)>,
+) -> (Vec<ParentStatus>, Vec<String>) {
+    let gen = route.metadata.generation;
+    let mut parents = Vec::new();
+    let mut hosts: Vec<String> = Vec::new();
+    for p in &route.spec.parent_refs {
+        if p.group.as_deref().unwrap_or(GROUP) != GROUP
+            || p.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+        {
+            continue;
+        }
+        let gw_ns = p.namespace.clone().unwrap_or_else(|| key.0.clone());
+        let Some((_, listeners)) = gateways.get_mut(&(gw_ns.clone(), p.name.clone())) else {
+            continue;
+        };
+        let mut parent_ref = p.clone();
+        parent_ref.namespace = Some(gw_ns.clone());
+        let mut allowed: Vec<&mut Lis<'_>> = listeners
+            .iter_mut()
+            .filter(|l| p.section_name.as_ref().is_none_or(|s| *s == l.l.name))
+            .filter(|l| p.port.is_none_or(|port| port == l.l.port))
+            .filter(|l| l.ok && allows(objects, l.l, &gw_ns, &key.0))
+            .collect();
+        let mut found = Vec::new();
+        for l in allowed.iter_mut() {
+            let these = intersect(&route.spec.hostnames, l.l.hostname.as_deref());
+            if !these.is_empty() {
+                l.attached += 1;
+            }
+            found.extend(these);
+        }
+        let accepted = if allowed.is_empty() {
+            Cond::new(
+                "Accepted",
+                false,
+                "NotAllowedByListeners",
+                "no listener of the Gateway allows this route",
+            )
+        } else if found.is_empty() {
+            Cond::new(
+                "Accepted",
+                false,
+                "NoMatchingListenerHostname",
+                "no hostname of the route matches a listener's",
+            )
+        } else {
+            for h in found {
+                if !hosts.contains(&h) {
+                    hosts.push(h);
+                }
+            }
+            Cond::new("Accepted", true, "Accepted", "")
+        };
+        parents.push(ParentStatus {
+            parent: parent_ref,
+            conditions: vec![accepted.at(gen)],
+        });
+    }
+    (parents, hosts)
 }

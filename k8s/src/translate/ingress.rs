@@ -1,7 +1,7 @@
 //! Ingress (`networking.k8s.io/v1`) of portier's class: each one a tenant draft with
 //! its rules' hosts, its paths as routes, its `tls[].secretName` certificates.
 
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::networking::v1::{HTTPIngressPath, Ingress, IngressSpec};
 use portier_config::Kubernetes;
 use serde_json::json;
 
@@ -99,48 +99,82 @@ fn draft(
         }
         for (pi, p) in rule.http.iter().flat_map(|h| h.paths.iter()).enumerate() {
             let field = format!("{at}/http/paths/{pi}");
-            let exact = p.path_type == "Exact";
-            let path = p.path.clone().unwrap_or_else(|| "/".into());
-            if !path.starts_with('/') {
-                problems.push(problem(
-                    format!("{field}/path"),
-                    format!("path \"{path}\" does not start with /"),
-                ));
-                continue;
+            match ingress_path(key, p, &field, backends, t, source) {
+                Ok((path, exact, pool)) => d.add_path(path, exact, pool),
+                Err(e) => problems.push(e),
             }
-            let Some(svc) = p.backend.service.as_ref() else {
-                problems.push(problem(
-                    format!("{field}/backend"),
-                    "only Service backends are supported".into(),
-                ));
-                continue;
-            };
-            let port = match svc.port.as_ref() {
-                Some(sp) if sp.number.is_some() => PortRef::Number(sp.number.unwrap_or_default()),
-                Some(sp) if sp.name.is_some() => PortRef::Name(sp.name.clone().unwrap_or_default()),
-                _ => {
-                    problems.push(problem(
-                        format!("{field}/backend/service/port"),
-                        "a Service backend needs a port".into(),
-                    ));
-                    continue;
-                }
-            };
-            let pool = match backends.pool(&key.0, &svc.name, &port) {
-                Ok(i) => i,
-                Err(BackendError::NotFound(m)) => {
-                    // The backend does not resolve yet: served, its requests fail.
-                    problems_log(t, problem(format!("{field}/backend/service"), m));
-                    backends.empty(&format!("{}/{}:{}", key.0, svc.name, port_label(&port)))
-                }
-                Err(BackendError::Invalid(m)) => {
-                    problems.push(problem(format!("{field}/backend/service"), m));
-                    continue;
-                }
-            };
-            d.add_path(path, exact, pool);
         }
     }
+    certificates(objects, key, &spec, t, source);
+    if problems.is_empty() {
+        Ok(d)
+    } else {
+        Err(problems)
+    }
+}
+
+/// One path of a rule: its path, whether exact, and its pool; or why not. A Service
+/// that does not exist yet is a pool without members (its requests fail), logged.
+fn ingress_path(
+    key: &Key,
+    p: &HTTPIngressPath,
+    field: &str,
+    backends: &mut Backends<'_>,
+    t: &mut Translation,
+    source: &ObjRef,
+) -> Result<(String, bool, usize), Problem> {
+    let problem = |field: String, message: String| Problem {
+        object: source.clone(),
+        field,
+        message,
+    };
+    let exact = p.path_type == "Exact";
+    let path = p.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        return Err(problem(
+            format!("{field}/path"),
+            format!("path \"{path}\" does not start with /"),
+        ));
+    }
+    let Some(svc) = p.backend.service.as_ref() else {
+        return Err(problem(
+            format!("{field}/backend"),
+            "only Service backends are supported".into(),
+        ));
+    };
+    let port = match svc.port.as_ref() {
+        Some(sp) if sp.number.is_some() => PortRef::Number(sp.number.unwrap_or_default()),
+        Some(sp) if sp.name.is_some() => PortRef::Name(sp.name.clone().unwrap_or_default()),
+        _ => {
+            return Err(problem(
+                format!("{field}/backend/service/port"),
+                "a Service backend needs a port".into(),
+            ))
+        }
+    };
+    let pool = match backends.pool(&key.0, &svc.name, &port) {
+        Ok(i) => i,
+        Err(BackendError::NotFound(m)) => {
+            t.problems
+                .push(problem(format!("{field}/backend/service"), m));
+            backends.empty(&format!("{}/{}:{}", key.0, svc.name, port_label(&port)))
+        }
+        Err(BackendError::Invalid(m)) => {
+            return Err(problem(format!("{field}/backend/service"), m));
+        }
+    };
+    Ok((path, exact, pool))
+}
+
+/// The `tls[].secretName` certificates into `t.certs`; a Secret not there (yet) is a
+/// warning.
+fn certificates(
+    objects: &Objects,
+    key: &Key,
+    spec: &IngressSpec,
+    t: &mut Translation,
+    source: &ObjRef,
+) {
     for (ti, tls) in spec.tls.iter().flatten().enumerate() {
         let Some(name) = tls.secret_name.as_deref() else {
             continue;
@@ -151,16 +185,12 @@ fn draft(
                     t.certs.push(pair);
                 }
             }
-            None => t.warnings.push(problem(
-                format!("/spec/tls/{ti}/secretName"),
-                format!("Secret {}/{name} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", key.0),
-            )),
+            None => t.warnings.push(Problem {
+                object: source.clone(),
+                field: format!("/spec/tls/{ti}/secretName"),
+                message: format!("Secret {}/{name} is not (yet) a kubernetes.io/tls Secret with tls.crt and tls.key: no certificate from it", key.0),
+            }),
         }
-    }
-    if problems.is_empty() {
-        Ok(d)
-    } else {
-        Err(problems)
     }
 }
 
@@ -169,9 +199,4 @@ fn port_label(p: &PortRef) -> String {
         PortRef::Number(n) => n.to_string(),
         PortRef::Name(s) => s.clone(),
     }
-}
-
-/// A problem that does not keep the Ingress from being served.
-fn problems_log(t: &mut Translation, p: Problem) {
-    t.problems.push(p);
 }

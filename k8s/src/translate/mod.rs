@@ -194,18 +194,9 @@ fn tenant_of(d: &Draft, defaults: &Arc<Settings>, t: &mut Translation) -> Option
             None
         }
     };
-    let mut hosts = Vec::new();
-    for h in &d.hosts {
-        let pattern = match h.strip_prefix("*.") {
-            Some(rest) => format!("{{tenant}}.{rest}"),
-            None => h.clone(),
-        };
-        match HostPattern::parse(&pattern) {
-            Ok(p) if !hosts.contains(&p) => hosts.push(p),
-            Ok(_) => {}
-            Err(e) => bad.push(problem("/spec", format!("hostname \"{h}\": {e}"))),
-        }
-    }
+    let hosts = host_patterns(&d.hosts, |h, e| {
+        bad.push(problem("/spec", format!("hostname \"{h}\": {e}")))
+    });
     let Some(pool) = d.pool else {
         bad.push(problem(
             "/spec",
@@ -236,6 +227,24 @@ fn tenant_of(d: &Draft, defaults: &Arc<Settings>, t: &mut Translation) -> Option
         maintenance: values.maintenance,
         routes,
     })
+}
+
+/// Hostnames as host patterns (`*.example.com` is the template `{tenant}.example.com`),
+/// each once; `bad` gets each one that is not a host name.
+fn host_patterns(hosts: &[String], mut bad: impl FnMut(&str, String)) -> Vec<HostPattern> {
+    let mut out = Vec::new();
+    for h in hosts {
+        let pattern = match h.strip_prefix("*.") {
+            Some(rest) => format!("{{tenant}}.{rest}"),
+            None => h.clone(),
+        };
+        match HostPattern::parse(&pattern) {
+            Ok(p) if !out.contains(&p) => out.push(p),
+            Ok(_) => {}
+            Err(e) => bad(h, e.to_string()),
+        }
+    }
+    out
 }
 
 /// Records the problems of a rejected tenant and marks its route not accepted.

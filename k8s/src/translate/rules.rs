@@ -3,7 +3,7 @@
 
 use super::backend::{granted, BackendError, Backends, PortRef};
 use super::{backend_problem, Draft};
-use crate::gateway::{HttpRoute, ObjectRef, GROUP};
+use crate::gateway::{HttpRoute, HttpRouteRule, ObjectRef, GROUP};
 use crate::objects::{Key, ObjRef, Objects};
 
 pub(super) type Found = Vec<(String, String)>;
@@ -33,69 +33,8 @@ pub(super) fn rules(
     };
     for (ri, rule) in route.spec.rules.iter().enumerate() {
         let at = format!("/spec/rules/{ri}");
-        let mut redirect = false;
-        for (fi, f) in rule.filters.iter().enumerate() {
-            let https_only = f.request_redirect.as_ref().is_some_and(|r| {
-                r.scheme.as_deref() == Some("https")
-                    && r.hostname.is_none()
-                    && r.path.is_none()
-                    && r.port.is_none()
-            });
-            if f.kind == "RequestRedirect" && https_only {
-                redirect = true;
-                if !redirect_http {
-                    unsupported.push((format!("{at}/filters/{fi}"), "RequestRedirect to https needs `redirect_http = true` in the file's [tls] (portier then redirects every host's plain HTTP)".into()));
-                }
-            } else {
-                unsupported.push((
-                    format!("{at}/filters/{fi}"),
-                    format!(
-                        "filter {}: only RequestRedirect to scheme https is supported",
-                        f.kind
-                    ),
-                ));
-            }
-        }
-        let mut paths = Vec::new();
-        let matches = if rule.matches.is_empty() {
-            vec![Default::default()]
-        } else {
-            rule.matches.clone()
-        };
-        for (mi, m) in matches.iter().enumerate() {
-            let mat = format!("{at}/matches/{mi}");
-            for (what, set) in [
-                ("headers", m.headers.is_some()),
-                ("queryParams", m.query_params.is_some()),
-                ("method", m.method.is_some()),
-            ] {
-                if set {
-                    unsupported.push((
-                        format!("{mat}/{what}"),
-                        format!("matches on {what} are not supported"),
-                    ));
-                }
-            }
-            let (kind, value) = m.path.as_ref().map_or(("PathPrefix", "/"), |p| {
-                (
-                    p.kind.as_deref().unwrap_or("PathPrefix"),
-                    p.value.as_deref().unwrap_or("/"),
-                )
-            });
-            match kind {
-                "PathPrefix" | "Exact" if value.starts_with('/') => {
-                    paths.push((value.to_string(), kind == "Exact"))
-                }
-                "PathPrefix" | "Exact" => unsupported.push((
-                    format!("{mat}/path"),
-                    format!("path \"{value}\" does not start with /"),
-                )),
-                other => unsupported.push((
-                    format!("{mat}/path"),
-                    format!("path match type {other} is not supported"),
-                )),
-            }
-        }
+        let redirect = filters(rule, &at, redirect_http, &mut unsupported);
+        let paths = paths(rule, &at, &mut unsupported);
         if redirect {
             continue;
         }
@@ -189,4 +128,79 @@ fn backend(
             None
         }
     }
+}
+
+/// A rule's filters: whether it is a redirect to https (supported with the file's
+/// `redirect_http`); any other filter is not supported.
+fn filters(rule: &HttpRouteRule, at: &str, redirect_http: bool, unsupported: &mut Found) -> bool {
+    let mut redirect = false;
+    for (fi, f) in rule.filters.iter().enumerate() {
+        let https_only = f.request_redirect.as_ref().is_some_and(|r| {
+            r.scheme.as_deref() == Some("https")
+                && r.hostname.is_none()
+                && r.path.is_none()
+                && r.port.is_none()
+        });
+        if f.kind == "RequestRedirect" && https_only {
+            redirect = true;
+            if !redirect_http {
+                unsupported.push((format!("{at}/filters/{fi}"), "RequestRedirect to https needs `redirect_http = true` in the file's [tls] (portier then redirects every host's plain HTTP)".into()));
+            }
+        } else {
+            unsupported.push((
+                format!("{at}/filters/{fi}"),
+                format!(
+                    "filter {}: only RequestRedirect to scheme https is supported",
+                    f.kind
+                ),
+            ));
+        }
+    }
+    redirect
+}
+
+/// A rule's paths (none: `/`), each with whether it is exact; header, query and method
+/// matches and other path types are not supported.
+fn paths(rule: &HttpRouteRule, at: &str, unsupported: &mut Found) -> Vec<(String, bool)> {
+    let mut paths = Vec::new();
+    let matches = if rule.matches.is_empty() {
+        vec![Default::default()]
+    } else {
+        rule.matches.clone()
+    };
+    for (mi, m) in matches.iter().enumerate() {
+        let mat = format!("{at}/matches/{mi}");
+        for (what, set) in [
+            ("headers", m.headers.is_some()),
+            ("queryParams", m.query_params.is_some()),
+            ("method", m.method.is_some()),
+        ] {
+            if set {
+                unsupported.push((
+                    format!("{mat}/{what}"),
+                    format!("matches on {what} are not supported"),
+                ));
+            }
+        }
+        let (kind, value) = m.path.as_ref().map_or(("PathPrefix", "/"), |p| {
+            (
+                p.kind.as_deref().unwrap_or("PathPrefix"),
+                p.value.as_deref().unwrap_or("/"),
+            )
+        });
+        match kind {
+            "PathPrefix" | "Exact" if value.starts_with('/') => {
+                paths.push((value.to_string(), kind == "Exact"))
+            }
+            "PathPrefix" | "Exact" => unsupported.push((
+                format!("{mat}/path"),
+                format!("path \"{value}\" does not start with /"),
+            )),
+            other => unsupported.push((
+                format!("{mat}/path"),
+                format!("path match type {other} is not supported"),
+            )),
+        }
+    }
+    paths
 }

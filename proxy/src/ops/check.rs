@@ -43,35 +43,60 @@ pub fn run(path: &Path, objects: &[PathBuf]) -> ExitCode {
     check_objects(config, certificates, objects)
 }
 
+/// The objects read from the YAML files, where each came from, and the problems.
+struct Read {
+    store: Objects,
+    origin: HashMap<(Kind, Key), Document>,
+    /// Objects of kinds portier reads.
+    read: usize,
+    diags: Vec<Diagnostic>,
+}
+
+fn read(paths: &[PathBuf]) -> Read {
+    let mut r = Read {
+        store: Objects::default(),
+        origin: HashMap::new(),
+        read: 0,
+        diags: Vec::new(),
+    };
+    let files = match yaml::files(paths) {
+        Ok(files) => files,
+        Err(d) => {
+            r.diags.push(d);
+            return r;
+        }
+    };
+    for f in files {
+        let docs = match yaml::read_file(&f) {
+            Ok(docs) => docs,
+            Err(d) => {
+                r.diags.push(d);
+                continue;
+            }
+        };
+        for doc in docs.into_iter().filter(|d| !d.value.is_null()) {
+            match r.store.put_json(doc.value.clone()) {
+                Ok(Some(id)) => {
+                    r.read += 1;
+                    r.origin.insert(id, doc);
+                }
+                Ok(None) => {} // not a kind portier reads
+                Err(m) => r.diags.push(Diagnostic::error(&doc.file, doc.pos(""), m)),
+            }
+        }
+    }
+    r
+}
+
 /// The objects of `paths` translated over `config`; prints the summary or every problem.
 fn check_objects(config: Config, file_certs: usize, paths: &[PathBuf]) -> ExitCode {
     let (file_pools, file_tenants) = (config.pools.len(), config.tenants.len());
-    let mut diags = Vec::new();
-    let mut store = Objects::default();
-    let mut origin: HashMap<(Kind, Key), Document> = HashMap::new();
-    let mut read = 0;
-    match yaml::files(paths) {
-        Ok(files) => {
-            for f in files {
-                match yaml::read_file(&f) {
-                    Ok(docs) => {
-                        for doc in docs.into_iter().filter(|d| !d.value.is_null()) {
-                            match store.put_json(doc.value.clone()) {
-                                Ok(Some(id)) => {
-                                    read += 1;
-                                    origin.insert(id, doc);
-                                }
-                                Ok(None) => {} // not a kind portier reads
-                                Err(m) => diags.push(Diagnostic::error(&doc.file, doc.pos(""), m)),
-                            }
-                        }
-                    }
-                    Err(d) => diags.push(d),
-                }
-            }
-        }
-        Err(d) => diags.push(d),
-    }
+    let Read {
+        store,
+        origin,
+        read,
+        mut diags,
+    } = read(paths);
     let k = config.kubernetes.clone().unwrap_or_default();
     let redirect = config.tls.as_ref().is_some_and(|t| t.redirect_http);
     let t = portier_k8s::translate(&store, &k, &config.defaults, redirect);

@@ -304,31 +304,7 @@ fn watch(
         .unwrap_or(1800u64);
     // Subscribe first, then replay: nothing falls between the two.
     let mut sub = inner.changes.subscribe();
-    let (replay, last, gone) = {
-        let st = inner.store.lock().unwrap();
-        let matches =
-            |c: &Change| c.plural == r.plural && ns.as_ref().is_none_or(|n| *n == c.namespace);
-        if from == 0 {
-            // No version: every object as ADDED, then changes.
-            let objs: Vec<Bytes> = st
-                .objects
-                .iter()
-                .filter(|((p, n, _), _)| *p == r.plural && ns.as_ref().is_none_or(|ns| ns == n))
-                .map(|(_, o)| event("ADDED", o))
-                .collect();
-            (objs, st.rv, false)
-        } else if from < st.floor {
-            (Vec::new(), st.rv, true)
-        } else {
-            let objs = st
-                .log
-                .iter()
-                .filter(|c| c.rv > from && matches(c))
-                .map(|c| event(c.kind, &c.object))
-                .collect();
-            (objs, st.rv, false)
-        }
-    };
+    let (replay, last, gone) = replay(&inner, r, ns.as_deref(), from);
     tokio::spawn(async move {
         if gone {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -376,6 +352,33 @@ fn watch(
         .header("content-type", "application/json")
         .body(StreamBody::new(stream).boxed())
         .expect("response")
+}
+
+/// What a watch from version `from` starts with: the events to send, the version they
+/// reach, and whether `from` is older than the last compaction (410 Gone). From no
+/// version: every object as `ADDED`.
+fn replay(inner: &Inner, r: &Res, ns: Option<&str>, from: u64) -> (Vec<Bytes>, u64, bool) {
+    let st = inner.store.lock().unwrap();
+    let in_ns = |n: &str| ns.is_none_or(|ns| ns == n);
+    if from == 0 {
+        let objs = st
+            .objects
+            .iter()
+            .filter(|((p, n, _), _)| *p == r.plural && in_ns(n))
+            .map(|(_, o)| event("ADDED", o))
+            .collect();
+        (objs, st.rv, false)
+    } else if from < st.floor {
+        (Vec::new(), st.rv, true)
+    } else {
+        let objs = st
+            .log
+            .iter()
+            .filter(|c: &&Change| c.rv > from && c.plural == r.plural && in_ns(&c.namespace))
+            .map(|c| event(c.kind, &c.object))
+            .collect();
+        (objs, st.rv, false)
+    }
 }
 
 fn tokio_stream_from(
