@@ -17,6 +17,7 @@ use portier_sim::apiserver::ApiServer;
 use serde_json::{json, Value};
 
 use crate::proc;
+use crate::reload::quantile;
 
 pub struct Opts {
     pub portier: std::path::PathBuf,
@@ -251,15 +252,6 @@ async fn endpoint_changes(
         change_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(change_ms)
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        return 0.0;
-    }
-    s[((s.len() - 1) as f64 * q).round() as usize]
 }
 
 pub fn table(r: &Report) -> String {

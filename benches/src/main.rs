@@ -13,6 +13,7 @@ mod noisy;
 mod peers;
 mod proc;
 mod reload;
+mod report;
 mod saturation;
 mod slow;
 mod storm;
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use report::{fail, report, runtime, write_json};
 
 #[derive(Parser)]
 #[command(
@@ -256,43 +258,6 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-}
-
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-}
-
-fn write_json(out: Option<PathBuf>, doc: serde_json::Value) {
-    if let Some(path) = out {
-        if let Err(e) = std::fs::write(&path, format!("{doc:#}\n")) {
-            eprintln!("portier-bench: cannot write {}: {e}", path.display());
-        }
-    }
-}
-
-/// Prints a scenario's table and writes its JSON, or reports its error.
-fn report<R>(
-    result: std::io::Result<R>,
-    table: impl Fn(&R) -> String,
-    json: impl Fn(&R) -> serde_json::Value,
-    out: Option<PathBuf>,
-) -> ExitCode {
-    match result {
-        Ok(r) => {
-            println!("{}", table(&r));
-            write_json(out, json(&r));
-            ExitCode::SUCCESS
-        }
-        Err(e) => fail(e),
-    }
-}
-
-fn fail(e: std::io::Error) -> ExitCode {
-    eprintln!("portier-bench: {e}");
-    ExitCode::from(1)
 }
 
 fn main() -> ExitCode {

@@ -128,7 +128,8 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
     })
 }
 
-fn quantile(v: &[f64], q: f64) -> f64 {
+/// The `q` quantile of `v` (nearest rank); 0 when empty.
+pub(crate) fn quantile(v: &[f64], q: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     if s.is_empty() {

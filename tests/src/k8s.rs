@@ -176,6 +176,12 @@ impl Cluster {
         }
     }
 
+    /// The worker that answered `host`'s `path` (a GET on a new connection).
+    pub async fn worker(&self, host: &str, path: &str) -> Option<String> {
+        let r = get(self.p.http, host, path).await.ok()?;
+        r.worker().map(str::to_string)
+    }
+
     pub async fn status_of(&self, host: &str) -> u16 {
         get(self.p.http, host, "/web/login")
             .await

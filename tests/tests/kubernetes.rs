@@ -2,8 +2,6 @@
 //! API server stand-in (`portier_sim::apiserver`), simulated Odoo workers as the
 //! endpoints. Each test names the contract's sentence ("Kubernetes") it checks.
 
-use std::time::Duration;
-
 use portier_tests::k8s::*;
 use portier_tests::*;
 use serde_json::json;
@@ -166,24 +164,15 @@ async fn rules_are_routes_and_annotations_are_tenant_keys() {
         c.p.stderr().join("\n")
     );
     assert_eq!(
-        get(c.p.http, "acme.test", "/jsonrpc")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("acme.test", "/jsonrpc").await.as_deref(),
         Some("b")
     );
     assert_eq!(
-        get(c.p.http, "acme.test", "/xmlrpc/2/object")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("acme.test", "/xmlrpc/2/object").await.as_deref(),
         Some("b")
     );
     assert_eq!(
-        get(c.p.http, "acme.test", "/jsonrpc2")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("acme.test", "/jsonrpc2").await.as_deref(),
         Some("a")
     );
     // The wildcard hostname is a template; the database header is the annotation's.
@@ -349,10 +338,7 @@ async fn a_host_of_the_file_stays_the_files() {
     ));
     assert!(c.served_by("other.test", "/web/login", "a").await);
     assert_eq!(
-        get(c.p.http, "acme.test", "/web/login")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("acme.test", "/web/login").await.as_deref(),
         Some("file")
     );
     assert!(
@@ -398,17 +384,11 @@ async fn an_ingress_of_portiers_class_is_a_tenant() {
         c.p.stderr().join("\n")
     );
     assert_eq!(
-        get(c.p.http, "shop.test", "/jsonrpc")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("shop.test", "/jsonrpc").await.as_deref(),
         Some("b")
     );
     assert_eq!(
-        get(c.p.http, "shop.test", "/jsonrpc/x")
-            .await
-            .unwrap()
-            .worker(),
+        c.worker("shop.test", "/jsonrpc/x").await.as_deref(),
         Some("a"),
         "Exact"
     );
@@ -507,168 +487,5 @@ async fn certificates_from_secrets_are_served_over_sni() {
                 .is_some_and(|s| presented_der(&s) != first)
         })
         .await
-    );
-}
-
-/// "One that is `terminating` gets no new requests, and its open WebSockets and
-/// longpolls carry on until they end": the bus WebSocket on an endpoint that starts
-/// terminating stays open and keeps working; new ones go to the ready endpoint.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_on_a_terminating_endpoint_stays_open() {
-    let c = start("").await;
-    let (a, b) = (sim("a").await, sim("b").await);
-    let (ga, gb) = (sim("ga").await, sim("gb").await);
-    c.base(&a);
-    c.api.apply(slice(
-        "shop",
-        "odoo-lp-a",
-        "odoo",
-        "longpolling",
-        ga.addr(),
-        Ep::Ready,
-    ));
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
-    assert!(c.served_by("acme.test", "/web/login", "a").await);
-    let (mut ws, resp) = websocket(c.p.http, "acme.test", "/websocket", &[])
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 101);
-    assert!(ws_roundtrip(&mut ws, "before").await.is_ok());
-    assert_eq!(ga.hits(), 1);
-    // ga terminates, gb is ready: the open WebSocket carries on.
-    c.api.apply(slice(
-        "shop",
-        "odoo-lp-a",
-        "odoo",
-        "longpolling",
-        ga.addr(),
-        Ep::Terminating,
-    ));
-    c.api.apply(slice(
-        "shop",
-        "odoo-lp-b",
-        "odoo",
-        "longpolling",
-        gb.addr(),
-        Ep::Ready,
-    ));
-    c.api
-        .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
-    assert!(
-        eventually_async(WAIT, || async {
-            let st = status(c.p.admin).await;
-            st["pools"]["shop/odoo:8069"]["backends"]
-                .as_array()
-                .is_some_and(|l| {
-                    l.iter().any(|x| x["address"] == gb.addr().to_string())
-                        && !l.iter().any(|x| x["address"] == ga.addr().to_string())
-                })
-        })
-        .await
-    );
-    for i in 0..3 {
-        assert_eq!(
-            ws_roundtrip(&mut ws, &format!("after {i}")).await.unwrap(),
-            format!("after {i}"),
-            "the open WebSocket carries on"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (mut ws2, _) = websocket(c.p.http, "acme.test", "/websocket", &[])
-        .await
-        .unwrap();
-    assert!(ws_roundtrip(&mut ws2, "new").await.is_ok());
-    assert_eq!(gb.hits(), 1, "a new WebSocket goes to the ready endpoint");
-    assert_eq!(ga.hits(), 1);
-}
-
-/// "Changes apply … without a reload, moving only the tenants and sessions that hashed
-/// to the endpoints that changed": sessions on endpoints that stay keep them when one
-/// goes; only that one's sessions move. With `namespaces`, only those are watched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_going_moves_only_its_sessions() {
-    let c = start("namespaces = [\"infra\", \"shop\"]\n").await;
-    let (a, b, d) = (sim("a").await, sim("b").await, sim("d").await);
-    c.base(&a);
-    c.api
-        .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
-    c.api
-        .apply(slice("shop", "odoo-d", "odoo", "http", d.addr(), Ep::Ready));
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
-    // Not a watched namespace: never served.
-    c.api.apply(service("elsewhere", "odoo", json!({})));
-    c.api.apply(route(
-        "elsewhere",
-        "x",
-        "infra",
-        &["x.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
-    assert!(
-        eventually_async(WAIT, || async {
-            status(c.p.admin).await["pools"]["shop/odoo:8069"]["backends"]
-                .as_array()
-                .is_some_and(|l| l.len() == 3)
-        })
-        .await
-    );
-    let placement = || async {
-        let mut m = std::collections::BTreeMap::new();
-        for s in 0..40 {
-            let cookie = format!("session_id=s{s}0123456789abcdef");
-            let r = get_with(
-                c.p.http,
-                "acme.test",
-                "/web/dataset/call_kw",
-                &[("cookie", &cookie)],
-            )
-            .await
-            .unwrap();
-            m.insert(s, r.worker().unwrap_or("-").to_string());
-        }
-        m
-    };
-    let before = placement().await;
-    let on = |w: &str| before.values().filter(|x| *x == w).count();
-    assert!(on("a") > 0 && on("b") > 0 && on("d") > 0, "{before:?}");
-    c.api.delete("EndpointSlice", "shop", "odoo-d");
-    assert!(
-        eventually_async(WAIT, || async {
-            status(c.p.admin).await["pools"]["shop/odoo:8069"]["backends"]
-                .as_array()
-                .is_some_and(|l| l.len() == 2)
-        })
-        .await
-    );
-    let after = placement().await;
-    for (s, w) in &before {
-        if w != "d" {
-            assert_eq!(
-                &after[s], w,
-                "session {s} moved from {w} though its endpoint stayed"
-            );
-        } else {
-            assert_ne!(after[s], "d");
-        }
-    }
-    assert_eq!(c.status_of("x.test").await, 404);
-    assert!(
-        c.api.requests().get("watch").copied().unwrap_or(0) >= 17,
-        "one watch per kind and namespace"
     );
 }
