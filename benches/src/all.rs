@@ -31,6 +31,8 @@ pub async fn all(
     std::fs::create_dir_all(dir)?;
     let Command::Compare {
         targets,
+        rounds,
+        load_fraction,
         held,
         websockets,
         handshake_conns,
@@ -67,9 +69,11 @@ pub async fn all(
         peers_dir: peers,
         targets: targets.clone(),
         seconds,
+        rounds,
         held,
         websockets,
         handshake_conns,
+        load_fraction,
         out_dir: dir.to_path_buf(),
     };
     let compared = compare::run(&copts).await?;

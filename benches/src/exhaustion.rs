@@ -30,14 +30,22 @@ pub struct Report {
     pub rss_peak_kib: u64,
 }
 
-/// Raises this process's descriptor limit to its hard limit (portier inherits it).
-fn raise_nofile() {
+/// Raises this process's descriptor limit (portier inherits it): to `want` when this
+/// process may raise its hard limit (root; 0: do not try), else to its hard limit.
+pub(crate) fn raise_nofile(want: u64) {
     // SAFETY: plain getrlimit/setrlimit on this process.
     unsafe {
         let mut l = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
+        let raised = libc::rlimit {
+            rlim_cur: want as libc::rlim_t,
+            rlim_max: want as libc::rlim_t,
+        };
+        if want > 0 && libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return;
+        }
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
             l.rlim_cur = l.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
@@ -71,7 +79,7 @@ async fn trickle(addr: SocketAddr, until: Instant) -> bool {
 }
 
 pub async fn run(opts: &Opts) -> std::io::Result<Report> {
-    raise_nofile();
+    raise_nofile(0);
     let dir = proc::workdir()?;
     let workers = proc::workers(1, None).await?;
     let up = workers[0].addr();

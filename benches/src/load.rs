@@ -189,6 +189,49 @@ async fn exchange(
     tokio::time::timeout(timeout, fut).await.ok().flatten()
 }
 
+/// wrk2's pacing of one connection: its k-th request is due at `start + k·interval`.
+/// A request sent late because the previous answer came late counts from when it was
+/// due (the server's queueing: no coordinated omission); one the timer woke late (the
+/// generator's, not the server's doing) counts from when it was sent.
+struct Pacer {
+    start: Instant,
+    interval: Duration,
+    k: u32,
+}
+
+impl Pacer {
+    /// Connection `i` of `conns`, which share `rate` requests per second between them;
+    /// their schedules are staggered so that they do not all send at once.
+    fn new(rate: f64, i: usize, conns: usize) -> Pacer {
+        let interval = Duration::from_secs_f64(conns as f64 / rate.max(1e-3));
+        Pacer {
+            start: Instant::now() + interval.mul_f64(i as f64 / conns as f64),
+            interval,
+            k: 0,
+        }
+    }
+
+    /// Waits until the next request is due; returns the instant its latency counts from.
+    async fn next(&mut self) -> Instant {
+        let due = self.start + self.interval * self.k;
+        self.k += 1;
+        if Instant::now() < due {
+            tokio::time::sleep_until(due.into()).await;
+            return Instant::now();
+        }
+        due
+    }
+}
+
+/// When the next request of a connection goes and where its latency counts from:
+/// at once (closed loop), or paced (`Some(pacer)`).
+async fn next_start(pacer: &mut Option<Pacer>) -> Instant {
+    match pacer {
+        Some(p) => p.next().await,
+        None => Instant::now(),
+    }
+}
+
 /// Closed loop: `conns` connections each sending `req` back to back for `duration`.
 pub async fn closed(
     addr: SocketAddr,
@@ -197,14 +240,39 @@ pub async fn closed(
     duration: Duration,
     progress: Option<&Progress>,
 ) -> Stats {
+    keepalive(addr, req, conns, None, duration, progress).await
+}
+
+/// Constant rate over keep-alive connections, as wrk2 does: `rate` requests per second
+/// shared by `conns` connections, each sending its next request when it is due (or at
+/// once when it is already late); latency counts from when a request was due.
+pub async fn paced(
+    addr: SocketAddr,
+    req: Arc<Req>,
+    conns: usize,
+    rate: f64,
+    duration: Duration,
+) -> Stats {
+    keepalive(addr, req, conns, Some(rate), duration, None).await
+}
+
+async fn keepalive(
+    addr: SocketAddr,
+    req: Arc<Req>,
+    conns: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    progress: Option<&Progress>,
+) -> Stats {
     let stats = Arc::new(Mutex::new(Stats::default()));
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::new();
-    for _ in 0..conns {
+    for i in 0..conns {
         let req = req.clone();
         let stats = stats.clone();
         let counters = progress.map(|p| (p.done.clone(), p.errors.clone()));
+        let mut pacer = rate.map(|r| Pacer::new(r, i, conns));
         tasks.push(tokio::spawn(async move {
             let mut local = Stats::default();
             let mut sender = None;
@@ -217,7 +285,10 @@ pub async fn closed(
                         continue;
                     }
                 }
-                let t0 = Instant::now();
+                let t0 = next_start(&mut pacer).await;
+                if t0 >= deadline {
+                    break;
+                }
                 let n = local.answered() + local.errors;
                 let status = match sender.as_mut() {
                     Some(s) => exchange(s, &req, n, Duration::from_secs(30)).await,
@@ -384,6 +455,31 @@ pub async fn closed_h2(
     duration: Duration,
     progress: Option<&Progress>,
 ) -> Stats {
+    h2_streams(addr, sni, req, (conns, streams), None, duration, progress).await
+}
+
+/// [`paced`] over HTTP/2 and TLS: `rate` requests per second shared by every stream of
+/// `conns` connections with `streams` each.
+pub async fn paced_h2(
+    addr: SocketAddr,
+    sni: &str,
+    req: Arc<Req>,
+    (conns, streams): (usize, usize),
+    rate: f64,
+    duration: Duration,
+) -> Stats {
+    h2_streams(addr, sni, req, (conns, streams), Some(rate), duration, None).await
+}
+
+async fn h2_streams(
+    addr: SocketAddr,
+    sni: &str,
+    req: Arc<Req>,
+    (conns, streams): (usize, usize),
+    rate: Option<f64>,
+    duration: Duration,
+    progress: Option<&Progress>,
+) -> Stats {
     use std::sync::atomic::Ordering;
     let cfg = tls_client(&[b"h2"], true);
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -419,11 +515,15 @@ pub async fn closed_h2(
             let mut sender = sender.clone();
             let (req, stats) = (req.clone(), stats.clone());
             let counters = progress.map(|p| (p.done.clone(), p.errors.clone()));
+            let mut pacer = rate.map(|r| Pacer::new(r, tasks.len(), conns * streams));
             tasks.push(tokio::spawn(async move {
                 let mut local = Stats::default();
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    let t0 = Instant::now();
+                    let t0 = next_start(&mut pacer).await;
+                    if t0 >= deadline {
+                        break;
+                    }
                     let mut r = req.build(n);
                     n += 1;
                     *r.version_mut() = http::Version::HTTP_2;

@@ -15,6 +15,7 @@ mod proc;
 mod reload;
 mod report;
 mod saturation;
+mod scale;
 mod slow;
 mod storm;
 
@@ -61,6 +62,12 @@ enum Command {
         /// Seconds per throughput phase.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Rounds: every target once per round, in an order rotating between rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The latency phase's offered load, as a fraction of nginx's capacity this round.
+        #[arg(long, default_value_t = 0.5)]
+        load_fraction: f64,
         /// Held longpolling requests (conns.sh; at most 9000 here).
         #[arg(long, default_value_t = 5000)]
         held: usize,
@@ -215,6 +222,24 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         changes: usize,
     },
+    /// How cost grows: memory and reload time with N tenants, memory per WebSocket
+    /// with N open, requests/s with few and many tenants active.
+    Scale {
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+        tenants: Vec<usize>,
+        /// SIGHUP reloads per tenant count.
+        #[arg(long, default_value_t = 5)]
+        reloads: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
+        websockets: Vec<usize>,
+        /// Active tenant counts, out of as many tenants as the largest.
+        #[arg(long, value_delimiter = ',', default_value = "10,10000")]
+        active: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// A worker dies and comes back under load: errors and latency.
     Failure {
         #[arg(long, default_value_t = 2000.0)]
@@ -329,6 +354,8 @@ fn main() -> ExitCode {
             peers,
             targets,
             seconds,
+            rounds,
+            load_fraction,
             held,
             websockets,
             handshake_conns,
@@ -342,9 +369,11 @@ fn main() -> ExitCode {
                 peers_dir: peers,
                 targets: targets.clone(),
                 seconds,
+                rounds,
                 held,
                 websockets,
                 handshake_conns,
+                load_fraction,
                 out_dir,
             };
             report(
@@ -553,6 +582,27 @@ fn main() -> ExitCode {
                 kubernetes::json,
                 out,
             )
+        }
+        Command::Scale {
+            tenants,
+            reloads,
+            websockets,
+            active,
+            seconds,
+            rounds,
+        } => {
+            let opts = scale::Opts {
+                portier,
+                proxy_cpus: cpus,
+                tenants,
+                reloads,
+                websockets,
+                active,
+                seconds,
+                rounds,
+            };
+            let run = rt.block_on(scale::run(&opts));
+            report(run, scale::table, scale::json, out)
         }
         Command::Failure { rate } => {
             let opts = failure::Opts {

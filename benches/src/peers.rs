@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::proc;
 
@@ -447,30 +448,72 @@ impl Sockets {
     }
 }
 
-/// Opens `n` WebSockets through the target (to a simulated gevent worker), echoes
+/// Opens `n` WebSockets through the target (to a simulated gevent worker) — plain, or
+/// over TLS to its HTTPS port (`wss`, ALPN http/1.1: what a browser tab holds) — echoes
 /// one message on each, and reads the proxy tree's RSS before and with all open.
-pub async fn websockets(target: &Group, n: usize) -> Sockets {
-    let addr: SocketAddr = ([127, 0, 0, 1], LISTEN_PORT).into();
+pub async fn websockets(target: &Group, n: usize, tls: bool) -> Sockets {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before_kib = target.tree_rss_kib();
+    let (opened, echoed, rss_open_kib) = if tls {
+        let cfg = crate::load::tls_client(&[b"http/1.1"], false);
+        hold(target, n, move || wss(cfg.clone())).await
+    } else {
+        hold(target, n, || async {
+            let addr: SocketAddr = ([127, 0, 0, 1], LISTEN_PORT).into();
+            let ws = portier_sim::client::websocket(addr, "a.test", "/websocket", &[]).await;
+            ws.ok().map(|(ws, _)| ws)
+        })
+        .await
+    };
+    Sockets {
+        target: target.name.clone(),
+        opened,
+        echoed,
+        rss_before_kib,
+        rss_open_kib,
+    }
+}
+
+async fn wss(
+    cfg: Arc<rustls::ClientConfig>,
+) -> Option<tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], TLS_PORT)))
+        .await
+        .ok()?;
+    let name = rustls::pki_types::ServerName::try_from("a.test").ok()?;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let ws = portier_sim::client::websocket_over(tls, "a.test", "/websocket", &[]).await;
+    ws.ok().map(|(ws, _)| ws)
+}
+
+/// Opens `n` sockets with `open` (100 at a time), one echo on each (so that the
+/// buffers a real one would have exist), and reads the target's RSS 2 s later:
+/// (opened, echoed, RSS KiB).
+async fn hold<S, F, Fut>(target: &Group, n: usize, open: F) -> (usize, usize, u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<tokio_tungstenite::WebSocketStream<S>>>
+        + Send
+        + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
     let mut sockets = Vec::with_capacity(n);
     for chunk in 0..n.div_ceil(100) {
-        let mut opening = Vec::new();
-        for _ in 0..100.min(n - chunk * 100) {
-            opening.push(tokio::spawn(async move {
-                portier_sim::client::websocket(addr, "a.test", "/websocket", &[]).await
-            }));
-        }
+        let opening: Vec<_> = (0..100.min(n - chunk * 100))
+            .map(|_| tokio::spawn(open()))
+            .collect();
         for o in opening {
-            if let Ok(Ok((ws, _))) = o.await {
+            if let Ok(Some(ws)) = o.await {
                 sockets.push(ws);
             }
         }
     }
-    // One message each way on every socket (so buffers a real one would have exist).
     let mut echoed = 0;
     for ws in sockets.iter_mut() {
-        use futures_util::{SinkExt, StreamExt};
         let msg = tokio_tungstenite::tungstenite::Message::text("ping from the bench");
         if ws.send(msg).await.is_ok() {
             if let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
@@ -479,14 +522,5 @@ pub async fn websockets(target: &Group, n: usize) -> Sockets {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_open_kib = target.tree_rss_kib();
-    let opened = sockets.len();
-    drop(sockets);
-    Sockets {
-        target: target.name.clone(),
-        opened,
-        echoed,
-        rss_before_kib,
-        rss_open_kib,
-    }
+    (sockets.len(), echoed, target.tree_rss_kib())
 }

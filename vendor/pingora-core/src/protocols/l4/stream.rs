@@ -31,7 +31,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 #[cfg(target_os = "linux")]
 use tokio::io::Interest;
-use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{self, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
@@ -575,17 +575,100 @@ impl AsyncWrite for LazyBufWriter {
     }
 }
 
+/// The most a [`LazyBufReader`] reads at once: its scratch space, on the stack.
+const LAZY_READ_MAX: usize = 17 * 1024;
+
+/// A read buffer in front of a [`LazyBufWriter`] that holds memory only while it holds
+/// unread bytes.
+///
+/// It reads as tokio's [`BufReader`](tokio::io::BufReader) does (a read that finds
+/// the buffer empty reads up to `cap` bytes from the stream at once; a read asking for
+/// `cap` bytes or more goes straight through), but the bytes read land in scratch
+/// space on the stack, the caller's share is copied out, and only the rest (when the
+/// caller asked for less than arrived) is kept, in a buffer the size of that rest,
+/// given back once read. A connection that is idle or waiting (keep-alive, a held
+/// longpoll, an open WebSocket) then keeps no read buffer, where `BufReader` keeps its
+/// `cap` bytes for the connection's life. At most [`LAZY_READ_MAX`] bytes are read at
+/// once.
+#[derive(Debug)]
+struct LazyBufReader {
+    inner: LazyBufWriter,
+    cap: usize,
+    /// Bytes read from the stream and not yet by the caller, from `pos`.
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl LazyBufReader {
+    fn with_capacity(cap: usize, inner: LazyBufWriter) -> Self {
+        LazyBufReader {
+            inner,
+            cap: cap.min(LAZY_READ_MAX),
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn buffer(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn get_ref(&self) -> &LazyBufWriter {
+        &self.inner
+    }
+
+    fn get_mut(&mut self) -> &mut LazyBufWriter {
+        &mut self.inner
+    }
+
+    fn into_inner(self) -> LazyBufWriter {
+        self.inner
+    }
+}
+
+impl AsyncRead for LazyBufReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.buf.len() {
+            let n = out.remaining().min(this.buf.len() - this.pos);
+            out.put_slice(&this.buf[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.buf.len() {
+                this.buf = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        if out.remaining() >= this.cap {
+            return Pin::new(&mut this.inner).poll_read(cx, out);
+        }
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); LAZY_READ_MAX];
+        let mut read = ReadBuf::uninit(&mut scratch[..this.cap]);
+        ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+        let got = read.filled();
+        let n = out.remaining().min(got.len());
+        out.put_slice(&got[..n]);
+        if n < got.len() {
+            this.buf = got[n..].to_vec();
+            this.pos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// The L4 buffers in front of a [`RawStreamWrapper`]: a read buffer over a write
 /// buffer, the same layering as tokio's [`BufStream`](tokio::io::BufStream).
 ///
-/// A zero read capacity leaves the read buffer out, because [`BufReader`] panics on
-/// a zero capacity. Reads then go straight to the raw stream, as they did through
-/// an empty `BufReader`. [`LazyBufWriter`] accepts a zero capacity and writes straight
-/// through.
+/// A zero read capacity leaves the read buffer out: reads go straight to the raw
+/// stream. [`LazyBufWriter`] accepts a zero capacity and writes straight through.
 #[derive(Debug)]
 enum BufferedStream {
     UnbufferedRead(LazyBufWriter),
-    BufferedRead(BufReader<LazyBufWriter>),
+    BufferedRead(LazyBufReader),
 }
 
 impl BufferedStream {
@@ -594,7 +677,7 @@ impl BufferedStream {
         if read == 0 {
             BufferedStream::UnbufferedRead(writer)
         } else {
-            BufferedStream::BufferedRead(BufReader::with_capacity(read, writer))
+            BufferedStream::BufferedRead(LazyBufReader::with_capacity(read, writer))
         }
     }
 
