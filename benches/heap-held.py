@@ -6,7 +6,11 @@ Where `conns.sh` (shared/peers) measures RSS per held connection side by side wi
 peers, this says *what* holds it: DHAT's live blocks at the global heap peak (t-gmax),
 grouped by the innermost frame outside the allocator, divided by N.
 
-Usage: benches/heap-held.py [--n 300] [--ws] [--one-at-a-time] [--bin target/release/portier] [--top 25]
+Usage: benches/heap-held.py [--n 300] [--ws] [--tls] [--one-at-a-time] [--bin BIN] [--top 25]
+--tls holds them over TLS (portier's HTTPS listener, ALPN http/1.1; a `wss` WebSocket with --ws).
+DHAT sees glibc's malloc only, and portier's default build uses mimalloc: profile a build
+without it, e.g. `CARGO_TARGET_DIR=/tmp/ht cargo build --profile profiling -p portier
+--no-default-features` and `--bin /tmp/ht/profiling/portier` (the default `--bin`).
 By default the requests are opened back to back, so the peak also holds the upstream
 connects still in flight (each a boxed future); --one-at-a-time opens each once the
 previous one reached the upstream, so the peak is the held state alone.
@@ -44,15 +48,17 @@ async def upstream(port, ws, held):
     return await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
 
 
-async def client(port, ws, n, held=None):
-    """Opens `n` held requests; with `held` (the upstream's list), each only once the
-    previous one reached the upstream, so no connect is in flight at the heap's peak."""
+async def client(port, ws, n, held=None, tls=None):
+    """Opens `n` held requests (over TLS with `tls`, an SSLContext); with `held` (the
+    upstream's list), each only once the previous one reached the upstream, so no
+    connect is in flight at the heap's peak."""
     conns = []
     path = "/websocket" if ws else "/longpolling/poll"
     extra = (b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n") if ws else b""
     for _ in range(n):
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                             server_hostname="acme.test" if tls else None)
         w.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: acme.test\r\n" + extra + b"\r\n")
         await w.drain()
         conns.append((r, w))
@@ -68,7 +74,8 @@ async def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--ws", action="store_true")
-    ap.add_argument("--bin", default="target/release/portier")
+    ap.add_argument("--bin", default="/tmp/ht/profiling/portier")
+    ap.add_argument("--tls", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="open each request once the previous one reached the upstream: the "
@@ -77,13 +84,27 @@ async def main():
     if not shutil.which("valgrind"):
         sys.exit("heap-held: valgrind is missing (apt-get install valgrind)")
     d = tempfile.mkdtemp(prefix="portier-dhat.")
-    up, http, admin = free_port(), free_port(), free_port()
+    up, http, admin, https = free_port(), free_port(), free_port(), free_port()
+    tls = None
+    if a.tls:
+        import ssl
+        os.makedirs(os.path.join(d, "certs"))
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=acme.test", "-addext", "subjectAltName=DNS:acme.test",
+                        "-keyout", os.path.join(d, "certs", "acme.key"),
+                        "-out", os.path.join(d, "certs", "acme.crt")],
+                       check=True, capture_output=True)
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
+        tls.set_alpn_protocols(["http/1.1"])
     held = []
     srv = await upstream(up, a.ws, held)
     cfg = os.path.join(d, "p.toml")
     with open(cfg, "w") as f:
         f.write(f'[listen]\nhttp = "127.0.0.1:{http}"\nadmin = "127.0.0.1:{admin}"\nthreads = 1\n'
-                f'[log]\naccess = false\n[pools.odoo]\nhttp = ["127.0.0.1:{up}"]\n'
+                + (f'https = "127.0.0.1:{https}"\n[tls]\ncerts = "{d}/certs"\n' if a.tls else "")
+                + f'[log]\naccess = false\n[pools.odoo]\nhttp = ["127.0.0.1:{up}"]\n'
                 f'longpolling = ["127.0.0.1:{up}"]\n'
                 f'[tenants.acme]\nhosts = ["acme.test"]\npool = "odoo"\n')
     out = os.path.join(d, "dhat.json")
@@ -102,7 +123,8 @@ async def main():
             except OSError:
                 pass
             await asyncio.sleep(0.1)
-        conns = await client(http, a.ws, a.n, held if a.one_at_a_time else None)
+        conns = await client(https if a.tls else http, a.ws, a.n,
+                             held if a.one_at_a_time else None, tls)
         for _ in range(300):  # every request reached the upstream
             if len(held) >= a.n:
                 break
@@ -137,7 +159,7 @@ async def main():
         name = "?"
         for fi in pp["fs"]:
             fn = frames[fi].split(": ", 1)[-1].split(" (in ")[0]
-            if not fn.startswith(alloc):
+            if not fn.startswith(alloc) and "sys/alloc/" not in fn and "alloc/src/" not in fn:
                 name = fn
                 break
         sites[name] = sites.get(name, 0) + b

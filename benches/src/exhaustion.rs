@@ -30,6 +30,20 @@ pub struct Report {
     pub rss_peak_kib: u64,
 }
 
+/// This process's descriptor limit (soft).
+pub(crate) fn nofile() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit on this process.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+        l.rlim_cur
+    } else {
+        0
+    }
+}
+
 /// Raises this process's descriptor limit (portier inherits it): to `want` when this
 /// process may raise its hard limit (root; 0: do not try), else to its hard limit.
 pub(crate) fn raise_nofile(want: u64) {

@@ -224,22 +224,7 @@ enum Command {
     },
     /// How cost grows: memory and reload time with N tenants, memory per WebSocket
     /// with N open, requests/s with few and many tenants active.
-    Scale {
-        #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
-        tenants: Vec<usize>,
-        /// SIGHUP reloads per tenant count.
-        #[arg(long, default_value_t = 5)]
-        reloads: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
-        websockets: Vec<usize>,
-        /// Active tenant counts, out of as many tenants as the largest.
-        #[arg(long, value_delimiter = ',', default_value = "10,10000")]
-        active: Vec<usize>,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-    },
+    Scale(scale::Args),
     /// A worker dies and comes back under load: errors and latency.
     Failure {
         #[arg(long, default_value_t = 2000.0)]
@@ -583,26 +568,18 @@ fn main() -> ExitCode {
                 out,
             )
         }
-        Command::Scale {
-            tenants,
-            reloads,
-            websockets,
-            active,
-            seconds,
-            rounds,
-        } => {
+        Command::Scale(args) => {
             let opts = scale::Opts {
                 portier,
                 proxy_cpus: cpus,
-                tenants,
-                reloads,
-                websockets,
-                active,
-                seconds,
-                rounds,
+                args,
             };
-            let run = rt.block_on(scale::run(&opts));
-            report(run, scale::table, scale::json, out)
+            report(
+                rt.block_on(scale::run(&opts)),
+                scale::table,
+                scale::json,
+                out,
+            )
         }
         Command::Failure { rate } => {
             let opts = failure::Opts {

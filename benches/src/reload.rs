@@ -32,22 +32,8 @@ pub struct Report {
 
 fn config(port: u16, admin: u16, workers: &[SocketAddr], tenants: usize, extra: usize) -> String {
     let list: Vec<String> = workers.iter().map(|a| format!("\"{a}\"")).collect();
-    let mut s = format!(
-        "[listen]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nthreads = 1\n[log]\naccess = false\n[pools.odoo]\nhttp = [{}]\n",
-        list.join(", ")
-    );
-    s.reserve(tenants * 80);
-    for i in 0..tenants {
-        s.push_str(&format!(
-            "[tenants.t{i}]\nhosts = [\"t{i}.test\"]\npool = \"odoo\"\ndatabase = \"db{i}\"\n"
-        ));
-    }
-    for j in 0..extra {
-        s.push_str(&format!(
-            "[tenants.new{j}]\nhosts = [\"new{j}.test\"]\npool = \"odoo\"\n"
-        ));
-    }
-    s
+    let pool = format!("http = [{}]", list.join(", "));
+    crate::scale::config(port, admin, &pool, tenants, extra)
 }
 
 async fn answers(addr: SocketAddr, host: &str) -> bool {

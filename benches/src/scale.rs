@@ -14,11 +14,27 @@ use crate::proc;
 pub struct Opts {
     pub portier: std::path::PathBuf,
     pub proxy_cpus: Option<String>,
+    pub args: Args,
+}
+
+/// The scenario's command-line options.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
     pub tenants: Vec<usize>,
+    /// SIGHUP reloads per tenant count.
+    #[arg(long, default_value_t = 5)]
     pub reloads: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000")]
     pub websockets: Vec<usize>,
+    /// Active tenant counts, out of as many tenants as the largest.
+    #[arg(long, value_delimiter = ',', default_value = "10,10000")]
     pub active: Vec<usize>,
+    /// Seconds per requests/s run.
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// Runs of each active tenant count, alternated.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
 }
 
@@ -30,6 +46,9 @@ pub struct TenantsRow {
 }
 
 pub struct SocketsRow {
+    /// Asked for, and opened: fewer when the descriptor limit stops it (each WebSocket
+    /// is two descriptors in portier and two in this process).
+    pub asked: usize,
     pub open: usize,
     pub rss_before_kib: u64,
     pub rss_open_kib: u64,
@@ -50,7 +69,7 @@ pub struct Report {
 
 /// A configuration of `tenants` tenants (`t{i}.test`, each its database) on one pool,
 /// plus `extra` tenants `new{j}.test` (what a reload adds).
-fn config(port: u16, admin: u16, pool: &str, tenants: usize, extra: usize) -> String {
+pub(crate) fn config(port: u16, admin: u16, pool: &str, tenants: usize, extra: usize) -> String {
     let mut s = format!(
         "[listen]\nhttp = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nthreads = 1\n\
          [log]\naccess = false\n[pools.odoo]\n{pool}\n"
@@ -118,7 +137,7 @@ async fn tenants(opts: &Opts, pool: &str, n: usize) -> std::io::Result<TenantsRo
     let rss_at_rest_kib = proc::status_kib(s.proxy.pid(), "VmRSS");
     let port = s.http.port();
     let mut reload_ms = Vec::new();
-    for j in 0..opts.reloads {
+    for j in 0..opts.args.reloads {
         std::fs::write(&s.config, config(port, s.admin, pool, n, j + 1))?;
         let host = format!("new{j}.test");
         let t0 = Instant::now();
@@ -159,9 +178,15 @@ async fn websocket_from(
 ) -> Option<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>> {
     let socket = tokio::net::TcpSocket::new_v4().ok()?;
     socket.bind(SocketAddr::new(source(i), 0)).ok()?;
-    let tcp = socket.connect(addr).await.ok()?;
-    let ws = portier_sim::client::websocket_over(tcp, "t0.test", "/websocket", &[]).await;
-    ws.ok().map(|(ws, _)| ws)
+    let open = async {
+        let tcp = socket.connect(addr).await.ok()?;
+        let ws = portier_sim::client::websocket_over(tcp, "t0.test", "/websocket", &[]).await;
+        ws.ok().map(|(ws, _)| ws)
+    };
+    tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// RSS per open WebSocket with `n` open (each echoed once), portier started afresh.
@@ -202,6 +227,7 @@ async fn sockets(opts: &Opts, pool: &str, n: usize) -> std::io::Result<SocketsRo
         )));
     }
     Ok(SocketsRow {
+        asked: n,
         open: n,
         rss_before_kib,
         rss_open_kib,
@@ -217,6 +243,7 @@ async fn active(opts: &Opts, pool: &str, of: usize) -> std::io::Result<Vec<Activ
     })
     .await?;
     let mut rows: Vec<ActiveRow> = opts
+        .args
         .active
         .iter()
         .map(|&k| ActiveRow {
@@ -224,7 +251,7 @@ async fn active(opts: &Opts, pool: &str, of: usize) -> std::io::Result<Vec<Activ
             runs: Vec::new(),
         })
         .collect();
-    for round in 0..opts.rounds.max(1) {
+    for round in 0..opts.args.rounds.max(1) {
         for row in rows.iter_mut() {
             let mut req = Req::get("t0.test", "/web/login");
             req.hosts = (0..row.active).map(|i| format!("t{i}.test")).collect();
@@ -232,7 +259,7 @@ async fn active(opts: &Opts, pool: &str, of: usize) -> std::io::Result<Vec<Activ
             // Warm-up: every active tenant seen once before the measured run.
             load::closed(s.http, req.clone(), 64, Duration::from_secs(2), None).await;
             eprintln!("scale: round {}: {} active tenants", round + 1, row.active);
-            let secs = Duration::from_secs(opts.seconds);
+            let secs = Duration::from_secs(opts.args.seconds);
             let cpu0 = s.proxy.cpu_seconds();
             let stats = load::closed(s.http, req, 64, secs, None).await;
             let cpu = (s.proxy.cpu_seconds() - cpu0) / stats.elapsed.as_secs_f64() * 100.0;
@@ -255,18 +282,23 @@ pub async fn run(opts: &Opts) -> std::io::Result<Report> {
         tenants: Vec::new(),
         sockets: Vec::new(),
         active: Vec::new(),
-        active_of: opts.active.iter().copied().max().unwrap_or(0),
+        active_of: opts.args.active.iter().copied().max().unwrap_or(0),
     };
-    for &n in &opts.tenants {
+    for &n in &opts.args.tenants {
         eprintln!(
             "scale: {n} tenants: memory at rest, {} reloads",
-            opts.reloads
+            opts.args.reloads
         );
         out.tenants.push(tenants(opts, &pool, n).await?);
     }
-    for &n in &opts.websockets {
-        eprintln!("scale: {n} open WebSockets");
-        out.sockets.push(sockets(opts, &pool, n).await?);
+    // Each WebSocket takes two descriptors in portier (client, worker) and two here.
+    let most = (crate::exhaustion::nofile() as usize).saturating_sub(256) / 2;
+    for &asked in &opts.args.websockets {
+        let n = asked.min(most);
+        eprintln!("scale: {n} open WebSockets ({asked} asked; the descriptor limit allows {most})");
+        let mut row = sockets(opts, &pool, n).await?;
+        row.asked = asked;
+        out.sockets.push(row);
     }
     if out.active_of > 0 {
         out.active = active(opts, &pool, out.active_of).await?;
@@ -324,11 +356,12 @@ pub fn table(r: &Report) -> String {
         ));
         (rss, rl) = (Some(mib), Some(m));
     }
-    out.push_str("\n| open WebSockets | RSS before MiB | RSS open MiB | KiB per WebSocket |\n|---|---|---|---|\n");
+    out.push_str("\n| open WebSockets (asked) | RSS before MiB | RSS open MiB | KiB per WebSocket |\n|---|---|---|---|\n");
     for s in &r.sockets {
         out.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.2} |\n",
+            "| {} ({}) | {:.1} | {:.1} | {:.2} |\n",
             s.open,
+            s.asked,
             s.rss_before_kib as f64 / 1024.0,
             s.rss_open_kib as f64 / 1024.0,
             s.kib_per_conn()
@@ -371,7 +404,7 @@ pub fn json(r: &Report) -> serde_json::Value {
             "reload_ms_median": median(t.reload_ms.clone()),
         })).collect::<Vec<_>>(),
         "websockets": r.sockets.iter().map(|s| serde_json::json!({
-            "open": s.open, "rss_before_kib": s.rss_before_kib,
+            "asked": s.asked, "open": s.open, "rss_before_kib": s.rss_before_kib,
             "rss_open_kib": s.rss_open_kib, "kib_per_conn": s.kib_per_conn(),
         })).collect::<Vec<_>>(),
         "active_of": r.active_of,

@@ -224,3 +224,17 @@ pub fn json(r: &Report) -> serde_json::Value {
         "versions": r.versions,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_is_the_median_and_the_extremes() {
+        assert_eq!(spread(vec![3.0, 1.0, 2.0]), Some((2.0, 1.0, 3.0)));
+        assert_eq!(spread(vec![4.0, 1.0, 2.0, 3.0]), Some((2.5, 1.0, 4.0)));
+        assert_eq!(spread(vec![f64::NAN]), None);
+        assert_eq!(cell(Some((2.0, 1.0, 3.0)), 3), "2.00 (1.00–3.00)");
+        assert_eq!(cell(Some((1234.4, 1000.0, 1500.0)), 1), "1234");
+    }
+}
