@@ -10,6 +10,7 @@ mod failure;
 mod kubernetes;
 mod load;
 mod noisy;
+mod pace;
 mod peers;
 mod proc;
 mod reload;
