@@ -87,6 +87,18 @@ pub fn route(
            "spec": {"parentRefs": [{"name": "edge", "namespace": gw_ns}], "hostnames": hosts, "rules": rules}})
 }
 
+/// The tests' usual route: `shop/acme` for acme.test, every path to Service `odoo`.
+pub fn acme_route() -> Value {
+    route(
+        "shop",
+        "acme",
+        "infra",
+        &["acme.test"],
+        json!([rule(&[], "odoo")]),
+        json!({}),
+    )
+}
+
 /// A rule sending `paths` (PathPrefix; none: every path) to `svc` port 8069.
 pub fn rule(paths: &[&str], svc: &str) -> Value {
     let matches: Vec<Value> = paths

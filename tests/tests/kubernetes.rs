@@ -14,14 +14,7 @@ async fn an_httproute_is_served_from_its_services_ready_endpoints() {
     let c = start("").await;
     let (a, b) = (sim("a").await, sim("b").await);
     c.base(&a);
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
+    c.api.apply(acme_route());
     assert!(
         c.served_by("acme.test", "/web/login", "a").await,
         "{}",

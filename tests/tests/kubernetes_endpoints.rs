@@ -25,14 +25,7 @@ async fn a_websocket_on_a_terminating_endpoint_stays_open() {
         ga.addr(),
         Ep::Ready,
     ));
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
+    c.api.apply(acme_route());
     assert!(c.served_by("acme.test", "/web/login", "a").await);
     let (mut ws, resp) = websocket(c.p.http, "acme.test", "/websocket", &[])
         .await
@@ -99,14 +92,7 @@ async fn an_endpoint_going_moves_only_its_sessions() {
         .apply(slice("shop", "odoo-b", "odoo", "http", b.addr(), Ep::Ready));
     c.api
         .apply(slice("shop", "odoo-d", "odoo", "http", d.addr(), Ep::Ready));
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
+    c.api.apply(acme_route());
     // Not a watched namespace: never served.
     c.api.apply(service("elsewhere", "odoo", json!({})));
     c.api.apply(route(

@@ -178,14 +178,7 @@ async fn two_replicas_one_status_writer_and_a_takeover() {
     let mut c = start_with("", "", &[("POD_NAME", "replica-1")]).await;
     let a = sim("a").await;
     c.base(&a);
-    c.api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
+    c.api.apply(acme_route());
     assert!(c.served_by("acme.test", "/web/login", "a").await);
     let holder = |api: &ApiServer| {
         api.get("Lease", "portier", "portier-status")
@@ -259,14 +252,7 @@ async fn kubectl_gets_and_watches_through_the_stand_in() {
     let api = ApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kc = api.kubeconfig(dir.path());
-    api.apply(route(
-        "shop",
-        "acme",
-        "infra",
-        &["acme.test"],
-        json!([rule(&[], "odoo")]),
-        json!({}),
-    ));
+    api.apply(acme_route());
     let kubectl = |args: &[&str]| {
         let kc = kc.clone();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
