@@ -435,6 +435,18 @@ async fn certificates_from_secrets_are_served_over_sni() {
         "{}",
         c.p.stderr().join("\n")
     );
+    // The Secret can be served before the Service's endpoints arrive: wait for both.
+    assert!(
+        eventually_async(WAIT, || async {
+            match handshake().await {
+                Some(s) => h1_over(s, "shop.test", "/web/login")
+                    .await
+                    .is_ok_and(|r| r.worker() == Some("a")),
+                None => false,
+            }
+        })
+        .await
+    );
     let s = handshake().await.unwrap();
     assert_eq!(presented_names(&s), vec!["shop.test".to_string()]);
     let first = presented_der(&s);
