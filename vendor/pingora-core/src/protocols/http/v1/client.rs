@@ -462,6 +462,29 @@ impl HttpSession {
         Ok(Box::new(self.resp_header().unwrap().clone()))
     }
 
+    /// The response header just read, for the proxy's task: a copy, except once the
+    /// connection is upgraded.
+    ///
+    /// An upgraded connection relays bytes for the rest of its life: no more header is
+    /// read and no body is framed by these headers, and the request's headers have
+    /// served their purpose (the upgrade and the body mode are decided). The header is
+    /// then handed over, not copied, and this session keeps only its status (what
+    /// [`Self::should_read_resp_header`] and [`Self::respect_keepalive`] look at) and no
+    /// copy of the request: an open WebSocket holds neither for its life.
+    fn response_header_task(&mut self) -> Box<ResponseHeader> {
+        if self.upgraded {
+            let bare = self
+                .resp_header()
+                .and_then(|h| ResponseHeader::build_no_case(h.status, Some(0)).ok());
+            if let Some(header) = bare.and_then(|b| self.response_header.replace(Box::new(b))) {
+                self.request_written = None;
+                return header;
+            }
+        }
+        // safe to unwrap because it is just read
+        Box::new(self.resp_header().unwrap().clone())
+    }
+
     /// Return a reference of the [`ResponseHeader`] if the response is read
     pub fn resp_header(&self) -> Option<&ResponseHeader> {
         self.response_header.as_deref()
@@ -847,7 +870,8 @@ impl HttpSession {
 
     pub async fn read_response_task(&mut self) -> Result<HttpTask> {
         if self.should_read_resp_header() {
-            let resp_header = self.read_resp_header_parts().await?;
+            self.read_response().await?;
+            let resp_header = self.response_header_task();
             let end_of_body = self.is_body_done();
             debug!("Response header: {resp_header:?}");
             trace!(
@@ -1899,6 +1923,78 @@ mod tests_stream {
         // Keepalive should be enabled for properly-framed HTTP/1.1
         http_stream.respect_keepalive();
         assert!(http_stream.will_keepalive());
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_session_hands_its_headers_over() {
+        let wire = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: WS\r\n\r\n";
+        let input1 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WS\r\nX-A: b\r\n\r\n";
+        let input2 = b"PAYLOAD";
+        let mock_io = Builder::new()
+            .write(wire)
+            .read(&input1[..])
+            .read(&input2[..])
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        let mut new_request = RequestHeader::build("GET", b"/", None).unwrap();
+        new_request.insert_header("Connection", "Upgrade").unwrap();
+        new_request.insert_header("Upgrade", "WS").unwrap();
+        http_stream
+            .write_request_header(Box::new(new_request))
+            .await
+            .unwrap();
+        match http_stream.read_response_task().await.unwrap() {
+            HttpTask::Header(h, eob) => {
+                assert_eq!(h.status, 101);
+                assert_eq!(h.headers.get("X-A").unwrap(), "b");
+                assert_eq!(h.headers.len(), 2);
+                assert!(!eob);
+            }
+            _ => panic!("task should be header"),
+        }
+        // The session keeps the status alone, and no copy of the request.
+        assert!(http_stream.was_upgraded());
+        assert_eq!(
+            http_stream.get_status(),
+            Some(StatusCode::SWITCHING_PROTOCOLS)
+        );
+        assert!(http_stream.resp_header().unwrap().headers.is_empty());
+        assert!(http_stream.request_written.is_none());
+        // No other header is read: the bytes that follow are the upgraded body.
+        match http_stream.read_response_task().await.unwrap() {
+            HttpTask::UpgradedBody(b, eob) => {
+                assert_eq!(b.unwrap(), &input2[..]);
+                assert!(!eob);
+            }
+            _ => panic!("task should be upgraded body"),
+        }
+        http_stream.respect_keepalive();
+        assert!(!http_stream.will_keepalive());
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_keeps_its_headers() {
+        let wire = b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: WS\r\n\r\n";
+        let input = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n";
+        let mock_io = Builder::new().write(wire).read(&input[..]).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        let mut new_request = RequestHeader::build("GET", b"/", None).unwrap();
+        new_request.insert_header("Connection", "Upgrade").unwrap();
+        new_request.insert_header("Upgrade", "WS").unwrap();
+        http_stream
+            .write_request_header(Box::new(new_request))
+            .await
+            .unwrap();
+        match http_stream.read_response_task().await.unwrap() {
+            HttpTask::Header(h, eob) => {
+                assert_eq!(h.status, 403);
+                assert!(eob);
+            }
+            _ => panic!("task should be header"),
+        }
+        assert!(!http_stream.was_upgraded());
+        assert_eq!(http_stream.resp_header().unwrap().headers.len(), 1);
+        assert!(http_stream.request_written.is_some());
     }
 
     #[tokio::test]
