@@ -10,7 +10,10 @@
 //! request counted during that reset may be lost, which a live view can afford.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -33,6 +36,46 @@ struct Slot {
     errors: AtomicU32,
     refused: AtomicU32,
     latency: [AtomicU32; BUCKETS],
+}
+
+/// The epoch of a slot while one thread clears it for a new period.
+const CLEARING: u64 = u64::MAX;
+
+impl Slot {
+    /// Makes the slot count for `epoch`: the first count of a new period clears what the
+    /// slot held, and counts of that period made at once on other threads wait until it
+    /// has (marking the slot [`CLEARING`] first; clearing after taking the slot over
+    /// would wipe counts added in between). False for a count of a period the slot has
+    /// already left (older than the window).
+    fn enter(&self, epoch: u64) -> bool {
+        loop {
+            let seen = self.epoch.load(Acquire);
+            if seen == epoch {
+                return true;
+            }
+            if seen == CLEARING {
+                std::thread::yield_now();
+                continue;
+            }
+            if seen > epoch {
+                return false;
+            }
+            if self
+                .epoch
+                .compare_exchange(seen, CLEARING, Acquire, Relaxed)
+                .is_ok()
+            {
+                self.requests.store(0, Relaxed);
+                self.errors.store(0, Relaxed);
+                self.refused.store(0, Relaxed);
+                for b in &self.latency {
+                    b.store(0, Relaxed);
+                }
+                self.epoch.store(epoch, Release);
+                return true;
+            }
+        }
+    }
 }
 
 /// One tenant's ring.
@@ -80,19 +123,8 @@ impl Live {
     pub fn record(&self, now_s: u64, o: Outcome) {
         let epoch = now_s / SLOT_S + 1;
         let slot = &self.slots[(epoch % SLOTS as u64) as usize];
-        let seen = slot.epoch.load(Relaxed);
-        if seen != epoch
-            && slot
-                .epoch
-                .compare_exchange(seen, epoch, Relaxed, Relaxed)
-                .is_ok()
-        {
-            slot.requests.store(0, Relaxed);
-            slot.errors.store(0, Relaxed);
-            slot.refused.store(0, Relaxed);
-            for b in &slot.latency {
-                b.store(0, Relaxed);
-            }
+        if !slot.enter(epoch) {
+            return;
         }
         slot.requests.fetch_add(1, Relaxed);
         if o.refused {
@@ -290,7 +322,44 @@ mod tests {
         // The slot of second 0 is reused at second 60 for new counts only.
         live.record(61, ok(1.0));
         assert_eq!(live.figures(61).rps, 2.0 / 60.0);
+        // A count of second 1 arriving late (its slot now second 61's) is dropped; it
+        // does not take the slot back.
+        live.record(1, ok(1.0));
+        assert_eq!(live.figures(61).rps, 2.0 / 60.0);
         assert!(live.idle(200));
+    }
+
+    /// Threads counting at once into a slot that a new period just took over: every
+    /// count is kept (the slot is cleared before any of the new period's counts go in).
+    #[test]
+    fn requests_counted_at_once_in_a_new_slot_are_all_kept() {
+        let live = Arc::new(Live::default());
+        let threads = 4;
+        let per_thread = 3;
+        for round in 0..2_000u64 {
+            let now = round * SLOT_S;
+            let start = Arc::new(std::sync::Barrier::new(threads));
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (live, start) = (live.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        for _ in 0..per_thread {
+                            live.record(now, ok(1.0));
+                        }
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().unwrap();
+            }
+            let slot = &live.slots[((now / SLOT_S + 1) % SLOTS as u64) as usize];
+            assert_eq!(
+                slot.requests.load(Relaxed),
+                (threads * per_thread) as u32,
+                "round {round}"
+            );
+        }
     }
 
     #[test]
