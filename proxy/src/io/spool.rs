@@ -26,8 +26,9 @@ pub struct ResponseBuffer {
     first: Option<Bytes>,
     /// Later chunks, appended to a copy of the first.
     more: BytesMut,
-    /// Past `buffer_response`: the response so far, in a spool file.
-    file: Option<BodySpool>,
+    /// Past `buffer_response`: the response so far, in a spool file (boxed: most
+    /// responses never spool, and every request's context holds this buffer).
+    file: Option<Box<BodySpool>>,
     /// Passed on as it comes (past `max_response_spool`, or no room to spool).
     streaming: bool,
 }
@@ -81,7 +82,7 @@ impl ResponseBuffer {
             *body = match self.file.take() {
                 Some(f) => {
                     metrics.spooled(Direction::Response, f.spooled());
-                    Some(f.finish().await.map_err(|e| {
+                    Some((*f).finish().await.map_err(|e| {
                         pingora::Error::because(
                             pingora::ErrorType::InternalError,
                             "mapping the spooled response",
@@ -118,7 +119,7 @@ async fn hold(
     let spool = match rb.file.take() {
         Some(f) => Ok(f),
         None => {
-            let mut f = BodySpool::new(0, dir);
+            let mut f = Box::new(BodySpool::new(0, dir));
             match rb.take() {
                 Some(held) => match f.push(&held).await {
                     Ok(()) => Ok(f),
@@ -152,7 +153,7 @@ async fn hold(
     if over {
         // Past max_response_spool: what is spooled goes now, the rest streams.
         rb.streaming = true;
-        *out = f.finish().await.ok();
+        *out = (*f).finish().await.ok();
         return;
     }
     rb.file = Some(f);

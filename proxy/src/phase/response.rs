@@ -38,8 +38,13 @@ pub fn headers(cache: &Arc<AssetCache>, ctx: &mut Ctx, resp: &mut ResponseHeader
     if let CacheState::Miss { key, fill } = &mut ctx.response.cache {
         resp.insert_header(forward::X_CACHE, "miss")?;
         if let (Some(ttl), Some(fill)) = (ttl, fill.take()) {
-            ctx.response.capture =
-                Some(assets::Capture::start(cache, key.clone(), fill, resp, ttl));
+            ctx.response.capture = Some(Box::new(assets::Capture::start(
+                cache,
+                key.clone(),
+                fill,
+                resp,
+                ttl,
+            )));
         }
         // An answer the cache cannot keep wakes the waiters now (`fill` dropped).
         *fill = None;
