@@ -275,6 +275,23 @@ impl Portier {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// The admin listener's `/metrics` once it has `line`, or as it is after 2 s. A
+    /// request is counted when its log line is written, just after its answer went out:
+    /// a client holding the last answer may ask before that request is counted.
+    pub async fn metrics_with(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let m = clients::get(self.admin, "admin", "/metrics")
+                .await
+                .map(|r| r.text())
+                .unwrap_or_default();
+            if m.contains(line) || Instant::now() >= deadline {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
