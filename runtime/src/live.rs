@@ -6,8 +6,8 @@
 //! has a ring of 12 slots of 5 seconds; a slot holds three counters and a latency
 //! histogram of 24 log-spaced buckets. The request path touches one slot with relaxed
 //! atomic adds: no lock, no allocation once the tenant has its [`Live`] (about 1.5 KiB).
-//! A slot reused for a new 5 seconds is reset by whoever moves its stamp first; a
-//! request counted during that reset may be lost, which a live view can afford.
+//! A slot reused for a new 5 seconds is cleared by whoever claims it first, while
+//! counts of the new period on other threads wait (`Slot::enter`): none is lost.
 
 use std::collections::HashMap;
 use std::sync::atomic::{

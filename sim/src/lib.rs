@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 pub use odoo::{Odoo, OdooVersion};
 pub use process::Held;
 use process::{held, read_body, Busy, Dropped};
-pub use record::Recorded;
+pub use record::{body_fnv, Recorded};
 use record::{record, record_full};
 use routes::{json_response, query_param, route, selects_database};
 

@@ -74,3 +74,11 @@ pub(crate) fn record_full(shared: &Shared, rec: Recorded) {
         r.push_back(rec);
     }
 }
+
+/// FNV-1a of a body, as the echo reports it (`body_fnv`): a test compares it with its
+/// own body's to check that the bytes arrived unchanged.
+pub fn body_fnv(body: &[u8]) -> u64 {
+    body.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -183,10 +183,7 @@ pub(crate) async fn route(
                 "target": if query.is_empty() { path.to_string() } else { format!("{path}?{query}") },
                 "headers": headers_json(headers),
                 "body_len": body.len(),
-                // FNV-1a of the body: a test can check bytes arrived unchanged.
-                "body_fnv": body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                    (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-                }),
+                "body_fnv": crate::body_fnv(body),
             });
             if let Some(size) = query_param(query, "size").and_then(|s| s.parse::<usize>().ok()) {
                 let base = v.to_string().len() + 12;

@@ -78,12 +78,11 @@ async fn each_tenant_has_its_figures_over_the_last_minute() {
     let rate = |n: f64| ((n / 60.0) * 1000.0).round() / 1000.0;
     // A request is counted when its log line is written, just after its answer went
     // out: the last one may still be on its way when the client has its answer.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    let mut v = tenants(&s.p, "").await;
-    while row(&v, "acme")["rps"] != rate(12.0) && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        v = tenants(&s.p, "").await;
-    }
+    k8s::eventually_async(std::time::Duration::from_secs(2), || async {
+        row(&tenants(&s.p, "").await, "acme")["rps"] == rate(12.0)
+    })
+    .await;
+    let v = tenants(&s.p, "").await;
     assert_eq!(v["window_s"], 60);
     let acme = row(&v, "acme");
     assert_eq!(

@@ -520,10 +520,11 @@ fn resident_mib(pid: u32) -> f64 {
 /// the test fails; the mimalloc build gives the pages back by itself as well here.
 ///
 /// The gevent worker here closes each connection after its answer (Odoo's gevent port
-/// keeps them alive; its prefork port closes them): with keep-alive, up to 1 024 of the burst's worker connections stay in
-/// portier's upstream pool for a minute, in use rather than freed, and what they hold
-/// (~5 MiB, about half of what the burst leaves behind) would put the measure at
-/// the border of "half" (seen failing in CI at 47 % given back).
+/// keeps them alive; its prefork port closes them): with keep-alive, up to 1 024 of the
+/// burst's worker connections stay in portier's upstream pool for a minute, in use
+/// rather than freed, and what they hold (~5 MiB, about half of what the burst leaves
+/// behind) would put the measure at the border of "half" (seen failing in CI at 47 %
+/// given back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_of_a_burst_is_given_back_when_it_ends() {
     let http = sim("h").await;

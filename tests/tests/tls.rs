@@ -534,9 +534,7 @@ async fn large_bodies_over_tls_arrive_whole_on_one_connection() {
     let sizes = [300_000usize, 17_000, 65_536, 1, 250_001];
     for (i, n) in sizes.iter().enumerate() {
         let body: Vec<u8> = (0..*n).map(|k| (k * 31 + i) as u8).collect();
-        let fnv = body.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let fnv = portier_sim::body_fnv(&body);
         let path = format!("/upload/{i}");
         let r = send(&mut sender, "POST", "acme.test", &path, &[], body.into())
             .await

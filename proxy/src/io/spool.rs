@@ -82,7 +82,7 @@ impl ResponseBuffer {
             *body = match self.file.take() {
                 Some(f) => {
                     metrics.spooled(Direction::Response, f.spooled());
-                    Some((*f).finish().await.map_err(|e| {
+                    Some(f.finish().await.map_err(|e| {
                         pingora::Error::because(
                             pingora::ErrorType::InternalError,
                             "mapping the spooled response",
@@ -153,7 +153,7 @@ async fn hold(
     if over {
         // Past max_response_spool: what is spooled goes now, the rest streams.
         rb.streaming = true;
-        *out = (*f).finish().await.ok();
+        *out = f.finish().await.ok();
         return;
     }
     rb.file = Some(f);

@@ -201,6 +201,7 @@ impl Drop for RequestGuard {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
