@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# portier's patch series on pingora (vendor/PATCHES.md): re-applies vendor/patches/*.patch,
-# in order, onto the pristine crates and compares the result with vendor/.
+# portier's patch series on pingora and rustls (vendor/PATCHES.md): re-applies
+# vendor/patches/*.patch, in order, onto the pristine crates and compares the result with
+# vendor/.
 #
 #   scripts/vendor-patches.sh            check: the series re-applies cleanly and gives
 #                                        exactly vendor/ (CI runs this)
@@ -23,7 +24,11 @@ declare -A PRISTINE=(
   [pingora-pool]=ffacf2298cd2540d27a2e2b8f401be6c06c8c970
   [pingora-http]=ec5dcdc7fc125a387bdde6a9e3280fed97a3f46f
   [pingora-timeout]=3323748e5fe38d8c8410c55cc5d57f2a455a0254
+  [rustls]=8922caca7f23961cb6fa09576576efecae876eca
 )
+# crate -> its version, where it is not pingora's
+declare -A VERSIONS=([rustls]=0.23.46)
+version_of() { echo "${VERSIONS[$1]:-$VERSION}"; }
 
 out=${1:-}
 work=$(mktemp -d)
@@ -31,7 +36,7 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/vendor"
 
 registry_crate() {
-  ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$1-$VERSION.crate" 2>/dev/null | head -n 1 || true
+  ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"$1-$(version_of "$1").crate" 2>/dev/null | head -n 1 || true
 }
 
 # A shallow clone on a machine whose cargo cache never held the pristine crates has
@@ -44,11 +49,11 @@ for crate in "${!PRISTINE[@]}"; do
   fi
 done
 if ((${#missing[@]})); then
-  echo "vendor-patches: ${missing[*]} $VERSION in neither cargo's cache nor this clone's history; fetching them into cargo's cache"
+  echo "vendor-patches: ${missing[*]} (pingora $VERSION, rustls ${VERSIONS[rustls]}) in neither cargo's cache nor this clone's history; fetching them into cargo's cache"
   fetch=$(mktemp -d)
   mkdir -p "$fetch/src" && echo 'fn main() {}' >"$fetch/src/main.rs"
   { printf '[package]\nname = "pristine"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\n'
-    for crate in "${missing[@]}"; do printf '%s = "=%s"\n' "$crate" "$VERSION"; done; } >"$fetch/Cargo.toml"
+    for crate in "${missing[@]}"; do printf '%s = "=%s"\n' "$crate" "$(version_of "$crate")"; done; } >"$fetch/Cargo.toml"
   (cd "$fetch" && cargo fetch -q) || true
   rm -rf "$fetch"
 fi
@@ -57,16 +62,16 @@ for crate in "${!PRISTINE[@]}"; do
   cached=$(registry_crate "$crate")
   if [[ -n "$cached" ]]; then
     tar -xzf "$cached" -C "$work/vendor"
-    mv "$work/vendor/$crate-$VERSION" "$work/vendor/$crate"
+    mv "$work/vendor/$crate-$(version_of "$crate")" "$work/vendor/$crate"
     from="registry cache"
   elif git cat-file -e "${PRISTINE[$crate]}^{commit}" 2>/dev/null; then
     git archive "${PRISTINE[$crate]}" "vendor/$crate" | tar -x -C "$work"
     from="commit ${PRISTINE[$crate]:0:10}"
   else
-    echo "vendor-patches: no pristine $crate $VERSION: neither in cargo's registry cache nor commit ${PRISTINE[$crate]} (a shallow clone?)" >&2
+    echo "vendor-patches: no pristine $crate $(version_of "$crate"): neither in cargo's registry cache nor commit ${PRISTINE[$crate]} (a shallow clone?)" >&2
     exit 1
   fi
-  echo "vendor-patches: pristine $crate $VERSION from $from"
+  echo "vendor-patches: pristine $crate $(version_of "$crate") from $from"
 done
 
 n=0
@@ -89,7 +94,7 @@ if ((status)); then
   echo "vendor-patches: vendor/ differs from the pristine crates plus the $n patches (above): a change to vendor/ needs its patch file" >&2
   exit 1
 fi
-echo "vendor-patches: ok: $n patches re-apply onto pingora $VERSION and give vendor/ exactly"
+echo "vendor-patches: ok: $n patches re-apply onto pingora $VERSION and rustls ${VERSIONS[rustls]} and give vendor/ exactly"
 
 if [[ -n "$out" ]]; then
   mkdir -p "$out"

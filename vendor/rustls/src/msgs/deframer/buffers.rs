@@ -205,7 +205,18 @@ impl DeframerVecBuffer {
         // we get a message with a length field out of range here,
         // we do a zero length read.  That looks like an EOF to
         // the next layer up, which is fine.
-        let new_bytes = rd.read(&mut self.buf[self.used..])?;
+        let new_bytes = match rd.read(&mut self.buf[self.used..]) {
+            Ok(n) => n,
+            Err(err) => {
+                // Nothing buffered and nothing to read: the peer is quiet, and a quiet
+                // connection holds no read buffer (it may stay so for hours); the next
+                // read takes one again (portier patch, vendor/PATCHES.md).
+                if self.used == 0 && err.kind() == io::ErrorKind::WouldBlock {
+                    self.buf = Vec::new();
+                }
+                return Err(err);
+            }
+        };
         self.used += new_bytes;
         Ok(new_bytes)
     }
@@ -292,5 +303,60 @@ impl<'a> DeframerSliceBuffer<'a> {
 
     pub(crate) fn filled_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.discard..]
+    }
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use std::io;
+
+    use super::DeframerVecBuffer;
+
+    /// Gives its bytes once, then would block (a quiet non-blocking socket).
+    struct Quiet<'a>(&'a [u8]);
+
+    impl io::Read for Quiet<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = self.0.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_quiet_connection_with_nothing_buffered_holds_no_read_buffer() {
+        let mut d = DeframerVecBuffer::default();
+        let mut rd = Quiet(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3]);
+        assert_eq!(d.read(&mut rd, false).unwrap(), 8);
+        assert!(d.buf.capacity() >= 8);
+        // a partial record stays buffered, with its buffer, while the socket is quiet
+        let err = d.read(&mut rd, false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(d.filled(), &[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3]);
+        // once it is taken and the socket is quiet, the buffer goes
+        d.discard(8);
+        assert!(d.read(&mut rd, false).is_err());
+        assert_eq!(d.buf.capacity(), 0);
+        // and the next bytes take a buffer again
+        let mut rd = Quiet(&[4, 5]);
+        assert_eq!(d.read(&mut rd, false).unwrap(), 2);
+        assert_eq!(d.filled(), &[4, 5]);
+    }
+
+    #[test]
+    fn an_error_other_than_would_block_keeps_the_buffer() {
+        struct Broken;
+        impl io::Read for Broken {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::ConnectionReset.into())
+            }
+        }
+        let mut d = DeframerVecBuffer::default();
+        assert!(d.read(&mut Broken, false).is_err());
+        assert!(d.buf.capacity() > 0);
     }
 }

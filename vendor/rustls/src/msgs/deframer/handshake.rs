@@ -339,6 +339,12 @@ impl<'b> Iterator for HandshakeIter<'_, 'b> {
 impl Drop for HandshakeIter<'_, '_> {
     fn drop(&mut self) {
         self.deframer.spans.drain(..self.index);
+        // Every handshake message taken: the spans' room goes too, as it would stay for
+        // the connection's life once the handshake is over (portier patch,
+        // vendor/PATCHES.md); a later flight takes it again.
+        if self.deframer.spans.is_empty() {
+            self.deframer.spans = Vec::new();
+        }
     }
 }
 
@@ -417,6 +423,24 @@ mod tests {
 
         input.drain(..discard);
         assert_eq!(input, &[0, 1]);
+    }
+
+    #[test]
+    fn the_spans_room_goes_once_every_message_is_taken() {
+        // one whole message (Finished, 1-byte body) and the start of a second
+        let input = vec![0x14, 0, 0, 1, 0xaa, 0x14, 0, 0, 2, 0xbb];
+        let mut hs = HandshakeDeframer::default();
+        add_bytes(&mut hs, &input[..], &input);
+        assert_eq!(hs.iter(&input).count(), 1);
+        // the second is not whole yet: it and its room stay
+        assert_eq!(hs.spans.len(), 1);
+        assert!(hs.spans.capacity() > 0);
+
+        let input = vec![0x14, 0, 0, 1, 0xaa];
+        let mut hs = HandshakeDeframer::default();
+        add_bytes(&mut hs, &input[..], &input);
+        assert_eq!(hs.iter(&input).count(), 1);
+        assert_eq!(hs.spans.capacity(), 0);
     }
 
     #[test]
