@@ -7,6 +7,13 @@ use std::io;
 #[cfg(feature = "std")]
 use crate::msgs::message::MAX_WIRE_SIZE;
 
+#[cfg(feature = "std")]
+std::thread_local! {
+    /// Where a connection with nothing buffered reads (`DeframerVecBuffer::read_at_rest`):
+    /// one per thread, as big as one read of a buffered connection.
+    static SCRATCH: core::cell::RefCell<[u8; 4096]> = const { core::cell::RefCell::new([0; 4096]) };
+}
+
 /// Conversion from a slice within a larger buffer into
 /// a `Range` offset within.
 #[derive(Debug)]
@@ -197,6 +204,16 @@ impl DeframerVecBuffer {
 impl DeframerVecBuffer {
     /// Read some bytes from `rd`, and add them to the buffer.
     pub(crate) fn read(&mut self, rd: &mut dyn io::Read, in_handshake: bool) -> io::Result<usize> {
+        // Nothing buffered: read through the thread's scratch buffer, so that a read
+        // that would block takes no buffer of the connection's, and a connection whose
+        // peer is quiet holds none (it may stay so for hours); bytes read are copied
+        // in (portier patch, vendor/PATCHES.md).
+        if self.used == 0 {
+            if let Some(res) = self.read_at_rest(rd) {
+                return res;
+            }
+        }
+
         if let Err(err) = self.prepare_read(in_handshake) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, err));
         }
@@ -205,20 +222,37 @@ impl DeframerVecBuffer {
         // we get a message with a length field out of range here,
         // we do a zero length read.  That looks like an EOF to
         // the next layer up, which is fine.
-        let new_bytes = match rd.read(&mut self.buf[self.used..]) {
-            Ok(n) => n,
-            Err(err) => {
-                // Nothing buffered and nothing to read: the peer is quiet, and a quiet
-                // connection holds no read buffer (it may stay so for hours); the next
-                // read takes one again (portier patch, vendor/PATCHES.md).
-                if self.used == 0 && err.kind() == io::ErrorKind::WouldBlock {
-                    self.buf = Vec::new();
-                }
-                return Err(err);
-            }
-        };
+        let new_bytes = rd.read(&mut self.buf[self.used..])?;
         self.used += new_bytes;
         Ok(new_bytes)
+    }
+
+    /// A read with nothing buffered, into the thread's scratch buffer: a read that would
+    /// block drops this connection's buffer; bytes read are copied into it. `None` when
+    /// the scratch buffer is in use (a TLS stream read from within another's read).
+    fn read_at_rest(&mut self, rd: &mut dyn io::Read) -> Option<io::Result<usize>> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.try_borrow_mut().ok()?;
+            Some(match rd.read(&mut scratch[..]) {
+                Ok(n) => {
+                    if n > self.buf.len() {
+                        self.buf.clear();
+                        self.buf.extend_from_slice(&scratch[..n]);
+                    } else {
+                        // room from an earlier read: its length stays, nothing to zero
+                        self.buf[..n].copy_from_slice(&scratch[..n]);
+                    }
+                    self.used = n;
+                    Ok(n)
+                }
+                Err(err) => {
+                    if err.kind() == io::ErrorKind::WouldBlock {
+                        self.buf = Vec::new();
+                    }
+                    Err(err)
+                }
+            })
+        })
     }
 
     /// Resize the internal `buf` if necessary for reading more bytes.
@@ -356,7 +390,49 @@ mod tests {
             }
         }
         let mut d = DeframerVecBuffer::default();
+        assert_eq!(d.read(&mut Quiet(&[1, 2, 3]), false).unwrap(), 3);
+        d.discard(3);
         assert!(d.read(&mut Broken, false).is_err());
-        assert!(d.buf.capacity() > 0);
+        assert!(d.buf.capacity() >= 3);
+    }
+
+    #[test]
+    fn a_partial_record_goes_on_in_the_connections_own_buffer() {
+        let record: std::vec::Vec<u8> = (0..6000u32).map(|i| i as u8).collect();
+        let mut d = DeframerVecBuffer::default();
+        let mut rd = Quiet(&record);
+        // the first read (at rest) takes one scratch buffer's worth, the next ones go
+        // straight into the connection's buffer, grown as needed
+        let mut got = 0;
+        while got < record.len() {
+            got += d.read(&mut rd, false).unwrap();
+        }
+        assert_eq!(d.filled(), &record[..]);
+        assert_eq!(
+            d.read(&mut rd, false).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(d.filled(), &record[..], "kept while partial");
+        // taken whole: the next bytes land in the room the record left (no zeroing)
+        d.discard(record.len());
+        let room = d.buf.len();
+        assert_eq!(d.read(&mut Quiet(&[1, 2]), false).unwrap(), 2);
+        assert_eq!(d.filled(), &[1, 2]);
+        assert_eq!(d.buf.len(), room);
+        d.discard(2);
+        assert!(d.read(&mut Quiet(&[]), false).is_err());
+        assert_eq!(d.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_read_within_another_read_takes_the_connections_own_buffer() {
+        // the scratch buffer in use (a TLS stream read from within another's read)
+        super::SCRATCH.with(|scratch| {
+            let _held = scratch.borrow_mut();
+            let mut d = DeframerVecBuffer::default();
+            assert_eq!(d.read(&mut Quiet(&[7, 8, 9]), false).unwrap(), 3);
+            assert_eq!(d.filled(), &[7, 8, 9]);
+            assert!(d.buf.capacity() >= 4096);
+        });
     }
 }
