@@ -124,8 +124,16 @@ async fn websocket_is_relayed_both_ways_to_a_gevent_worker() {
     assert_eq!(rec.header("x-odoo-database"), None, "never on the bus");
     assert_eq!(rec.header("upgrade"), Some("websocket"));
     drop(ws);
+    // One line when the socket closes, from what the session keeps of the upgraded
+    // request and its 101 (vendor patch 52: method, target, version, Host; the status).
     let log = s.p.wait_access_log(|v| v["status"] == 101).await;
     assert_eq!(log["class"], "longpolling");
+    assert_eq!(log["method"], "GET");
+    assert_eq!(log["path"], "/websocket");
+    assert_eq!(log["tenant"], "acme");
+    assert!(log["bytes"].as_u64().unwrap() > 0, "{log}");
+    let backend = log["backend"].as_str().unwrap();
+    assert!(s.gevent.iter().any(|w| w.addr().to_string() == backend));
 }
 
 /// An upgraded connection waits with a small read buffer that grows while reads fill it

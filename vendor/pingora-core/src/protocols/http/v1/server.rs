@@ -649,10 +649,46 @@ impl HttpSession {
 
     /// Is the request a upgrade request
     pub fn is_upgrade_req(&self) -> bool {
-        match self.request_header.as_deref() {
-            Some(req) => is_upgrade_req(req),
-            None => false,
+        // once upgraded, the request kept is bare (`keep_response_written`)
+        self.upgraded
+            || match self.request_header.as_deref() {
+                Some(req) => is_upgrade_req(req),
+                None => false,
+            }
+    }
+
+    /// Keeps the response header just written. Once a `101` has made the connection
+    /// upgraded, what is kept of it and of the request is what is read again for the
+    /// tunnel's life (hours, for a browser's WebSocket): the status, and the request's
+    /// method, target, version and `Host` (its summary, the access log line). The rest of
+    /// both headers goes (portier patch 52, vendor/PATCHES.md).
+    fn keep_response_written(&mut self, header: Box<ResponseHeader>) {
+        if self.upgraded && header.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Ok(bare) = ResponseHeader::build_no_case(header.status, Some(0)) {
+                self.response_written = Some(Box::new(bare));
+                self.keep_bare_request();
+                return;
+            }
         }
+        self.response_written = Some(header);
+    }
+
+    /// The request header's method, target, version and `Host` alone (see above).
+    fn keep_bare_request(&mut self) {
+        let Some(req) = self.request_header.as_deref() else {
+            return;
+        };
+        let Ok(mut bare) = RequestHeader::build_no_case(req.method.clone(), req.raw_path(), Some(1))
+        else {
+            return;
+        };
+        bare.set_version(req.version);
+        if let Some(host) = req.headers.get(header::HOST) {
+            if bare.insert_header(header::HOST, host.clone()).is_err() {
+                return;
+            }
+        }
+        self.request_header = Some(Box::new(bare));
     }
 
     /// Get the request header as raw bytes, `b""` when the header doesn't exist
@@ -751,7 +787,7 @@ impl HttpSession {
                         .await
                         .or_err(WriteError, "flushing response header")?;
                 }
-                self.response_written = Some(header);
+                self.keep_response_written(header);
                 Ok(())
             }
             Err(e) => Error::e_because(WriteError, "writing response header", e),
@@ -1771,7 +1807,7 @@ impl HttpSession {
                     .expect("writer state present")
                 {
                     ProxyTaskWriter::WritingHeader(header, end) => {
-                        self.response_written = Some(header);
+                        self.keep_response_written(header);
                         end_stream = end;
                     }
                     ProxyTaskWriter::WritingBody(end) => {
@@ -2471,6 +2507,68 @@ mod tests_stream {
         // EOF ends body
         assert!(http_stream.read_body_bytes().await.unwrap().is_none());
         assert!(http_stream.is_body_done());
+    }
+
+    const WS_UPGRADE_REQ: &[u8] = b"GET /websocket?v=1 HTTP/1.1\r\nHost: odoo.test\r\n\
+        Upgrade: websocket\r\nConnection: Upgrade\r\nCookie: session_id=abc\r\n\
+        Origin: https://odoo.test\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+
+    fn ws_101() -> Box<ResponseHeader> {
+        let mut response = ResponseHeader::build(StatusCode::SWITCHING_PROTOCOLS, None).unwrap();
+        response.set_version(http::Version::HTTP_11);
+        response.insert_header("Upgrade", "websocket").unwrap();
+        response.insert_header("Connection", "Upgrade").unwrap();
+        Box::new(response)
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_session_keeps_bare_headers() {
+        let mock_io = Builder::new()
+            .read(WS_UPGRADE_REQ)
+            .write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .read(b"frame")
+            .build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        assert_eq!(http_stream.req_header().headers.len(), 7);
+        http_stream.write_response_header(ws_101()).await.unwrap();
+        assert!(http_stream.was_upgraded());
+        // what is read again: the status, the method, target, version and Host
+        let resp = http_stream.response_written().unwrap();
+        assert_eq!(resp.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(resp.headers.len(), 0);
+        let req = http_stream.req_header();
+        assert_eq!(req.method, Method::GET);
+        assert_eq!(req.uri.path(), "/websocket");
+        assert_eq!(req.raw_path(), b"/websocket?v=1");
+        assert_eq!(req.version, Version::HTTP_11);
+        assert_eq!(req.headers.len(), 1);
+        assert_eq!(
+            http_stream.request_summary(),
+            "GET /websocket?v=1, Host: odoo.test"
+        );
+        assert!(http_stream.is_upgrade_req());
+        // and the tunnel goes on
+        let buf = http_stream.read_body_bytes().await.unwrap().unwrap();
+        assert_eq!(buf, b"frame".as_slice());
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_keeps_its_headers() {
+        let mock_io = Builder::new().read(WS_UPGRADE_REQ).build();
+        let mut http_stream = HttpSession::new(Box::new(mock_io));
+        http_stream.read_request().await.unwrap();
+        let mut response = ResponseHeader::build(StatusCode::FORBIDDEN, None).unwrap();
+        response.insert_header("Content-Length", "0").unwrap();
+        http_stream.keep_response_written(Box::new(response));
+        assert!(!http_stream.was_upgraded());
+        assert_eq!(http_stream.req_header().headers.len(), 7);
+        assert_eq!(
+            http_stream.response_written().unwrap().headers.len(),
+            1
+        );
+        assert!(http_stream.is_upgrade_req());
     }
 
     #[rstest]
