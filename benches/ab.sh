@@ -88,7 +88,7 @@ for i in 0 1; do load "${ports[$i]}" 2 >/dev/null; done
 for t in $(seq 1 "$turns"); do
   for i in 0 1; do
     c0=$(cpu_ticks "${ppid[$i]}")
-    res=$(load "${ports[$i]}" "$seconds")
+    res=$(load "${ports[$i]}" "$seconds") || { echo "ab: the turn of ${bins[$i]} failed" >&2; exit 1; }
     read -r rps reqs <<<"$res"
     c1=$(cpu_ticks "${ppid[$i]}")
     us=$(python3 -c "print(round(($c1-$c0)/$hz*1e6/$reqs, 2))")

@@ -7,11 +7,17 @@ use std::io;
 #[cfg(feature = "std")]
 use crate::msgs::message::MAX_WIRE_SIZE;
 
+/// How much one read of the socket takes at most (a buffered connection's buffer grows
+/// by this much for a read).
+#[cfg(feature = "std")]
+const READ_SIZE: usize = 4096;
+
 #[cfg(feature = "std")]
 std::thread_local! {
     /// Where a connection with nothing buffered reads (`DeframerVecBuffer::read_at_rest`):
     /// one per thread, as big as one read of a buffered connection.
-    static SCRATCH: core::cell::RefCell<[u8; 4096]> = const { core::cell::RefCell::new([0; 4096]) };
+    static SCRATCH: core::cell::RefCell<[u8; READ_SIZE]> =
+        const { core::cell::RefCell::new([0; READ_SIZE]) };
 }
 
 /// Conversion from a slice within a larger buffer into
@@ -261,8 +267,6 @@ impl DeframerVecBuffer {
         /// restrict that to 64KB to limit potential for denial-of-
         /// service.
         const MAX_HANDSHAKE_SIZE: u32 = 0xffff;
-
-        const READ_SIZE: usize = 4096;
 
         // We allow a maximum of 64k of buffered data for handshake messages only. Enforce this
         // by varying the maximum allowed buffer size here based on whether a prefix of a
